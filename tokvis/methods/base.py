@@ -1,0 +1,152 @@
+"""The interface every reduction method implements, and what it is given.
+
+A method is asked, at each reducing block, for a :class:`~tokvis.trace.LayerDecision`
+given a :class:`ReductionContext` holding what it declared in ``needs``.  It
+never touches the tokens itself: :func:`tokvis.methods.ops.apply_decision`
+applies the decision, so the recorded decision is exactly what was computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from tokvis.errors import MethodOptionError, UnsupportedModelError
+from tokvis.trace import LayerDecision
+
+NEEDS = frozenset({"keys", "cls_attn", "attn"})
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a method may want to know about the model it is applied to."""
+
+    depth: int
+    num_prefix_tokens: int
+    has_class_token: bool
+    embed_dim: int
+    num_heads: int
+    grid_size: tuple[int, int]
+    dynamic_img_size: bool
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+
+@dataclass
+class ReductionContext:
+    """What a reducing block hands to its method.
+
+    Attributes
+    ----------
+    layer : int
+        Block index.
+    x : Tensor [B, num_prefix + n, C]
+        Tokens after the attention residual (the MLP has not run yet).
+    size : Tensor [B, num_prefix + n]
+        Patches represented by each token (prefix tokens: 1).
+    num_prefix : int
+        Prefix tokens at the front of ``x`` (never reduced).
+    target : int
+        Patch tokens the schedule asks to keep after this block.
+    n_patches : int
+        Patches of the input image.
+    keys : Tensor [B, H, num_prefix + n, d] or None
+        Attention keys (after ``k_norm``), if the method needs ``"keys"``.
+    cls_attn : Tensor [B, n] or None
+        Attention of the class token to each patch token, averaged over heads
+        (softmax over all tokens), if the method needs ``"cls_attn"``.
+    attn : Tensor [B, H, T, T] or None
+        Full attention probabilities, if the method needs ``"attn"``.
+    """
+
+    layer: int
+    x: torch.Tensor
+    size: torch.Tensor
+    num_prefix: int
+    target: int
+    n_patches: int
+    keys: torch.Tensor | None = None
+    cls_attn: torch.Tensor | None = None
+    attn: torch.Tensor | None = None
+
+    @property
+    def n_in(self) -> int:
+        return self.x.shape[1] - self.num_prefix
+
+    @property
+    def patch_size(self) -> torch.Tensor:
+        return self.size[:, self.num_prefix :]
+
+
+class Method(nn.Module):
+    """Base class of reduction methods.
+
+    Subclasses set the class attributes, validate their options in ``__init__``
+    and implement :meth:`decide`.  A method is an ``nn.Module`` so that learned
+    methods can carry parameters; it is attached to the model while patched.
+
+    Class attributes
+    ----------------
+    name : str
+        Registry name.
+    kind : str
+        Kind of the decisions it makes ("prune", "merge", "fuse", "soft").
+    needs : frozenset of {"keys", "cls_attn", "attn"}
+        What the patched attention must compute for it.
+    requires_class_token : bool
+        The method ranks tokens by the class token's attention.
+    conventions : tuple of {"keep_rate", "r"}
+        Schedules the method supports.
+    """
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = "prune"
+    needs: ClassVar[frozenset[str]] = frozenset()
+    requires_class_token: ClassVar[bool] = False
+    conventions: ClassVar[tuple[str, ...]] = ("keep_rate", "r")
+    #: the patched attention adds log(size) to the attention logits (ToMe's proportional attention)
+    proportional_attention: bool = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        bad = set(self.needs) - NEEDS
+        if bad:
+            raise TypeError(f"{type(self).__name__}.needs has unknown entries {sorted(bad)}; known: {sorted(NEEDS)}")
+
+    # -- to override ----------------------------------------------------------------------------
+    def decide(self, ctx: ReductionContext) -> LayerDecision:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        """The method's options, for trace metadata (JSON-serialisable)."""
+        return {}
+
+    def check_model(self, info: ModelInfo) -> None:
+        """Raise :class:`UnsupportedModelError` if the method cannot run on this model."""
+        if self.requires_class_token and not info.has_class_token:
+            raise UnsupportedModelError(
+                f"method {self.name!r} ranks tokens by the class token's attention, but this model has no "
+                "class token (global average pooling); pass score='mean' to rank by the mean attention "
+                "each token receives, or use a method that needs no class token (e.g. 'tome')"
+            )
+
+    def max_removal(self, n_in: int, convention: str) -> int:
+        """Most patch tokens the method can remove in one block (default: all but one).
+
+        ``convention`` is "keep_rate" or "r"; the schedule's budget is capped to it.
+        """
+        return max(n_in - 1, 0)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+
+
+def check_choice(name: str, value: Any, choices) -> Any:
+    if value not in choices:
+        raise MethodOptionError(f"{name} must be one of {list(choices)}: got {value!r}")
+    return value

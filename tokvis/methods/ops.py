@@ -1,0 +1,159 @@
+"""Shared token operations.  Pure tensor code: nothing here knows about models.
+
+:func:`apply_decision` is the one function that applies any
+:class:`~tokvis.trace.LayerDecision` to the tokens and their sizes, so what a
+recorder stores is exactly what the model computed.  The helpers below build
+decisions (rank-and-keep, bipartite matching) and are shared by the methods.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokvis.trace import LayerDecision
+
+
+def apply_decision(
+    x: torch.Tensor, size: torch.Tensor, decision: LayerDecision, *, num_prefix: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply a reduction to a token sequence.
+
+    Parameters
+    ----------
+    x : Tensor [B, num_prefix + n_in, C]
+        Tokens; prefix tokens (class, distillation, registers) come first and are
+        passed through unchanged.
+    size : Tensor [B, num_prefix + n_in]
+        Number of original patches each token represents (prefix tokens: 1).
+    decision : LayerDecision
+        ``dst`` [B, n_in] output slots (-1 = dropped), optional ``weight`` and
+        ``soft`` assignment.
+    num_prefix : int
+        Number of prefix tokens.
+
+    Returns
+    -------
+    x_out : Tensor [B, num_prefix + n_out, C]
+        Output token ``j`` is the weighted mean ``sum_i w_i x_i / sum_i w_i`` over
+        the inputs with ``dst_i = j`` (``w`` = ``decision.weight``, 1 if absent);
+        for soft decisions ``x_out = soft @ x`` (rows of ``soft`` are normalised
+        by the method).
+    size_out : Tensor [B, num_prefix + n_out]
+        Sum of the sizes of the inputs of each output token (soft: ``soft @ size``).
+    """
+    prefix, patches = x[:, :num_prefix], x[:, num_prefix:]
+    psize, tsize = size[:, :num_prefix], size[:, num_prefix:]
+    B, n_in, C = patches.shape
+    if decision.dst.shape != (B, n_in):
+        raise ValueError(
+            f"decision at block {decision.layer} is for {tuple(decision.dst.shape)} tokens, "
+            f"the block has {(B, n_in)}"
+        )
+    n_out = decision.n_out
+    if decision.soft is not None:
+        soft = decision.soft.to(patches.dtype)
+        out = torch.bmm(soft, patches)
+        new_size = torch.bmm(soft, tsize.unsqueeze(-1)).squeeze(-1)
+    elif _is_identity(decision):
+        return x, size
+    else:
+        w = decision.weight
+        w = torch.ones_like(tsize) if w is None else w.to(patches.dtype)
+        out = merge_mean(patches, decision.dst, n_out, w)
+        idx = torch.where(decision.dst >= 0, decision.dst, n_out)  # dropped tokens go to a spare slot
+        new_size = tsize.new_zeros(B, n_out + 1).scatter_add_(1, idx, tsize)[:, :n_out]
+    return torch.cat([prefix, out], 1), torch.cat([psize, new_size], 1)
+
+
+def _is_identity(d: LayerDecision) -> bool:
+    if d.n_out != d.n_in:
+        return False
+    ar = torch.arange(d.n_in, device=d.dst.device)
+    return bool((d.dst == ar).all())
+
+
+def rank_keep(score: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the ``k`` highest-scoring tokens of each row, in their original order.
+
+    Parameters
+    ----------
+    score : Tensor [B, n]
+    k : int, 0 <= k <= n
+
+    Returns
+    -------
+    dst : LongTensor [B, n]
+        Output slot of each kept token (its rank among the kept tokens by original
+        position), -1 for the others.
+    keep : BoolTensor [B, n]
+    """
+    B, n = score.shape
+    if k >= n:
+        ar = torch.arange(n, device=score.device).expand(B, n)
+        return ar.clone(), torch.ones(B, n, dtype=torch.bool, device=score.device)
+    top = score.topk(k, dim=1, sorted=False).indices
+    keep = torch.zeros(B, n, dtype=torch.bool, device=score.device)
+    keep.scatter_(1, top, True)
+    dst = torch.where(keep, keep.long().cumsum(1) - 1, -1)
+    return dst, keep
+
+
+def slots_from_keep(keep: torch.Tensor) -> torch.Tensor:
+    """Output slot of every token marked in ``keep``: its rank by original position; -1 elsewhere."""
+    return torch.where(keep, keep.long().cumsum(1) - 1, -1)
+
+
+def bipartite_matching(metric: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One round of ToMe's bipartite soft matching on patch tokens.
+
+    Tokens are split alternately into set A (even positions) and set B (odd
+    positions).  Every A token finds its most similar B token (cosine
+    similarity); the ``r`` A tokens with the most similar partners are merged
+    into them.  The cap ``r <= n // 2`` is the caller's to apply.
+
+    Parameters
+    ----------
+    metric : Tensor [B, n, c]
+        Features compared (ToMe: keys averaged over heads).
+    r : int
+        Tokens to remove.
+
+    Returns
+    -------
+    dst : LongTensor [B, n]
+        Output slot of each token: surviving tokens (unmerged A tokens and all B
+        tokens) keep their order; merged A tokens take the slot of their partner.
+    keep : BoolTensor [B, n]
+        False for the merged A tokens.
+    """
+    B, n, _ = metric.shape
+    dev = metric.device
+    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    a, b = metric[:, ::2], metric[:, 1::2]
+    sim = a @ b.transpose(1, 2)  # [B, na, nb]
+    best, partner = sim.max(dim=-1)  # [B, na]
+    order = best.argsort(dim=-1, descending=True, stable=True)
+    merged_a = order[:, :r]  # positions within A
+    keep = torch.ones(B, n, dtype=torch.bool, device=dev)
+    keep.scatter_(1, merged_a * 2, False)
+    dst = slots_from_keep(keep)
+    partner_pos = partner.gather(1, merged_a) * 2 + 1  # original positions of the partners
+    dst.scatter_(1, merged_a * 2, dst.gather(1, partner_pos))
+    return dst, keep
+
+
+def compose(dst_first: torch.Tensor, dst_second: torch.Tensor) -> torch.Tensor:
+    """Slot of each input after two successive reductions (-1 stays -1)."""
+    return torch.where(dst_first >= 0, dst_second.gather(1, dst_first.clamp(min=0)), -1)
+
+
+def merge_mean(values: torch.Tensor, dst: torch.Tensor, n_out: int, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted mean of ``values [B, n, c]`` per output slot ``dst [B, n]`` (-1 = dropped).
+
+    Output slots that receive no input are 0.
+    """
+    B, n, c = values.shape
+    idx = torch.where(dst >= 0, dst, n_out)
+    num = values.new_zeros(B, n_out + 1, c).scatter_add_(1, idx[..., None].expand(-1, -1, c), values * weight[..., None])
+    den = weight.new_zeros(B, n_out + 1).scatter_add_(1, idx, weight)
+    return num[:, :n_out] / den[:, :n_out, None].clamp_min(torch.finfo(den.dtype).tiny)

@@ -1,0 +1,61 @@
+"""The method registry: ``register_method``, ``create_method``, ``list_methods``."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Callable, TypeVar
+
+from tokvis.errors import MethodOptionError, UnknownMethodError
+from tokvis.methods.base import Method
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+M = TypeVar("M", bound=type[Method])
+
+
+def register_method(name: str) -> Callable[[M], M]:
+    """Class decorator registering a :class:`Method` subclass under ``name``."""
+
+    def deco(cls: M) -> M:
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise TypeError(f"register_method expects a Method subclass: got {cls!r}")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"a method named {name!r} is already registered ({_REGISTRY[name].__name__})")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def list_methods() -> list[str]:
+    """Names of every registered method, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_method_class(name: str) -> type[Method]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise UnknownMethodError(
+            f"unknown reduction method {name!r}{hint} Registered methods: {', '.join(list_methods())}"
+        ) from None
+
+
+def create_method(name: str, **options) -> Method:
+    """Instantiate the method registered as ``name`` with ``options``.
+
+    Raises
+    ------
+    UnknownMethodError
+        No method has that name.
+    MethodOptionError
+        An option is unknown or out of range.
+    """
+    cls = get_method_class(name)
+    try:
+        return cls(**options)
+    except TypeError as e:
+        raise MethodOptionError(f"bad options for method {name!r}: {e}") from e

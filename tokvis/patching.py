@@ -1,0 +1,421 @@
+"""Apply / remove a reduction method on a timm ``VisionTransformer``.
+
+Patching swaps the class of every timm ``Block`` for a subclass whose
+``forward`` calls the block's *own* submodules in timm's order (``norm1``,
+``attn.qkv``, ``attn.q_norm`` / ``k_norm``, ``attn.norm``, ``attn.gate``,
+``attn.proj``, ``ls1``, ``drop_path1``, ``norm2``, ``mlp``, ``ls2``,
+``drop_path2``), so LayerScale, qk-norm and gated / scale-normed attention keep
+working.  No timm forward is copied.  At a reducing block the method is asked
+for a decision after the attention residual and before the MLP; the one shared
+:func:`tokvis.methods.ops.apply_decision` applies it.
+
+Extension points of the patched attention (:func:`attention_forward`): an
+additive logit ``bias`` (ToMe's proportional attention adds ``log(size)``),
+and the returned keys / class-token attention row / full attention map that a
+method declares in ``needs``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokvis.errors import ImageSizeError, TokvisError, UnsupportedModelError
+from tokvis.methods.base import Method, ModelInfo, ReductionContext
+from tokvis.methods.ops import apply_decision
+from tokvis.schedule import Schedule, make_schedule
+from tokvis.trace import LayerDecision
+
+__all__ = ["patch", "unpatch", "is_patched", "model_info", "attention_forward", "check_images"]
+
+
+def _timm_classes():
+    from timm.layers.attention import Attention
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    return VisionTransformer, Block, Attention
+
+
+# --------------------------------------------------------------------------------------------------
+# model inspection
+
+
+def model_info(model: nn.Module) -> ModelInfo:
+    """Check that ``model`` is a supported timm ViT and describe it.
+
+    Raises
+    ------
+    UnsupportedModelError
+        Not a timm ``VisionTransformer``, or a block / attention layer of a kind
+        tokvis cannot patch; the message names the unsupported part.
+    """
+    VisionTransformer, Block, Attention = _timm_classes()
+    if not isinstance(model, VisionTransformer):
+        raise UnsupportedModelError(
+            f"tokvis patches timm VisionTransformer models (ViT, DeiT, DeiT-III, DINOv2, ...); got "
+            f"{type(model).__module__}.{type(model).__name__}. Hierarchical or convolutional models "
+            "(ResNet, Swin, ConvNeXt, ...) have no flat token sequence to reduce"
+        )
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
+        raise UnsupportedModelError("the model has no nn.Sequential of blocks (model.blocks)")
+    for i, blk in enumerate(blocks):
+        base = getattr(type(blk), "_tokvis_original_class", type(blk))
+        if base is not Block:
+            raise UnsupportedModelError(
+                f"block {i} is a {base.__module__}.{base.__name__}; tokvis supports timm's standard "
+                "pre-norm Block only (not ResPostBlock, ParallelScalingBlock, ...)"
+            )
+        if type(blk.attn) is not Attention:
+            a = type(blk.attn)
+            raise UnsupportedModelError(
+                f"block {i} uses attention {a.__module__}.{a.__name__}; tokvis supports timm's standard "
+                "Attention (qk-norm, scale-norm and gating included), not rotary / differential / other variants"
+            )
+    attn = blocks[0].attn
+    pe = model.patch_embed
+    return ModelInfo(
+        depth=len(blocks),
+        num_prefix_tokens=int(model.num_prefix_tokens),
+        has_class_token=model.cls_token is not None,
+        embed_dim=int(model.embed_dim),
+        num_heads=int(attn.num_heads),
+        grid_size=tuple(int(v) for v in pe.grid_size),  # type: ignore[arg-type]
+        dynamic_img_size=bool(getattr(model, "dynamic_img_size", False)),
+    )
+
+
+def backbone_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return str(getattr(model, "_tokvis_name", None) or cfg.get("architecture") or type(model).__name__)
+
+
+def grid_for_input(model: nn.Module, hw: tuple[int, int]) -> tuple[int, int]:
+    """Patch grid the model produces for an input of size ``hw``."""
+    pe = model.patch_embed
+    if getattr(model, "dynamic_img_size", False):
+        return tuple(int(v) for v in pe.dynamic_feat_size(hw))  # type: ignore[return-value]
+    return tuple(int(v) for v in pe.grid_size)  # type: ignore[return-value]
+
+
+def check_images(model: nn.Module, images: Any) -> None:
+    """Raise :class:`ImageSizeError` if ``images`` cannot go through ``model``.
+
+    Checks: a float tensor ``[B, C, H, W]`` with the model's channel count, and
+    either the model's fixed input size, or (``dynamic_img_size=True``) sides
+    divisible by the patch size (unless the model pads dynamically).
+    """
+    if not isinstance(images, torch.Tensor):
+        raise ImageSizeError(f"images must be a float tensor [B, 3, H, W]: got {type(images).__name__}")
+    if images.dim() != 4:
+        raise ImageSizeError(
+            f"images must be 4-D [B, C, H, W]: shape is {tuple(images.shape)}"
+            + ("; add a batch dimension with images.unsqueeze(0)" if images.dim() == 3 else "")
+        )
+    if not images.is_floating_point():
+        raise ImageSizeError(
+            f"images must be a float tensor (normalised with the model's transform): dtype is {images.dtype}; "
+            "use tokvis.data.transform_for(model)"
+        )
+    pe = model.patch_embed
+    chans = getattr(pe.proj, "in_channels", None)
+    if chans is not None and images.shape[1] != chans:
+        raise ImageSizeError(f"the model takes {chans}-channel images: got {images.shape[1]} channels")
+    H, W = images.shape[-2:]
+    ph, pw = pe.patch_size
+    if getattr(model, "dynamic_img_size", False):
+        if not getattr(pe, "dynamic_img_pad", False) and (H % ph or W % pw):
+            raise ImageSizeError(
+                f"image size {H}x{W} is not divisible by the patch size {ph}x{pw}; resize or crop to a "
+                f"multiple, e.g. {H // ph * ph}x{W // pw * pw}"
+            )
+    elif getattr(pe, "strict_img_size", True) and (H, W) != tuple(pe.img_size):
+        h, w = pe.img_size
+        raise ImageSizeError(
+            f"the model expects {h}x{w} images: got {H}x{W}. Resize the images (tokvis.data.transform_for) "
+            "or create the model with dynamic_img_size=True for other sizes"
+        )
+    elif H % ph or W % pw:
+        raise ImageSizeError(f"image size {H}x{W} is not divisible by the patch size {ph}x{pw}")
+
+
+# --------------------------------------------------------------------------------------------------
+# attention with extension points
+
+
+@dataclass
+class AttentionExtras:
+    keys: torch.Tensor | None = None
+    cls_attn: torch.Tensor | None = None
+    attn: torch.Tensor | None = None
+
+
+def attention_forward(
+    attn: nn.Module,
+    x: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    num_prefix: int = 1,
+    need_keys: bool = False,
+    need_cls: bool = False,
+    need_attn: bool = False,
+) -> tuple[torch.Tensor, AttentionExtras]:
+    """timm ``Attention.forward`` through the module's own layers, with extension points.
+
+    Parameters
+    ----------
+    attn : timm Attention
+    x : Tensor [B, T, C]
+        Normalised tokens (output of ``norm1``).
+    bias : Tensor [B, T], optional
+        Added to the attention logits of every query for each key (proportional
+        attention: ``log(size)``).
+    num_prefix : int
+        Prefix tokens; the class token, when asked for, is token 0.
+    need_keys, need_cls, need_attn : bool
+        Also return the keys ``[B, H, T, d]``, the head-mean class-token attention
+        to the patch tokens ``[B, T - num_prefix]``, or the full attention
+        probabilities ``[B, H, T, T]``.
+    """
+    B, T, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    mask = None if bias is None else bias[:, None, None, :].to(q.dtype)
+    extras = AttentionExtras(keys=k if need_keys else None)
+    if need_attn or not attn.fused_attn:
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        if mask is not None:
+            logits = logits + mask
+        probs = logits.softmax(dim=-1)
+        out = attn.attn_drop(probs) @ v
+        if need_attn:
+            extras.attn = probs
+        if need_cls:
+            extras.cls_attn = probs[:, :, 0, num_prefix:].mean(1)
+    else:
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0, scale=attn.scale
+        )
+        if need_cls:
+            logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
+            if mask is not None:
+                logits = logits + mask
+            extras.cls_attn = logits.softmax(dim=-1)[:, :, 0, num_prefix:].mean(1)
+    out = out.transpose(1, 2).reshape(B, T, attn.attn_dim)
+    out = attn.norm(out)
+    if gate is not None:
+        out = out * gate
+    out = attn.proj_drop(attn.proj(out))
+    return out, extras
+
+
+# --------------------------------------------------------------------------------------------------
+# patch state and the patched block
+
+
+@dataclass
+class PatchState:
+    """Everything a patched model carries, shared by its blocks."""
+
+    method: Method
+    schedule: Schedule
+    info: ModelInfo
+    hook: Any = None
+    # per forward
+    size: torch.Tensor | None = None
+    n_patches: int = 0
+    reporters: list = field(default_factory=list)
+
+    checked: set = field(default_factory=set)
+
+    def begin(self, x: torch.Tensor) -> None:
+        self.size = None
+        self.n_patches = x.shape[1] - self.info.num_prefix_tokens
+        if self.n_patches not in self.checked:  # other input sizes (dynamic_img_size) need their own check
+            self.schedule.check(self.n_patches, self.method.max_removal)
+            self.checked.add(self.n_patches)
+
+
+def _patched_block_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+    st: PatchState = self._tokvis_state
+    if attn_mask is not None or is_causal:
+        raise TokvisError(
+            "token reduction changes the sequence length, so attention masks / causal attention cannot be "
+            "used with a patched model; tokvis.unpatch(model) first"
+        )
+    layer = self._tokvis_index
+    p = st.info.num_prefix_tokens
+    if layer == 0:  # every forward enters at block 0: reset the per-forward state
+        st.begin(x)
+    n_in = x.shape[1] - p
+    method = st.method
+    target = st.schedule.capped_target(layer, n_in, st.n_patches, method.max_removal)
+    needs = method.needs if target is not None else ()
+    bias = None
+    if method.proportional_attention and st.size is not None:
+        bias = st.size.log()
+    out, extras = attention_forward(
+        self.attn,
+        self.norm1(x),
+        bias=bias,
+        num_prefix=p,
+        need_keys="keys" in needs,
+        need_cls="cls_attn" in needs,
+        need_attn="attn" in needs,
+    )
+    x = x + self.drop_path1(self.ls1(out))
+    if target is not None:
+        size = st.size if st.size is not None else x.new_ones(x.shape[:2])
+        ctx = ReductionContext(
+            layer=layer,
+            x=x,
+            size=size,
+            num_prefix=p,
+            target=target,
+            n_patches=st.n_patches,
+            keys=extras.keys,
+            cls_attn=extras.cls_attn,
+            attn=extras.attn,
+        )
+        decision = method.decide(ctx)
+        _check_decision(decision, layer, x.shape[0], n_in, method)
+        from tokvis.recording import report
+
+        report(self, decision)
+        x, st.size = apply_decision(x, size, decision, num_prefix=p)
+    x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+    return x
+
+
+def _check_decision(d: LayerDecision, layer: int, B: int, n_in: int, method: Method) -> None:
+    if not isinstance(d, LayerDecision):
+        raise TypeError(f"method {method.name!r} returned {type(d).__name__}, not a LayerDecision")
+    if d.layer != layer or d.dst.shape != (B, n_in):
+        raise ValueError(
+            f"method {method.name!r} returned a decision for block {d.layer} shaped {tuple(d.dst.shape)}; "
+            f"expected block {layer} shaped {(B, n_in)}"
+        )
+
+
+_PATCHED_CLASSES: dict[type, type] = {}
+
+
+def _patched_class(cls: type) -> type:
+    if cls not in _PATCHED_CLASSES:
+        _PATCHED_CLASSES[cls] = type(
+            f"Tokvis{cls.__name__}",
+            (cls,),
+            {"forward": _patched_block_forward, "_tokvis_original_class": cls, "__module__": __name__},
+        )
+    return _PATCHED_CLASSES[cls]
+
+
+# --------------------------------------------------------------------------------------------------
+# public API
+
+
+def is_patched(model: nn.Module) -> bool:
+    return getattr(model, "_tokvis", None) is not None
+
+
+def patch(
+    model: nn.Module,
+    method: str | Method,
+    *,
+    keep_rate: float | None = None,
+    r: int | Sequence[int] | None = None,
+    locations: Sequence[int] | None = None,
+    **options,
+) -> nn.Module:
+    """Patch ``model`` in place with a token reduction method and return it.
+
+    Parameters
+    ----------
+    model : timm VisionTransformer
+    method : str or Method
+        A registered name (see :func:`tokvis.list_methods`) or a method object.
+    keep_rate : float in (0, 1], optional
+        Per-stage keep rate: stage ``s`` of ``locations`` keeps ``floor(N * keep_rate**s)``
+        patch tokens (default locations: blocks at 1/4, 1/2, 3/4 of the depth).
+    r : int or list of int, optional
+        Tokens removed at each block (ToMe convention), or one entry per block.
+    locations : list of int, optional
+        Blocks where reductions happen.
+    **options
+        Method options (when ``method`` is a name).
+
+    Patching an already patched model replaces its method (it never stacks).
+    ``keep_rate=1.0`` / ``r=0`` leave the outputs equal to the unpatched model's.
+
+    Raises
+    ------
+    UnsupportedModelError, ScheduleError, UnknownMethodError, MethodOptionError
+    """
+    from tokvis.methods import create_method
+
+    info = model_info(model)
+    if isinstance(method, str):
+        method_obj = create_method(method, **options)
+    elif isinstance(method, Method):
+        if options:
+            raise TypeError(f"options {sorted(options)} are given to a method object; set them on the object")
+        method_obj = method
+    else:
+        raise TypeError(f"method must be a registered name or a tokvis Method: got {type(method).__name__}")
+    schedule = make_schedule(info.depth, keep_rate=keep_rate, r=r, locations=locations)
+    conv = "keep_rate" if keep_rate is not None else "r"
+    if conv not in method_obj.conventions:
+        raise TokvisError(
+            f"method {method_obj.name!r} does not support {conv}=; use "
+            + " or ".join(f"{c}=" for c in method_obj.conventions)
+        )
+    method_obj.check_model(info)
+    schedule.check(info.num_patches, method_obj.max_removal)
+    if is_patched(model):
+        unpatch(model)
+    method_obj.to(next(model.parameters()).device)
+    state = PatchState(method=method_obj, schedule=schedule, info=info)
+    for i, blk in enumerate(model.blocks):
+        blk.__class__ = _patched_class(type(blk))
+        blk._tokvis_index = i
+        blk._tokvis_state = state
+    model.tokvis_method = method_obj  # registered submodule: learned parameters follow .to() / state_dict
+    state.hook = model.register_forward_pre_hook(_input_check_hook)
+    model._tokvis = state
+    return model
+
+
+def _input_check_hook(model: nn.Module, args: tuple) -> None:
+    if args:
+        check_images(model, args[0])
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore the original modules exactly (a no-op for an unpatched model)."""
+    state: PatchState | None = getattr(model, "_tokvis", None)
+    if state is None:
+        return model
+    for blk in model.blocks:
+        orig = getattr(type(blk), "_tokvis_original_class", None)
+        if orig is not None:
+            blk.__class__ = orig
+        for name in ("_tokvis_index", "_tokvis_state"):
+            if name in blk.__dict__:
+                delattr(blk, name)
+    if state.hook is not None:
+        state.hook.remove()
+    if "tokvis_method" in model._modules:
+        del model._modules["tokvis_method"]
+    del model._tokvis
+    return model
+
+
+def patch_state(model: nn.Module) -> PatchState | None:
+    return getattr(model, "_tokvis", None)
+
