@@ -296,6 +296,7 @@ def test_trace_overlays_grid_and_titles(trace, image):
         ["image", "block 1 · 12 tokens", "block 5 · 11 tokens"],
     ]
     assert fig._suptitle is not None and fig._suptitle.get_text() == "tome · r=4"
+    assert [ax.get_ylabel() for ax in fig.axes] == ["", "", "", "", "", ""]  # meta has no image_ids
     for ax in fig.axes:
         assert len(ax.get_images()) == 1
         assert np.asarray(ax.get_images()[0].get_array()).shape == image.shape
@@ -309,6 +310,19 @@ def test_trace_overlays_selection_list_images_no_titles(trace, image):
     # the panel shows image 1 at block 5: patch 2 (label 1) and patch 8 (label 3 -> 1) share a colour
     drawn = _drawn(fig.axes[1])
     np.testing.assert_allclose(_patch(drawn, 2)[0, 0], _patch(drawn, 8)[0, 0])
+
+
+def test_trace_overlays_row_labels_and_singular_token(image):
+    labels = torch.stack([torch.zeros(20, dtype=torch.long), torch.arange(20)])
+    meta = SimpleNamespace(method="evit", keep_rate=0.7, image_ids=["cat", "cup"])
+    fig = trace_overlays(FakeTrace({2: labels}, meta=meta), [image, image])
+    assert _titles2(fig) == [["image", "block 2 · 1 token"], ["image", "block 2 · 20 tokens"]]
+    assert [ax.get_ylabel() for ax in fig.axes[::2]] == ["cat", "cup"]
+    assert fig._suptitle.get_text() == "evit · keep rate 0.7"
+
+
+def _titles2(fig):
+    return [[ax.get_title() for ax in row] for row in np.asarray(fig.axes).reshape(-1, 2)]
 
 
 def test_trace_overlays_into_given_axes(trace, image):

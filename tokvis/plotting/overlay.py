@@ -365,8 +365,9 @@ def trace_overlays(
         Which images (rows); all images when omitted.
     titles : bool, default True
         Title every panel (``"image"``; ``"block 3 · 137 tokens"`` where 137 is the number of
-        distinct labels >= 0 in that image at that layer) and put the method (and keep rate /
-        r when known) in the figure's title.
+        distinct labels >= 0 in that image at that layer), label each row with its image id
+        when ``trace.meta.image_ids`` is known, and put the method (and keep rate / r when
+        known) in the figure's title.
     axes : array-like of Axes, shape (rows, 1 + len(layers)), optional
         Draw into these Axes instead of creating a figure.
     fig_kwargs : dict, optional
@@ -419,6 +420,7 @@ def trace_overlays(
     grid = tuple(int(v) for v in trace.grid_size)
     labels_by_layer = {layer: _to_numpy(trace.labels(layer)) for layer in layers}
     kept_by_layer = {layer: _to_numpy(trace.kept(layer)) for layer in layers}
+    image_ids = getattr(getattr(trace, "meta", None), "image_ids", None)
     for r, i in enumerate(rows):
         image = _as_image(batch[i])
         ax = axes[r, 0]
@@ -427,6 +429,8 @@ def trace_overlays(
         ax.set_yticks([])
         if titles:
             ax.set_title("image", fontsize=9)
+            if image_ids is not None and i < len(image_ids):
+                ax.set_ylabel(str(image_ids[i]), fontsize=9)
         for c, layer in enumerate(layers, start=1):
             labels = labels_by_layer[layer][i]
             merge_overlay(
@@ -434,7 +438,8 @@ def trace_overlays(
             )
             if titles:
                 n_tokens = int(np.unique(labels[labels >= 0]).size)
-                axes[r, c].set_title(f"block {layer} · {n_tokens} tokens", fontsize=9)
+                noun = "token" if n_tokens == 1 else "tokens"
+                axes[r, c].set_title(f"block {layer} · {n_tokens} {noun}", fontsize=9)
     if titles:
         heading = _method_title(getattr(trace, "meta", None))
         if heading:
