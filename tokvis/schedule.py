@@ -99,6 +99,8 @@ class Schedule:
             t = self.capped_target(layer, n, n_patches, max_removal)
             if t is None:
                 continue
+            if self.keep_rate is not None:  # the budget itself must be met: the method's cap is no excuse
+                t = min(t, self.target(layer, n, n_patches))  # type: ignore[type-var]
             if t < 1:
                 what = (
                     f"keep_rate={self.keep_rate} keeps floor({n_patches} * {self.keep_rate}**{self.stage(layer)}) "

@@ -136,11 +136,13 @@ class Method(nn.Module):
             )
 
     def max_removal(self, n_in: int, convention: str) -> int:
-        """Most patch tokens the method can remove in one block (default: all but one).
+        """Most patch tokens the method removes in one block (default: no cap).
 
-        ``convention`` is "keep_rate" or "r"; the schedule's budget is capped to it.
+        ``convention`` is "keep_rate" or "r"; the schedule's budget is raised to
+        respect it (ToMe caps ``r`` at half the tokens).  A budget of no token at
+        all is an error either way.
         """
-        return max(n_in - 1, 0)
+        return n_in
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options().items())
