@@ -1,0 +1,361 @@
+"""Global spatial maps over a dataset, and metrics between two maps.
+
+Maps summarise, for every patch position of the grid, what a reduction method does there over a
+whole dataset (the study's Fig. "global pruning/merging maps"):
+
+* :func:`depth_map` -- mean token depth: the block after which the patch is no longer its own token
+  (``trace.depth()``);
+* :func:`keep_frequency` -- fraction of images in which the patch is still its own token
+  (``trace.kept(layer)``);
+* :func:`merge_size_map` -- mean size of the merged group the patch belongs to
+  (``trace.labels(layer)``).
+
+Inputs are batched arrays ``[num_images, num_patches]`` (a 1-D array is one image) with the patch
+grid given as ``grid_size=(h, w)``; outputs are float64 ``[h, w]`` arrays.
+
+Map metrics compare two maps of the same shape (any shape; they are flattened):
+
+* distributions -- the maps are normalised to sum to 1 first (values must be >= 0): :func:`kl_divergence`
+  (and :func:`kl_both` for both directions), :func:`js_divergence`, :func:`emd` (earth mover's
+  distance with the Euclidean distance between patch centres) and :func:`sim` (histogram
+  intersection);
+* correlations of the raw values -- :func:`pcc` (Pearson) and :func:`scc` (Spearman).
+
+Edge cases (never NaN): an all-zero map is normalised to the uniform distribution (it expresses no
+spatial preference); a constant map has no spatial structure to correlate, so PCC / SCC are 1.0 when
+*both* maps are constant and 0.0 when exactly one is.  Every scalar is returned as a plain ``float``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import optimize, sparse, special, stats
+
+from tokvis.analysis.patterns import _as_batch, _dense_rows
+from tokvis.errors import TraceMismatchError
+
+__all__ = [
+    "depth_map",
+    "emd",
+    "js_divergence",
+    "keep_frequency",
+    "kl_both",
+    "kl_divergence",
+    "merge_size_map",
+    "pcc",
+    "scc",
+    "sim",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------
+
+
+def _check_grid(grid_size, num_patches: int) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in grid_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"grid_size must be a pair (h, w) of positive integers: got {grid_size!r}") from None
+    if h <= 0 or w <= 0:
+        raise ValueError(f"grid_size must be a pair (h, w) of positive integers: got {grid_size!r}")
+    if h * w != num_patches:
+        raise TraceMismatchError(
+            f"grid_size {(h, w)} has {h * w} patches but the input has {num_patches} patches per image"
+        )
+    return h, w
+
+
+def _values_2d(x, name: str) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.ndim not in (1, 2):
+        raise ValueError(
+            f"{name} must be 2-D [num_images, num_patches] (or 1-D [num_patches] for one image): "
+            f"shape is {arr.shape}"
+        )
+    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.number):
+        raise ValueError(f"{name} must be numeric: dtype is {arr.dtype}")
+    arr = arr.astype(np.float64, copy=False)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} must be finite (no NaN or inf)")
+    return arr[None, :] if arr.ndim == 1 else arr
+
+
+def _need_images(arr: np.ndarray, name: str) -> None:
+    if arr.shape[0] == 0:
+        raise ValueError(f"{name} holds no images: a map needs at least one")
+
+
+# --------------------------------------------------------------------------------------------
+# maps
+# --------------------------------------------------------------------------------------------
+
+
+def depth_map(depth, *, grid_size) -> np.ndarray:
+    """Mean token depth of every patch position over a dataset.
+
+    Parameters
+    ----------
+    depth : array [num_images, num_patches] or [num_patches]
+        Per-patch depth (``trace.depth()``): the block after which the patch stops being its own
+        token, the model depth if it never does.
+    grid_size : (h, w)
+        Patch grid, ``h * w == num_patches``.
+
+    Returns
+    -------
+    ndarray float64 [h, w]
+        Mean depth, in the units of ``depth`` (blocks).
+    """
+    arr = _values_2d(depth, "depth")
+    _need_images(arr, "depth")
+    h, w = _check_grid(grid_size, arr.shape[1])
+    return arr.mean(axis=0).reshape(h, w)
+
+
+def keep_frequency(kept, *, grid_size) -> np.ndarray:
+    """Fraction of images in which each patch position is still its own token.
+
+    Parameters
+    ----------
+    kept : bool array [num_images, num_patches] or [num_patches]
+        ``trace.kept(layer)``; 0/1 integers are accepted.
+    grid_size : (h, w)
+        Patch grid.
+
+    Returns
+    -------
+    ndarray float64 [h, w]
+        Values in [0, 1].
+    """
+    arr = _as_batch(kept, "kept", kind="kept")
+    arr = arr[None, :] if arr.ndim == 1 else arr
+    _need_images(arr, "kept")
+    h, w = _check_grid(grid_size, arr.shape[1])
+    return arr.mean(axis=0, dtype=np.float64).reshape(h, w)
+
+
+def _group_sizes(labels: np.ndarray) -> np.ndarray:
+    """Size of the group each patch belongs to within its image; 0 for dropped (negative) labels."""
+    m, p = labels.shape
+    valid = labels >= 0
+    codes = labels
+    if p and int(labels.max()) >= p:
+        # sparse label values: relabel each row densely (order preserved) so bins stay O(m * p)
+        codes, _ = _dense_rows(np.where(valid, labels, -1))
+        codes = codes - (~valid).any(axis=1, keepdims=True)  # -1 was rank 0 where present
+    codes = np.where(valid, codes, 0).astype(np.int64)
+    size = max(p, 1)
+    flat = (np.arange(m, dtype=np.int64)[:, None] * size + codes).ravel()
+    counts = np.bincount(flat, weights=valid.ravel(), minlength=m * size)
+    return np.where(valid, counts[flat].reshape(m, p), 0.0)
+
+
+def merge_size_map(labels, *, grid_size) -> np.ndarray:
+    """Mean size of the merged group each patch position belongs to.
+
+    Parameters
+    ----------
+    labels : int array [num_images, num_patches] or [num_patches]
+        ``trace.labels(layer)``: the token holding each patch, negative = dropped.
+    grid_size : (h, w)
+        Patch grid.
+
+    Returns
+    -------
+    ndarray float64 [h, w]
+        For each position, the mean over the images in which the patch is *not* dropped of the
+        number of patches in its group (1 = unmerged).  Dropped patches contribute nothing; a
+        position dropped in every image has value 0.0 (no group, and never NaN).
+    """
+    arr = _as_batch(labels, "labels", kind="labels")
+    arr = arr[None, :] if arr.ndim == 1 else arr
+    _need_images(arr, "labels")
+    h, w = _check_grid(grid_size, arr.shape[1])
+    sizes = _group_sizes(arr)
+    present = np.count_nonzero(sizes > 0, axis=0)
+    total = sizes.sum(axis=0)
+    # positions dropped everywhere: no group to average -> 0.0
+    out = np.divide(total, present, out=np.zeros(arr.shape[1]), where=present > 0)
+    return out.reshape(h, w)
+
+
+# --------------------------------------------------------------------------------------------
+# map metrics
+# --------------------------------------------------------------------------------------------
+
+
+def _map_pair(p, q) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(p), np.asarray(q)
+    for arr, name in ((a, "p"), (b, "q")):
+        if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.number):
+            raise ValueError(f"{name} must be a numeric map: dtype is {arr.dtype}")
+    if a.shape != b.shape:
+        raise TraceMismatchError(f"p and q must be maps of the same shape: {a.shape} vs {b.shape}")
+    if a.size == 0:
+        raise ValueError("p and q are empty maps")
+    a = a.astype(np.float64).ravel()
+    b = b.astype(np.float64).ravel()
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("p and q must be finite (no NaN or inf)")
+    return a, b
+
+
+def _distribution(x: np.ndarray, name: str) -> np.ndarray:
+    if (x < 0).any():
+        raise ValueError(f"{name} must be non-negative to be read as a distribution: min is {x.min()}")
+    total = x.sum()
+    if total == 0:
+        return np.full(x.shape, 1.0 / x.size)  # no mass anywhere: no spatial preference -> uniform
+    return x / total
+
+
+def _distributions(p, q) -> tuple[np.ndarray, np.ndarray]:
+    a, b = _map_pair(p, q)
+    return _distribution(a, "p"), _distribution(b, "q")
+
+
+def kl_divergence(p, q, *, eps: float = 1e-12) -> float:
+    """Kullback-Leibler divergence KL(P || Q) of two maps read as distributions (nats).
+
+    Parameters
+    ----------
+    p, q : array, same shape
+        Non-negative maps; each is normalised to sum to 1.
+    eps : float >= 0
+        Smoothing: both distributions become ``(P + eps) / (1 + K eps)`` (``K`` = number of
+        patches) before the divergence, so a zero in ``q`` where ``p`` has mass gives a large
+        (about ``p log(p / eps)``) but finite value.  ``eps=0`` gives the unsmoothed divergence,
+        which is ``inf`` in that case.
+
+    Returns
+    -------
+    float
+        In [0, inf); 0 iff the normalised maps are equal.  Not symmetric (see :func:`kl_both`).
+    """
+    a, b = _distributions(p, q)
+    if not (np.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0: got {eps!r}")
+    if eps:
+        a = (a + eps) / (1 + a.size * eps)
+        b = (b + eps) / (1 + b.size * eps)
+    return float(max(special.rel_entr(a, b).sum(), 0.0))
+
+
+def kl_both(p, q, *, eps: float = 1e-12) -> tuple[float, float]:
+    """Both directions ``(KL(P || Q), KL(Q || P))``; see :func:`kl_divergence`."""
+    return kl_divergence(p, q, eps=eps), kl_divergence(q, p, eps=eps)
+
+
+def js_divergence(p, q) -> float:
+    """Jensen-Shannon divergence of two maps read as distributions (nats).
+
+    ``JS = KL(P || M) / 2 + KL(Q || M) / 2`` with ``M = (P + Q) / 2``; no smoothing is needed.
+    Symmetric, in [0, log 2]; its square root is the Jensen-Shannon distance of
+    ``scipy.spatial.distance.jensenshannon``.
+    """
+    a, b = _distributions(p, q)
+    mid = (a + b) / 2
+    js = (special.rel_entr(a, mid).sum() + special.rel_entr(b, mid).sum()) / 2
+    return float(min(max(js, 0.0), np.log(2)))
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    const_a, const_b = a.max() == a.min(), b.max() == b.min()
+    if const_a or const_b:
+        # a constant map has no spatial structure: two of them agree, one alone correlates with nothing
+        return 1.0 if const_a and const_b else 0.0
+    da, db = a - a.mean(), b - b.mean()
+    na, nb = np.sqrt(np.dot(da, da)), np.sqrt(np.dot(db, db))
+    return float(np.clip(np.dot(da, db) / (na * nb), -1.0, 1.0))
+
+
+def pcc(p, q) -> float:
+    """Pearson correlation of two maps, in [-1, 1], symmetric.
+
+    Values are used as they are (no normalisation needed: correlation is scale-invariant).  Both
+    maps constant: 1.0; exactly one constant: 0.0.
+    """
+    a, b = _map_pair(p, q)
+    return _pearson(a, b)
+
+
+def scc(p, q) -> float:
+    """Spearman rank correlation of two maps, in [-1, 1], symmetric.
+
+    Pearson correlation of the ranks (ties get their average rank).  Constant maps as in :func:`pcc`.
+    """
+    a, b = _map_pair(p, q)
+    return _pearson(stats.rankdata(a), stats.rankdata(b))
+
+
+def sim(p, q) -> float:
+    """Similarity (histogram intersection) of two maps read as distributions.
+
+    ``sum_i min(P_i, Q_i)``, in [0, 1], symmetric; 1 iff the normalised maps are equal, 0 iff their
+    supports are disjoint.  ``1 - sim`` is the total variation distance.
+    """
+    a, b = _distributions(p, q)
+    return float(np.clip(np.minimum(a, b).sum(), 0.0, 1.0))
+
+
+def emd(p, q, *, grid_size=None) -> float:
+    """Earth mover's distance between two maps read as distributions over the patch grid.
+
+    The ground distance is the Euclidean distance between patch centres, in units of the patch
+    spacing (neighbours are 1 apart, diagonal neighbours sqrt(2)).  Solved exactly as a transport
+    linear program (HiGHS via :func:`scipy.optimize.linprog`).  Because the ground distance is a
+    metric, mass present in both maps stays in place at no cost, so only the surplus
+    ``max(P - Q, 0)`` is moved onto the deficit ``max(Q - P, 0)``: the LP has one variable per
+    (surplus patch, deficit patch) pair.
+
+    Parameters
+    ----------
+    p, q : array, same shape
+        Non-negative maps, normalised to sum to 1.
+    grid_size : (h, w), optional
+        Patch grid of flattened maps; defaults to the shape of 2-D maps.
+
+    Returns
+    -------
+    float
+        In [0, diameter of the grid]; symmetric; 0 iff the normalised maps are equal.
+    """
+    shape = np.shape(p)
+    a, b = _distributions(p, q)
+    if grid_size is None:
+        if len(shape) != 2:
+            raise ValueError(f"grid_size is required unless the maps are 2-D [h, w]: shape is {shape}")
+        grid_size = shape
+    _, w = _check_grid(grid_size, a.size)
+    rows, cols = np.divmod(np.arange(a.size), w)
+    diff = a - b
+    src, dst = np.flatnonzero(diff > 0), np.flatnonzero(diff < 0)
+    if src.size == 0 or dst.size == 0:
+        return 0.0  # identical distributions
+    supply, demand = diff[src], -diff[dst]
+    moved = supply.sum()  # total variation distance; rescale both sides to unit mass for the LP
+    supply, demand = supply / moved, demand / demand.sum()
+    if src.size == 1 or dst.size == 1:
+        # a single source or sink: the plan is forced
+        cost = np.hypot(rows[src][:, None] - rows[dst][None, :], cols[src][:, None] - cols[dst][None, :])
+        plan = supply[:, None] * demand[None, :]
+        return float(moved * (cost * plan).sum())
+    cost = np.hypot(rows[src][:, None] - rows[dst][None, :], cols[src][:, None] - cols[dst][None, :]).ravel()
+    ns, nd = src.size, dst.size
+    var = np.arange(ns * nd)
+    # equality constraints: row sums (out of each source) and column sums (into each sink)
+    a_eq = sparse.csr_array(
+        (
+            np.ones(2 * ns * nd),
+            (np.concatenate([var // nd, ns + var % nd]), np.concatenate([var, var])),
+        ),
+        shape=(ns + nd, ns * nd),
+    )
+    res = optimize.linprog(
+        cost, A_eq=a_eq, b_eq=np.concatenate([supply, demand]), bounds=(0, None), method="highs"
+    )
+    if res.status != 0:  # pragma: no cover - a balanced transport problem is always feasible
+        raise RuntimeError(f"earth mover's distance: the transport LP failed ({res.message})")
+    return float(max(moved * res.fun, 0.0))
