@@ -418,4 +418,3 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 def patch_state(model: nn.Module) -> PatchState | None:
     return getattr(model, "_tokvis", None)
-

@@ -75,7 +75,9 @@ class Schedule:
     def convention(self) -> str:
         return "keep_rate" if self.keep_rate is not None else "r"
 
-    def capped_target(self, layer: int, n_in: int, n_patches: int, max_removal: Callable[[int, str], int]) -> int | None:
+    def capped_target(
+        self, layer: int, n_in: int, n_patches: int, max_removal: Callable[[int, str], int]
+    ) -> int | None:
         """:meth:`target`, raised where the method can remove at most ``max_removal(n_in, convention)`` tokens."""
         t = self.target(layer, n_in, n_patches)
         if t is None:

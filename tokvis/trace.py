@@ -187,9 +187,7 @@ class Trace:
         self.meta = meta
         self._num_images = sizes.pop() if sizes else len(meta.image_ids or [])
         if meta.image_ids is not None and len(meta.image_ids) != self._num_images:
-            raise TraceMismatchError(
-                f"{len(meta.image_ids)} image ids for {self._num_images} images in the decisions"
-            )
+            raise TraceMismatchError(f"{len(meta.image_ids)} image ids for {self._num_images} images in the decisions")
         self._labels_cache: dict[int, torch.Tensor] = {}
         self._kept_cache: dict[int, torch.Tensor] = {}
 
@@ -341,7 +339,7 @@ class Trace:
             if t.layers != first.layers:
                 raise TraceMismatchError(f"trace {i} has reductions at blocks {t.layers}, trace 0 at {first.layers}")
         decisions = []
-        for j, layer in enumerate(first.layers):
+        for j in range(len(first.layers)):
             parts = [t._decisions[j] for t in traces]
             decisions.append(_concat_decisions(parts))
         ids: list[Any] = []

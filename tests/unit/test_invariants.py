@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import tokvis
-from tokvis.schedule import default_locations
 from tests.models import make_images, make_model
+from tokvis.schedule import default_locations
 
 CASES = [
     ("tome", {"r": 5}),
@@ -51,7 +51,9 @@ def _expected_counts(method, kw, n, depth):
             counts.append(cur)
         return counts
     r = kw["r"]
-    per = r if isinstance(r, list) else [r if layer in kw.get("locations", range(depth)) else 0 for layer in range(depth)]
+    per = (
+        r if isinstance(r, list) else [r if layer in kw.get("locations", range(depth)) else 0 for layer in range(depth)]
+    )
     for layer in range(depth):
         rr = per[layer]
         if method == "tome":

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import tokvis
+from tests.models import make_images, make_model
 from tokvis.methods.base import ReductionContext
 from tokvis.methods.ops import apply_decision, bipartite_matching, rank_keep
 from tokvis.trace import LayerDecision
-from tests.models import make_images, make_model
 
 
 def _partition(dst_row: list[int]) -> set[frozenset[int]]:
@@ -29,7 +29,7 @@ def slow_tome_round(metric: torch.Tensor, r: int) -> list[set[frozenset[int]]]:
         A, Bs = list(range(0, n, 2)), list(range(1, n, 2))
         best = {}
         for a in A:
-            sims = [(sum(x * y for x, y in zip(m[a], m[b])) / (norm[a] * norm[b]), b) for b in Bs]
+            sims = [(sum(x * y for x, y in zip(m[a], m[b], strict=True)) / (norm[a] * norm[b]), b) for b in Bs]
             s, b = max(sims, key=lambda t: t[0])  # first maximum, as argmax
             best[a] = (s, b)
         order = sorted(A, key=lambda a: -best[a][0])
@@ -56,7 +56,16 @@ def test_tome_matching_equals_loop_reference(n, r):
 
 
 def _ctx(x, size, target, keys=None, cls_attn=None, num_prefix=1, layer=0):
-    return ReductionContext(layer=layer, x=x, size=size, num_prefix=num_prefix, target=target, n_patches=x.shape[1] - num_prefix, keys=keys, cls_attn=cls_attn)
+    return ReductionContext(
+        layer=layer,
+        x=x,
+        size=size,
+        num_prefix=num_prefix,
+        target=target,
+        n_patches=x.shape[1] - num_prefix,
+        keys=keys,
+        cls_attn=cls_attn,
+    )
 
 
 def test_tome_multi_round_equals_sequential_rounds():

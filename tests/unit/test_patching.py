@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import tokvis
+from tests.models import FLAVOURS, make_images, make_model
 from tokvis import recording
 from tokvis.errors import (
     ImageSizeError,
@@ -17,7 +18,6 @@ from tokvis.errors import (
     UnknownMethodError,
     UnsupportedModelError,
 )
-from tests.models import FLAVOURS, make_images, make_model
 
 METHODS = ["tome", "topk", "evit"]
 
@@ -132,7 +132,11 @@ def test_third_party_report():
     """Code outside tokvis announces decisions through tokvis.report."""
     model, x = make_model(), make_images(n=2)
     d = tokvis.LayerDecision(
-        layer=2, kind="prune", dst=torch.arange(64).expand(2, 64).clone(), keep=torch.ones(2, 64, dtype=torch.bool), n_out=64
+        layer=2,
+        kind="prune",
+        dst=torch.arange(64).expand(2, 64).clone(),
+        keep=torch.ones(2, 64, dtype=torch.bool),
+        n_out=64,
     )
 
     def announce(module, inp, out):
@@ -182,7 +186,9 @@ def test_keep_rate_too_small_for_patches():
         tokvis.patch(make_model(), "topk", keep_rate=0.05)
 
 
-@pytest.mark.parametrize("r,match", [(-1, ">= 0"), (65, "only 64 patches"), ([1, 2], "one entry per block"), ("x", "int")])
+@pytest.mark.parametrize(
+    "r,match", [(-1, ">= 0"), (65, "only 64 patches"), ([1, 2], "one entry per block"), ("x", "int")]
+)
 def test_bad_r(r, match):
     with pytest.raises(ScheduleError, match=match):
         tokvis.patch(make_model(), "tome", r=r)
@@ -201,7 +207,9 @@ def test_both_or_neither_schedule():
         tokvis.patch(make_model(), "tome")
 
 
-@pytest.mark.parametrize("locations,match", [([0, 6], "out of range"), ([-1], "out of range"), ([3, 2], "ascending"), ([], "empty")])
+@pytest.mark.parametrize(
+    "locations,match", [([0, 6], "out of range"), ([-1], "out of range"), ([3, 2], "ascending"), ([], "empty")]
+)
 def test_bad_locations(locations, match):
     with pytest.raises(ScheduleError, match=match):
         tokvis.patch(make_model(), "topk", keep_rate=0.5, locations=locations)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import tokvis
+from tests.models import make_images, make_model
 from tokvis.errors import TraceFileError, TraceMismatchError
 from tokvis.trace import LayerDecision, Trace, TraceMeta
-from tests.models import make_images, make_model
 
 
 @pytest.fixture(scope="module")
@@ -19,14 +19,16 @@ def traces():
     for method, kw in [("tome", {"r": 6}), ("topk", {"keep_rate": 0.5}), ("evit", {"keep_rate": 0.7})]:
         model = make_model("registers")
         tokvis.patch(model, method, **kw)
-        _, out[method] = tokvis.run_with_trace(model, make_images("registers", n=4), image_ids=list("abcd"), dataset="noise")
+        _, out[method] = tokvis.run_with_trace(
+            model, make_images("registers", n=4), image_ids=list("abcd"), dataset="noise"
+        )
     return out
 
 
 def _assert_same(a: Trace, b: Trace):
     assert a.meta == b.meta
     assert a.layers == b.layers
-    for da, db in zip(a.decisions, b.decisions):
+    for da, db in zip(a.decisions, b.decisions, strict=True):
         assert (da.layer, da.kind, da.n_out) == (db.layer, db.kind, db.n_out)
         for name in ("dst", "keep", "weight", "soft", "score"):
             ta, tb = getattr(da, name), getattr(db, name)
@@ -96,8 +98,8 @@ def test_failed_save_keeps_existing_file(tmp_path, traces, monkeypatch):
 
 
 def test_newer_version_refused(tmp_path, traces):
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     path = traces["tome"].save(tmp_path / "t.trace")
     with safe_open(str(path), framework="pt") as f:

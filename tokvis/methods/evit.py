@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from tokvis.methods.base import ReductionContext
 from tokvis.methods.ops import rank_keep
 from tokvis.methods.registry import register_method
 from tokvis.methods.topk import _AttentionRanked, attention_score
-from tokvis.methods.base import ReductionContext
 from tokvis.trace import LayerDecision
 
 
@@ -39,4 +39,3 @@ class EViT(_AttentionRanked):
         dst = torch.where(keep, dst, k)
         weight = torch.where(keep, torch.ones_like(s), s)
         return LayerDecision(ctx.layer, "fuse", dst, keep, n_out=k + 1, weight=weight, score=s)
-

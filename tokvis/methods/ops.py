@@ -46,8 +46,7 @@ def apply_decision(
     B, n_in, C = patches.shape
     if decision.dst.shape != (B, n_in):
         raise ValueError(
-            f"decision at block {decision.layer} is for {tuple(decision.dst.shape)} tokens, "
-            f"the block has {(B, n_in)}"
+            f"decision at block {decision.layer} is for {tuple(decision.dst.shape)} tokens, the block has {(B, n_in)}"
         )
     n_out = decision.n_out
     if decision.soft is not None:
@@ -154,6 +153,8 @@ def merge_mean(values: torch.Tensor, dst: torch.Tensor, n_out: int, weight: torc
     """
     B, n, c = values.shape
     idx = torch.where(dst >= 0, dst, n_out)
-    num = values.new_zeros(B, n_out + 1, c).scatter_add_(1, idx[..., None].expand(-1, -1, c), values * weight[..., None])
+    num = values.new_zeros(B, n_out + 1, c).scatter_add_(
+        1, idx[..., None].expand(-1, -1, c), values * weight[..., None]
+    )
     den = weight.new_zeros(B, n_out + 1).scatter_add_(1, idx, weight)
     return num[:, :n_out] / den[:, :n_out, None].clamp_min(torch.finfo(den.dtype).tiny)

@@ -1,0 +1,5 @@
+import sys
+
+from tokvis.cli import main
+
+sys.exit(main())
