@@ -169,3 +169,22 @@ FOUNDATION_CONFIGS: list[tuple[str, str | None, dict]] = [
     ("topk keep_rate=0.5", "topk", {"keep_rate": 0.5}),
     ("evit keep_rate=0.5", "evit", {"keep_rate": 0.5}),
 ]
+
+
+def summarize_targets(rows: Sequence[BenchRow]) -> str:
+    """The foundation targets, read off one run: recording overhead <= 1.03 and
+    ToMe r=16 speed-up >= 0.9 x its FLOPs reduction."""
+    by = {r.config: r for r in rows}
+    lines = []
+    worst = max(rows, key=lambda r: r.record_overhead)
+    lines.append(
+        f"recording overhead (recorded / plain wall time): worst {worst.record_overhead:.3f} ({worst.config}), "
+        f"target <= 1.03: {'met' if worst.record_overhead <= 1.03 else 'NOT met'}"
+    )
+    tome = by.get("tome r=16")
+    if tome is not None:
+        lines.append(
+            f"tome r=16: speed-up {tome.speedup:.2f}x for a FLOPs reduction of {tome.flops_ratio:.2f}x -> "
+            f"ratio {tome.speedup_per_flops:.2f}, target >= 0.9: {'met' if tome.speedup_per_flops >= 0.9 else 'NOT met'}"
+        )
+    return "\n".join(lines)

@@ -68,7 +68,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from tokvis import data, zoo
-    from tokvis.bench import FOUNDATION_CONFIGS, benchmark
+    from tokvis.bench import FOUNDATION_CONFIGS, benchmark, summarize_targets
 
     torch.manual_seed(0)
     if args.threads:
@@ -82,7 +82,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         f"{torch.get_num_threads()} threads, device cpu, torch {torch.__version__}",
         flush=True,
     )
-    benchmark(model, images, FOUNDATION_CONFIGS, repeats=args.repeats, warmup=1)
+    rows = benchmark(model, images, FOUNDATION_CONFIGS, repeats=args.repeats, warmup=1)
+    print(summarize_targets(rows))
     return 0
 
 

@@ -407,7 +407,7 @@ def trace_overlays(
 
     n_rows, n_cols = len(rows), 1 + len(layers)
     if axes is None:
-        kwargs = {"figsize": (2.2 * n_cols, 2.2 * n_rows + (0.3 if titles else 0.0))}
+        kwargs = {"figsize": (2.2 * n_cols, 2.2 * n_rows + (0.3 if titles else 0.0)), "layout": "constrained"}
         kwargs.update(fig_kwargs or {})
         fig, axes = plt.subplots(n_rows, n_cols, squeeze=False, **kwargs)
     else:
