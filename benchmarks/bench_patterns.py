@@ -122,9 +122,7 @@ def main(argv=None) -> None:
     for s in range(len(KEEP)):
         got = np.stack([x[:nb] for x in ours[s]], axis=1)
         if not np.allclose(got, ref[s], rtol=1e-9, atol=1e-12):
-            sys.exit(
-                f"stage {s}: tokvis and scikit-learn disagree (max abs diff {np.abs(got - ref[s]).max()})"
-            )
+            sys.exit(f"stage {s}: tokvis and scikit-learn disagree (max abs diff {np.abs(got - ref[s]).max()})")
 
     tracemalloc.start()
     run_tokvis(kept, labels)

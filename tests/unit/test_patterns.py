@@ -351,3 +351,20 @@ def test_shape_mismatch_is_a_trace_mismatch():
 def test_invalid_input_messages(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize("module", ["patterns", "maps", "features", "correlation"])
+def test_analysis_modules_do_not_import_torch(module):
+    # the analysis code is pure numpy / scipy / sklearn (tokvis/__init__ itself may import torch)
+    import ast
+    import importlib
+
+    path = importlib.import_module(f"tokvis.analysis.{module}").__file__
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert imported <= {"__future__", "dataclasses", "warnings", "numpy", "scipy", "sklearn", "pandas", "tokvis"}

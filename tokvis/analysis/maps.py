@@ -71,8 +71,7 @@ def _values_2d(x, name: str) -> np.ndarray:
     arr = np.asarray(x)
     if arr.ndim not in (1, 2):
         raise ValueError(
-            f"{name} must be 2-D [num_images, num_patches] (or 1-D [num_patches] for one image): "
-            f"shape is {arr.shape}"
+            f"{name} must be 2-D [num_images, num_patches] (or 1-D [num_patches] for one image): shape is {arr.shape}"
         )
     if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.number):
         raise ValueError(f"{name} must be numeric: dtype is {arr.dtype}")
@@ -353,9 +352,7 @@ def emd(p, q, *, grid_size=None) -> float:
         ),
         shape=(ns + nd, ns * nd),
     )
-    res = optimize.linprog(
-        cost, A_eq=a_eq, b_eq=np.concatenate([supply, demand]), bounds=(0, None), method="highs"
-    )
+    res = optimize.linprog(cost, A_eq=a_eq, b_eq=np.concatenate([supply, demand]), bounds=(0, None), method="highs")
     if res.status != 0:  # pragma: no cover - a balanced transport problem is always feasible
         raise RuntimeError(f"earth mover's distance: the transport LP failed ({res.message})")
     return float(max(moved * res.fun, 0.0))

@@ -93,8 +93,7 @@ def _as_batch(x, name: str, *, kind: str) -> np.ndarray:
     arr = np.asarray(x)
     if arr.ndim not in (1, 2):
         raise ValueError(
-            f"{name} must be 2-D [num_images, num_patches] (or 1-D [num_patches] for one image): "
-            f"shape is {arr.shape}"
+            f"{name} must be 2-D [num_images, num_patches] (or 1-D [num_patches] for one image): shape is {arr.shape}"
         )
     if kind == "labels":
         if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
@@ -117,8 +116,7 @@ def _as_pair(a, b, names: tuple[str, str], *, kind: str) -> tuple[np.ndarray, np
     b = _as_batch(b, names[1], kind=kind)
     if a.shape != b.shape:
         raise TraceMismatchError(
-            f"{names[0]} and {names[1]} must describe the same images and patches: "
-            f"shapes are {a.shape} and {b.shape}"
+            f"{names[0]} and {names[1]} must describe the same images and patches: shapes are {a.shape} and {b.shape}"
         )
     one = a.ndim == 1
     if one:
@@ -551,9 +549,7 @@ def merge_scores(
     for lo in range(0, a.shape[0], step):
         codes = _encode(a[lo : lo + step], b[lo : lo + step], dropped)
         sums = _sums(codes, margins="ami" in metrics)
-        parts.append(
-            _merge_metrics(sums, metrics, beta=float(beta), average_method=average_method, p=a.shape[1])
-        )
+        parts.append(_merge_metrics(sums, metrics, beta=float(beta), average_method=average_method, p=a.shape[1]))
     values = {name: np.concatenate([part[name] for part in parts]) for name in metrics}
     return {name: _out(values[name], one) for name in metrics}
 
@@ -590,9 +586,7 @@ def v_measure(labels_true, labels_pred, *, beta: float = 1.0, dropped: str = "ex
     return _single("v_measure", labels_true, labels_pred, beta=beta, dropped=dropped)
 
 
-def normalized_mutual_info(
-    labels_true, labels_pred, *, average_method: str = "arithmetic", dropped: str = "exclude"
-):
+def normalized_mutual_info(labels_true, labels_pred, *, average_method: str = "arithmetic", dropped: str = "exclude"):
     """Normalised mutual information per image, in [0, 1], symmetric.
 
     ``MI / mean(H_true, H_pred)`` with the mean chosen by ``average_method``.  See
@@ -620,9 +614,7 @@ def adjusted_rand_index(labels_true, labels_pred, *, dropped: str = "exclude"):
     return _single("ari", labels_true, labels_pred, dropped=dropped)
 
 
-def adjusted_mutual_info(
-    labels_true, labels_pred, *, average_method: str = "arithmetic", dropped: str = "exclude"
-):
+def adjusted_mutual_info(labels_true, labels_pred, *, average_method: str = "arithmetic", dropped: str = "exclude"):
     """Adjusted mutual information per image, at most 1 (0 = chance level), symmetric.
 
     ``(MI - E[MI]) / (mean(H_true, H_pred) - E[MI])`` with the expectation under random partitions
