@@ -8,43 +8,79 @@ analyse and plot the patterns::
     tokvis.patch(model, "tome", r=8)
     out, trace = tokvis.run_with_trace(model, images)
     trace.labels(trace.layers[-1])
+
+Names are imported on first use, so ``tokvis.analysis`` works without loading
+torch.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from tokvis import errors
-from tokvis.methods import Method, create_method, list_methods, register_method
-from tokvis.patching import is_patched, patch, unpatch
-from tokvis.recording import record, report, run_with_trace
-from tokvis.schedule import make_schedule
-from tokvis.trace import LayerDecision, Trace, TraceMeta, load_trace
 
 __version__ = "0.1.0"
 
+# public name -> module defining it
+_EXPORTS = {
+    "LayerDecision": "tokvis.trace",
+    "Trace": "tokvis.trace",
+    "TraceMeta": "tokvis.trace",
+    "load_trace": "tokvis.trace",
+    "Method": "tokvis.methods",
+    "create_method": "tokvis.methods",
+    "list_methods": "tokvis.methods",
+    "register_method": "tokvis.methods",
+    "patch": "tokvis.patching",
+    "unpatch": "tokvis.patching",
+    "is_patched": "tokvis.patching",
+    "record": "tokvis.recording",
+    "report": "tokvis.recording",
+    "run_with_trace": "tokvis.recording",
+    "make_schedule": "tokvis.schedule",
+}
+_SUBMODULES = ("zoo", "data", "plotting", "analysis", "adapters", "bench", "methods", "trace", "cli")
 
-def __getattr__(name: str):
-    # heavier optional parts are imported on first use
-    import importlib
 
-    if name in ("zoo", "data", "plotting", "analysis", "adapters", "bench"):
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    if name in _SUBMODULES:
         return importlib.import_module(f"tokvis.{name}")
     raise AttributeError(f"module 'tokvis' has no attribute {name!r}")
 
 
-__all__ = [
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS, *_SUBMODULES])
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    # ruff: noqa: F401
+    from tokvis.methods import Method, create_method, list_methods, register_method
+    from tokvis.patching import is_patched, patch, unpatch
+    from tokvis.recording import record, report, run_with_trace
+    from tokvis.schedule import make_schedule
+    from tokvis.trace import LayerDecision, Trace, TraceMeta, load_trace
+
+__all__ = [  # noqa: F822 - resolved lazily by __getattr__
+    "__version__",
+    "errors",
     "LayerDecision",
-    "Method",
     "Trace",
     "TraceMeta",
-    "__version__",
-    "create_method",
-    "errors",
-    "is_patched",
-    "list_methods",
     "load_trace",
-    "make_schedule",
-    "patch",
-    "record",
+    "Method",
+    "create_method",
+    "list_methods",
     "register_method",
+    "patch",
+    "unpatch",
+    "is_patched",
+    "record",
     "report",
     "run_with_trace",
-    "unpatch",
+    "make_schedule",
 ]

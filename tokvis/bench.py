@@ -183,8 +183,9 @@ def summarize_targets(rows: Sequence[BenchRow]) -> str:
     )
     tome = by.get("tome r=16")
     if tome is not None:
+        verdict = "met" if tome.speedup_per_flops >= 0.9 else "NOT met"
         lines.append(
             f"tome r=16: speed-up {tome.speedup:.2f}x for a FLOPs reduction of {tome.flops_ratio:.2f}x -> "
-            f"ratio {tome.speedup_per_flops:.2f}, target >= 0.9: {'met' if tome.speedup_per_flops >= 0.9 else 'NOT met'}"
+            f"ratio {tome.speedup_per_flops:.2f}, target >= 0.9: {verdict}"
         )
     return "\n".join(lines)
