@@ -86,6 +86,7 @@ def model_info(model: nn.Module) -> ModelInfo:
         num_heads=int(attn.num_heads),
         grid_size=tuple(int(v) for v in pe.grid_size),  # type: ignore[arg-type]
         dynamic_img_size=bool(getattr(model, "dynamic_img_size", False)),
+        gated_attention=any(getattr(b.attn, "gate", None) is not None for b in blocks),
     )
 
 
@@ -181,18 +182,11 @@ def attention_forward(
         to the patch tokens ``[B, T - num_prefix]``, or the full attention
         probabilities ``[B, H, T, T]``.
     """
-    B, T, _ = x.shape
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, v, gate = _qkv(attn, x)
     mask = None if bias is None else bias[:, None, None, :].to(q.dtype)
     extras = AttentionExtras(keys=k if need_keys else None)
     if need_attn or not attn.fused_attn:
-        logits = (q * attn.scale) @ k.transpose(-2, -1)
-        if mask is not None:
-            logits = logits + mask
-        probs = logits.softmax(dim=-1)
+        probs = _probs(attn, q, k, mask)
         out = attn.attn_drop(probs) @ v
         if need_attn:
             extras.attn = probs
@@ -203,16 +197,34 @@ def attention_forward(
             q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0, scale=attn.scale
         )
         if need_cls:
-            logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
-            if mask is not None:
-                logits = logits + mask
-            extras.cls_attn = logits.softmax(dim=-1)[:, :, 0, num_prefix:].mean(1)
+            extras.cls_attn = _probs(attn, q[:, :, :1], k, mask)[:, :, 0, num_prefix:].mean(1)
+    return _attention_output(attn, out, gate), extras
+
+
+def _qkv(attn: nn.Module, x: torch.Tensor):
+    """Queries, keys, values ``[B, H, T, d]`` (after q/k norm) and the output gate of a timm Attention."""
+    B, T, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v, gate
+
+
+def _probs(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    if mask is not None:
+        logits = logits + mask
+    return logits.softmax(dim=-1)
+
+
+def _attention_output(attn: nn.Module, out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """Heads ``[B, H, T, d]`` -> tokens ``[B, T, C]`` through the module's norm, gate and projection."""
+    B, _, T, _ = out.shape
     out = out.transpose(1, 2).reshape(B, T, attn.attn_dim)
     out = attn.norm(out)
     if gate is not None:
         out = out * gate
-    out = attn.proj_drop(attn.proj(out))
-    return out, extras
+    return attn.proj_drop(attn.proj(out))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -253,44 +265,68 @@ def _patched_block_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None
     p = st.info.num_prefix_tokens
     if layer == 0:  # every forward enters at block 0: reset the per-forward state
         st.begin(x)
-    n_in = x.shape[1] - p
     method = st.method
+    n_in = x.shape[1] - p
     target = st.schedule.capped_target(layer, n_in, st.n_patches, method.max_removal)
-    needs = method.needs if target is not None else ()
-    bias = None
-    if method.proportional_attention and st.size is not None:
-        bias = st.size.log()
-    out, extras = attention_forward(
-        self.attn,
-        self.norm1(x),
-        bias=bias,
-        num_prefix=p,
-        need_keys="keys" in needs,
-        need_cls="cls_attn" in needs,
-        need_attn="attn" in needs,
-    )
-    x = x + self.drop_path1(self.ls1(out))
-    if target is not None:
-        size = st.size if st.size is not None else x.new_ones(x.shape[:2])
-        ctx = ReductionContext(
-            layer=layer,
-            x=x,
-            size=size,
+    if target is not None and method.stage == "before_block":
+        ctx = _context(st, layer, x, target, stage="before_block")
+        x, _ = _decide_and_apply(self, st, ctx)
+        target = None
+    bias = st.size.log() if method.proportional_attention and st.size is not None else None
+    h = self.norm1(x)
+    if target is not None and method.stage == "in_attention":
+        q, k, v, gate = _qkv(self.attn, h)
+        mask = None if bias is None else bias[:, None, None, :].to(q.dtype)
+        probs = _probs(self.attn, q, k, mask) if {"attn", "cls_attn"} & method.needs else None
+        ctx = _context(
+            st, layer, x, target, stage="in_attention", keys=k, queries=q, values=v,
+            attn=probs if "attn" in method.needs else None,
+            cls_attn=probs[:, :, 0, p:].mean(1) if "cls_attn" in method.needs else None,
+        )  # fmt: skip
+        x, decision = _decide_and_apply(self, st, ctx)
+        out = method.reduced_attention(ctx, decision, scale=self.attn.scale, bias=bias)
+        x = x + self.drop_path1(self.ls1(_attention_output(self.attn, out, gate)))
+    else:
+        needs = method.needs if target is not None else ()
+        out, extras = attention_forward(
+            self.attn,
+            h,
+            bias=bias,
             num_prefix=p,
-            target=target,
-            n_patches=st.n_patches,
-            keys=extras.keys,
-            cls_attn=extras.cls_attn,
-            attn=extras.attn,
+            need_keys="keys" in needs,
+            need_cls="cls_attn" in needs,
+            need_attn="attn" in needs,
         )
-        decision = method.decide(ctx)
-        _check_decision(decision, layer, x.shape[0], n_in, method)
-        from tokvis.recording import report
-
-        report(self, decision)
-        x, st.size = apply_decision(x, size, decision, num_prefix=p)
+        x = x + self.drop_path1(self.ls1(out))
+        if target is not None:
+            ctx = _context(st, layer, x, target, keys=extras.keys, cls_attn=extras.cls_attn, attn=extras.attn)
+            x, _ = _decide_and_apply(self, st, ctx)
     x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
     return x
+
+
+def _context(st: PatchState, layer: int, x: torch.Tensor, target: int, **extras) -> ReductionContext:
+    size = st.size if st.size is not None else x.new_ones(x.shape[:2])
+    return ReductionContext(
+        layer=layer,
+        x=x,
+        size=size,
+        num_prefix=st.info.num_prefix_tokens,
+        target=target,
+        n_patches=st.n_patches,
+        **extras,
+    )
+
+
+def _decide_and_apply(block: nn.Module, st: PatchState, ctx: ReductionContext) -> tuple[torch.Tensor, LayerDecision]:
+    """Ask the method, announce the decision to recorders, apply it to the tokens and their sizes."""
+    from tokvis.recording import report
+
+    decision = st.method.decide(ctx)
+    _check_decision(decision, ctx.layer, ctx.x.shape[0], ctx.n_in, st.method)
+    report(block, decision)
+    x, st.size = apply_decision(ctx.x, ctx.size, decision, num_prefix=ctx.num_prefix)
+    return x, decision
 
 
 def _check_decision(d: LayerDecision, layer: int, B: int, n_in: int, method: Method) -> None:

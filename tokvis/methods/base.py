@@ -18,6 +18,7 @@ from tokvis.errors import MethodOptionError, UnsupportedModelError
 from tokvis.trace import LayerDecision
 
 NEEDS = frozenset({"keys", "cls_attn", "attn"})
+STAGES = ("before_block", "after_attn", "in_attention")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class ModelInfo:
     num_heads: int
     grid_size: tuple[int, int]
     dynamic_img_size: bool
+    gated_attention: bool = False
 
     @property
     def num_patches(self) -> int:
@@ -62,6 +64,11 @@ class ReductionContext:
         (softmax over all tokens), if the method needs ``"cls_attn"``.
     attn : Tensor [B, H, T, T] or None
         Full attention probabilities, if the method needs ``"attn"``.
+    queries, values : Tensor [B, H, T, d] or None
+        Attention queries (after ``q_norm``) and values; given to methods of stage
+        ``"in_attention"`` only.
+    stage : str
+        Where in the block the decision is taken (see :class:`Method`).
     """
 
     layer: int
@@ -73,6 +80,9 @@ class ReductionContext:
     keys: torch.Tensor | None = None
     cls_attn: torch.Tensor | None = None
     attn: torch.Tensor | None = None
+    queries: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    stage: str = "after_attn"
 
     @property
     def n_in(self) -> int:
@@ -102,6 +112,21 @@ class Method(nn.Module):
         The method ranks tokens by the class token's attention.
     conventions : tuple of {"keep_rate", "r"}
         Schedules the method supports.
+    stage : {"after_attn", "before_block", "in_attention"}
+        Where a reducing block asks for the decision:
+
+        ``"after_attn"`` (ToMe, Top-K, EViT)
+            after the attention residual, before the MLP; the context holds the
+            tokens and what ``needs`` asked of the block's attention.
+        ``"before_block"`` (DynamicViT-style predictors)
+            on the block's input, before ``norm1``; no attention extras.  The
+            block then runs on the reduced set.
+        ``"in_attention"`` (methods that change attention itself)
+            inside the attention, after ``q/k/v`` are computed; the context
+            also holds ``queries`` and ``values``.  The decision is applied to
+            the residual stream, and the attention output for the reduced set
+            comes from :meth:`reduced_attention` (default: the queries reduced
+            by the same decision, attending to the full keys and values).
     """
 
     name: ClassVar[str] = ""
@@ -109,6 +134,7 @@ class Method(nn.Module):
     needs: ClassVar[frozenset[str]] = frozenset()
     requires_class_token: ClassVar[bool] = False
     conventions: ClassVar[tuple[str, ...]] = ("keep_rate", "r")
+    stage: ClassVar[str] = "after_attn"
     #: the patched attention adds log(size) to the attention logits (ToMe's proportional attention)
     proportional_attention: bool = False
 
@@ -117,6 +143,8 @@ class Method(nn.Module):
         bad = set(self.needs) - NEEDS
         if bad:
             raise TypeError(f"{type(self).__name__}.needs has unknown entries {sorted(bad)}; known: {sorted(NEEDS)}")
+        if self.stage not in STAGES:
+            raise TypeError(f"{type(self).__name__}.stage must be one of {STAGES}: got {self.stage!r}")
 
     # -- to override ----------------------------------------------------------------------------
     def decide(self, ctx: ReductionContext) -> LayerDecision:  # pragma: no cover - abstract
@@ -128,12 +156,44 @@ class Method(nn.Module):
 
     def check_model(self, info: ModelInfo) -> None:
         """Raise :class:`UnsupportedModelError` if the method cannot run on this model."""
+        if self.stage == "in_attention" and info.gated_attention:
+            raise UnsupportedModelError(
+                f"method {self.name!r} reduces tokens inside the attention, which does not combine with "
+                "gated attention (the gate is computed per input token)"
+            )
         if self.requires_class_token and not info.has_class_token:
             raise UnsupportedModelError(
                 f"method {self.name!r} ranks tokens by the class token's attention, but this model has no "
                 "class token (global average pooling); pass score='mean' to rank by the mean attention "
                 "each token receives, or use a method that needs no class token (e.g. 'tome')"
             )
+
+    def reduced_attention(
+        self,
+        ctx: ReductionContext,
+        decision: LayerDecision,
+        *,
+        scale: float,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention output ``[B, H, num_prefix + n_out, d]`` for the reduced token set.
+
+        Only for ``stage="in_attention"``.  The default reduces the queries with
+        the decision (the same weighted merge as the tokens: a hard decision
+        averages queries, a soft one mixes them) and lets them attend to the
+        full, unreduced keys and values.  ``bias`` ``[B, T]`` is the additive
+        logit bias per key (proportional attention), or ``None``.
+        """
+        from tokvis.methods.ops import apply_decision
+
+        q, k, v = ctx.queries, ctx.keys, ctx.values
+        assert q is not None and k is not None and v is not None
+        B, H, T, d = q.shape
+        flat = q.transpose(1, 2).reshape(B, T, H * d)
+        q_red, _ = apply_decision(flat, ctx.size, decision, num_prefix=ctx.num_prefix)
+        q_red = q_red.reshape(B, -1, H, d).transpose(1, 2)
+        mask = None if bias is None else bias[:, None, None, :].to(q.dtype)
+        return torch.nn.functional.scaled_dot_product_attention(q_red, k, v, attn_mask=mask, scale=scale)
 
     def max_removal(self, n_in: int, convention: str) -> int:
         """Most patch tokens the method removes in one block (default: no cap).
