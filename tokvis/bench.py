@@ -65,6 +65,7 @@ class BenchRow:
     speedup_per_flops: float  # speedup / flops_ratio
     recorded_images_per_s: float
     record_overhead: float  # recorded wall time / unrecorded wall time
+    fidelity: float  # mean cosine similarity of the outputs to the unpatched model's
 
 
 def benchmark(
@@ -93,6 +94,9 @@ def benchmark(
 
     rows: list[BenchRow] = []
     base_ips = base_flops = None
+    unpatch(model)
+    with torch.no_grad():
+        reference = model(images).flatten(1)
     B = images.shape[0]
     for label, method, kw in configs:
         unpatch(model)
@@ -116,6 +120,9 @@ def benchmark(
             t_plain += time_forward(plain, repeats=1, warmup=0)
             t_rec += time_forward(recorded, repeats=1, warmup=0)
         tp, tr = statistics.median(t_plain), statistics.median(t_rec)
+        with torch.no_grad():
+            out = model(images).flatten(1)
+        fidelity = float(torch.nn.functional.cosine_similarity(out, reference, dim=-1).mean())
         ips = B / tp
         if base_ips is None:
             base_ips, base_flops = ips, flops
@@ -129,6 +136,7 @@ def benchmark(
             speedup_per_flops=(ips / base_ips) / fr,
             recorded_images_per_s=B / tr,
             record_overhead=tr / tp,
+            fidelity=fidelity,
         )
         rows.append(row)
         if progress:
@@ -138,7 +146,7 @@ def benchmark(
 
 
 _COLUMNS = [  # (field, width, format)
-    ("config", 22, "s"),
+    ("config", 26, "s"),
     ("images_per_s", 12, ".2f"),
     ("gflops_per_image", 16, ".2f"),
     ("flops_ratio", 11, ".2f"),
@@ -146,6 +154,7 @@ _COLUMNS = [  # (field, width, format)
     ("speedup_per_flops", 17, ".2f"),
     ("recorded_images_per_s", 21, ".2f"),
     ("record_overhead", 15, ".3f"),
+    ("fidelity", 8, ".3f"),
 ]
 
 
@@ -189,3 +198,12 @@ def summarize_targets(rows: Sequence[BenchRow]) -> str:
             f"ratio {tome.speedup_per_flops:.2f}, target >= 0.9: {verdict}"
         )
     return "\n".join(lines)
+
+
+def method_configs(
+    methods: Sequence[str], keep_rates: Sequence[float] = (0.7, 0.5)
+) -> list[tuple[str, str | None, dict]]:
+    """The unpatched reference followed by every method at every keep rate."""
+    configs: list[tuple[str, str | None, dict]] = [("unpatched", None, {})]
+    configs += [(f"{m} keep_rate={k:g}", m, {"keep_rate": k}) for m in methods for k in keep_rates]
+    return configs
