@@ -16,6 +16,7 @@ torch.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from tokvis import errors
@@ -48,8 +49,8 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value  # later look-ups skip this function
         return value
-    if name in _SUBMODULES:
-        return importlib.import_module(f"tokvis.{name}")
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")  # any submodule: tokvis.zoo, tokvis.patching, ...
     raise AttributeError(f"module 'tokvis' has no attribute {name!r}")
 
 
