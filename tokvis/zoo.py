@@ -145,10 +145,14 @@ def create(name: str, **kwargs: Any) -> torch.nn.Module:
     name_str = os.fspath(name)
     if name_str in OFFLINE_MODELS:
         model = _create_dinov2_offline(**kwargs)
+        label = name_str if kwargs.get("pretrained", True) else f"{name_str}(random)"
     elif _looks_like_checkpoint(name_str):
         model = _create_from_checkpoint(Path(name_str), **kwargs)
+        label = f"{kwargs.get('arch')}:{Path(name_str).name}"
     else:
         model = _create_timm(name_str, **kwargs)
+        label = name_str if kwargs.get("pretrained", True) else f"{name_str}(random)"
+    model._tokvis_name = label  # the backbone name traces record (tokvis.patching.backbone_name)
     return model.eval()
 
 
