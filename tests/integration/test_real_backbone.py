@@ -43,6 +43,8 @@ def test_tome_r16_schedule_and_fidelity(backbone):
     finally:
         tokvis.unpatch(model)
     assert trace.grid_size == (16, 16)
+    assert trace.meta.backbone == "dinov2_small_offline"
+    assert trace.meta.image_ids == ids
     assert trace.token_counts(11).tolist() == [256 - 12 * 16] * 3
     # a pretrained model degrades gracefully under ToMe: features stay close to the unreduced ones
     cos = torch.nn.functional.cosine_similarity(out, ref, dim=-1)
