@@ -1,0 +1,447 @@
+"""Compare the reduction patterns of many traces at once: the study's three pairings as tidy tables.
+
+:func:`compare` pairs traces by their metadata (``trace.meta``: backbone, method, dataset,
+keep rate / r) and measures, per pair, per compared block and per image, how similar the two
+patterns are.  The three pairings of the "Which Tokens to Use?" study are ``by=`` values:
+
+* ``by="keep_rate"`` -- across keep rates (or ``r``) of one method, same backbone and dataset;
+* ``by="backbone"`` -- across capacities (backbones) at one method and keep rate;
+* ``by="method"`` -- across methods at one backbone and keep rate;
+
+and ``by="dataset"`` pairs traces of one model recorded under two dataset names (per-image
+comparison needs the *same* images; to compare datasets of different images use
+:func:`compare_maps` on the global maps).
+
+Which metric applies to which kind of decision
+----------------------------------------------
+* **pruning patterns** (decisions of kind ``"prune"`` or ``"fuse"``): which patches are still their
+  own token, ``trace.kept(layer)``; metrics ``"iou"`` and ``"ioa"`` (``|A & B| / |B|``, the fraction
+  of B's kept patches that A keeps too).
+* **merging patterns** (kind ``"merge"`` or ``"soft"``; soft assignments use their arg-max): which
+  token holds each patch, ``trace.labels(layer)``; metrics ``"homogeneity"``, ``"completeness"``,
+  ``"v_measure"``, ``"nmi"``, ``"ari"``, ``"ami"`` (and ``"mutual_info"``), computed in one pass
+  by :func:`tokvis.analysis.patterns.merge_scores` with trace A as the reference
+  (``labels_true``) and trace B as the compared pattern (``labels_pred``).
+
+The family of a trace at a block is that of its last decision at or before the block (its first
+decision for blocks before any reduction).  A pair is measured with the metrics of its family;
+a pair of a pruning and a merging pattern has no common metric and gives no rows.  Requested
+metrics that apply to no pair raise :class:`~tokvis.errors.TraceMismatchError`.
+
+Which blocks are compared
+-------------------------
+``layers=None`` compares the blocks where both traces recorded a decision, and requires them to be
+the same blocks (the study's "stages"); otherwise the error names both sets.  ``layers=[...]``
+compares the state after any given blocks (``trace.labels(layer)`` is defined for every block),
+e.g. ToMe reducing in every block against Top-K at blocks 3, 6, 9.
+
+Pair order
+----------
+Within a pair, A is the trace with the *higher* keep rate (the study's "model A"; traces
+scheduled by ``r`` count as lower keep rate the larger their total ``r``), or the first in sorted
+order of backbone / method / dataset name.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from tokvis.analysis import maps as _maps
+from tokvis.analysis import patterns as _patterns
+from tokvis.errors import TraceMismatchError
+
+__all__ = [
+    "BY",
+    "MAP_METRICS",
+    "MAPS",
+    "MERGE_METRICS",
+    "PRUNE_METRICS",
+    "compare",
+    "compare_maps",
+    "global_maps",
+    "pattern_family",
+]
+
+#: Metrics of pruning patterns (kept sets).
+PRUNE_METRICS = ("iou", "ioa")
+#: Metrics of merging patterns (labels).
+MERGE_METRICS = ("homogeneity", "completeness", "v_measure", "nmi", "ari", "ami", "mutual_info")
+#: ``by=`` values of :func:`compare`.
+BY = ("keep_rate", "backbone", "method", "dataset")
+#: Map metrics of :func:`compare_maps` (``"kl"`` is KL(A || B), ``"kl_reverse"`` KL(B || A)).
+MAP_METRICS = ("kl", "kl_reverse", "js", "pcc", "scc", "emd", "sim")
+#: Maps of :func:`global_maps`.
+MAPS = ("depth", "keep_frequency", "merge_size")
+
+_DEFAULT_METRICS = {"prune": ("iou", "ioa"), "merge": ("v_measure", "homogeneity", "completeness", "ari")}
+_FAMILY = {"prune": "prune", "fuse": "prune", "merge": "merge", "soft": "merge"}
+_FIELDS = ("backbone", "method", "dataset", "keep_rate", "r")
+_VARYING = {"keep_rate": ("keep_rate", "r"), "backbone": ("backbone",), "method": ("method",), "dataset": ("dataset",)}
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _np(x) -> np.ndarray:
+    """numpy view of a torch tensor (duck-typed: no torch import here) or array."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _hashable(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _field(trace, name: str):
+    return _hashable(getattr(trace.meta, name, None))
+
+
+def _describe(trace, i: int) -> str:
+    m = trace.meta
+    sched = f"keep_rate={m.keep_rate}" if m.keep_rate is not None else f"r={m.r}"
+    return f"trace {i} ({m.backbone}/{m.method}/{m.dataset}, {sched})"
+
+
+def pattern_family(trace, layer: int) -> str:
+    """``"prune"`` or ``"merge"``: the family of ``trace``'s pattern after block ``layer``.
+
+    The family of the last decision at or before ``layer`` (kinds ``prune``/``fuse`` -> ``"prune"``,
+    ``merge``/``soft`` -> ``"merge"``); before the first decision, the family of the first one.
+    A trace without decisions is ``"prune"`` (every patch is kept).
+    """
+    decisions = trace.decisions
+    if not decisions:
+        return "prune"
+    before = [d for d in decisions if d.layer <= layer]
+    return _FAMILY[(before[-1] if before else decisions[0]).kind]
+
+
+def _metric_list(metric) -> tuple[str, ...] | None:
+    if metric is None:
+        return None
+    names = (metric,) if isinstance(metric, str) else tuple(metric)
+    if not names:
+        raise ValueError("metric must name at least one metric")
+    for name in names:
+        if name not in PRUNE_METRICS + MERGE_METRICS:
+            raise ValueError(
+                f"metric must be one of {', '.join(map(repr, PRUNE_METRICS + MERGE_METRICS))}: got {name!r}"
+            )
+    return names
+
+
+def _schedule_rank(trace) -> float:
+    """Sort key of a schedule: larger = keeps more tokens (keep rate; -total r)."""
+    m = trace.meta
+    if m.keep_rate is not None:
+        return float(m.keep_rate)
+    if m.r is None:
+        return float("inf")
+    r = m.r if isinstance(m.r, (list, tuple)) else [m.r]
+    return -float(sum(r))
+
+
+def _align(a, b, ia: int, ib: int) -> np.ndarray | None:
+    """Row order of ``b`` matching ``a``'s image ids, ``None`` when already aligned; errors name the difference."""
+    if tuple(a.grid_size) != tuple(b.grid_size):
+        raise TraceMismatchError(
+            f"{_describe(a, ia)} has a {tuple(a.grid_size)} patch grid but {_describe(b, ib)} has "
+            f"{tuple(b.grid_size)}: patterns of different grids cannot be compared per image "
+            "(use compare_maps on global maps of the same grid, or record at the same input size)"
+        )
+    ids_a, ids_b = list(a.image_ids), list(b.image_ids)
+    if ids_a == ids_b:
+        return None
+    missing_b = [i for i in ids_a if i not in set(ids_b)]
+    missing_a = [i for i in ids_b if i not in set(ids_a)]
+    if missing_a or missing_b or len(ids_a) != len(ids_b):
+        raise TraceMismatchError(
+            f"{_describe(a, ia)} and {_describe(b, ib)} were recorded on different images "
+            f"({len(ids_a)} vs {len(ids_b)} images; only in A: {missing_b[:5]}, only in B: {missing_a[:5]}); "
+            "per-image comparison needs the same images (select them with Trace.select, or use compare_maps)"
+        )
+    if len(set(ids_a)) != len(ids_a):
+        raise TraceMismatchError(f"{_describe(a, ia)} has repeated image ids; cannot align images by id")
+    pos = {k: j for j, k in enumerate(ids_b)}
+    return np.array([pos[k] for k in ids_a], dtype=np.int64)
+
+
+def _layers_for(a, b, ia: int, ib: int, layers) -> list[int]:
+    if layers is None:
+        if tuple(a.layers) != tuple(b.layers):
+            raise TraceMismatchError(
+                f"{_describe(a, ia)} reduces at blocks {list(a.layers)} but {_describe(b, ib)} at "
+                f"{list(b.layers)}; pass layers=[...] to compare the patterns after chosen blocks"
+            )
+        return list(a.layers)
+    out = []
+    for layer in layers:
+        layer = int(layer)
+        for t, i in ((a, ia), (b, ib)):
+            if not 0 <= layer < t.meta.depth:
+                raise TraceMismatchError(f"layer {layer} is not a block of {_describe(t, i)} (depth {t.meta.depth})")
+        out.append(layer)
+    return out
+
+
+def _pairs(traces: Sequence, by: str) -> list[tuple[int, int]]:
+    varying = _VARYING[by]
+    fixed = [f for f in _FIELDS if f not in varying]
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(traces):
+        groups.setdefault(tuple(_field(t, f) for f in fixed), []).append(i)
+    pairs = []
+    for members in groups.values():
+        seen: dict[tuple, int] = {}
+        for i in members:
+            key = tuple(_field(traces[i], f) for f in varying)
+            if key in seen:
+                raise TraceMismatchError(
+                    f"{_describe(traces[seen[key]], seen[key])} and {_describe(traces[i], i)} have the same "
+                    f"metadata; concatenate batches of one recording with Trace.concat before comparing"
+                )
+            seen[key] = i
+        if by == "keep_rate":
+            order = sorted(members, key=lambda i: -_schedule_rank(traces[i]))
+        else:
+            order = sorted(members, key=lambda i: str(_field(traces[i], by)))
+        pairs.extend(itertools.combinations(order, 2))
+    return pairs
+
+
+# --------------------------------------------------------------------------------------------
+# compare
+# --------------------------------------------------------------------------------------------
+
+
+def compare(traces: Iterable, *, by: str, metric=None, layers=None, dropped: str = "exclude"):
+    """Per-image pattern similarity of every pair of traces that differ only in ``by``.
+
+    Parameters
+    ----------
+    traces : iterable of Trace
+        Traces of the same images (``trace.meta.image_ids``; rows are aligned by id), each with
+        metadata ``backbone``, ``method``, ``dataset``, ``keep_rate`` / ``r``.
+    by : {"keep_rate", "backbone", "method", "dataset"}
+        The field that varies within a pair; traces agreeing on every other field are grouped and
+        every pair within a group is compared (``"keep_rate"`` varies ``keep_rate`` and ``r``).
+    metric : str or list of str, optional
+        Any of :data:`PRUNE_METRICS` and :data:`MERGE_METRICS`.  Default: ``iou``, ``ioa`` for
+        pruning pairs and ``v_measure``, ``homogeneity``, ``completeness``, ``ari`` for merging
+        pairs.  See the module docstring for which metric applies to which pair.
+    layers : list of int, optional
+        Blocks after which to compare; default: the blocks both traces reduce at (must agree).
+    dropped : {"exclude", "group"}
+        Merging metrics: patches dropped in either pattern are left out, or each pattern's dropped
+        patches form one group (see :mod:`tokvis.analysis.patterns`).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Long form, one row per (pair, block, image, metric): the fields not varied (``backbone``,
+        ``method``, ``dataset``, ``keep_rate``, ``r``), the varied ones as ``<field>_a`` and
+        ``<field>_b``, then ``family`` (``"prune"``/``"merge"``), ``layer`` (block index),
+        ``stage`` (0-based position among the compared blocks), ``image_id``, ``metric`` and
+        ``value`` (float).  No pairs give an empty table with these columns.
+
+    Raises
+    ------
+    TraceMismatchError
+        When two traces of a pair differ in images, patch grid or reduction blocks (the message names
+        the difference), when two traces have the same metadata, or when no pair can be measured
+        with the requested metrics.
+    """
+    import pandas as pd
+
+    if by not in BY:
+        raise ValueError(f"by must be one of {', '.join(map(repr, BY))}: got {by!r}")
+    if dropped not in ("exclude", "group"):
+        raise ValueError(f"dropped must be 'exclude' or 'group': got {dropped!r}")
+    traces = list(traces)
+    for i, t in enumerate(traces):
+        if not (hasattr(t, "meta") and hasattr(t, "labels") and hasattr(t, "kept")):
+            raise TypeError(f"traces[{i}] is not a Trace: got {type(t).__name__}")
+    requested = _metric_list(metric)
+    varying = _VARYING[by]
+    fixed = [f for f in _FIELDS if f not in varying]
+    columns = [*fixed, *(f"{f}_{s}" for f in varying for s in "ab"), "family", "layer", "stage", "image_id"]
+    columns += ["metric", "value"]
+
+    chunks: list[dict[str, Any]] = []
+    skipped_mixed = 0
+    for ia, ib in _pairs(traces, by):
+        a, b = traces[ia], traces[ib]
+        order = _align(a, b, ia, ib)
+        compared = _layers_for(a, b, ia, ib, layers)
+        ids = np.empty(a.num_images, dtype=object)
+        ids[:] = list(a.image_ids)
+        base = {f: _field(a, f) for f in fixed}
+        for f in varying:
+            base[f"{f}_a"], base[f"{f}_b"] = _field(a, f), _field(b, f)
+        for stage, layer in enumerate(compared):
+            fam_a, fam_b = pattern_family(a, layer), pattern_family(b, layer)
+            if fam_a != fam_b:
+                skipped_mixed += 1
+                continue
+            family = fam_a
+            names = _DEFAULT_METRICS[family] if requested is None else requested
+            applicable = PRUNE_METRICS if family == "prune" else MERGE_METRICS
+            names = [m for m in names if m in applicable]
+            if not names:
+                continue
+            values = _pair_values(a, b, order, layer, family, names, dropped)
+            for name in names:
+                chunks.append(
+                    {
+                        **base,
+                        "family": family,
+                        "layer": layer,
+                        "stage": stage,
+                        "image_id": ids,
+                        "metric": name,
+                        "value": values[name],
+                    }  # fmt: skip
+                )
+    if not chunks:
+        if requested is not None and traces and _pairs(traces, by):
+            raise TraceMismatchError(
+                f"none of the metrics {list(requested)} applies to the compared pairs: IoU/IoA need pruning "
+                f"patterns (kind prune/fuse) on both sides, merge metrics merging patterns (merge/soft)"
+                + (f"; {skipped_mixed} pair-blocks mixed a pruning and a merging pattern" if skipped_mixed else "")
+            )
+        return pd.DataFrame({c: pd.Series(dtype=float if c == "value" else object) for c in columns})
+    n = [len(c["value"]) for c in chunks]
+    data = {}
+    for c in columns:
+        if c in ("image_id", "value"):
+            data[c] = np.concatenate([np.asarray(ch[c]) for ch in chunks])
+        else:
+            data[c] = np.repeat(np.array([ch[c] for ch in chunks], dtype=object), n)
+    df = pd.DataFrame(data, columns=columns)
+    df["value"] = df["value"].astype(np.float64)
+    df["layer"] = df["layer"].astype(np.int64)
+    df["stage"] = df["stage"].astype(np.int64)
+    return df
+
+
+def _pair_values(a, b, order, layer: int, family: str, names, dropped: str) -> dict[str, np.ndarray]:
+    if family == "prune":
+        ka, kb = _np(a.kept(layer)), _np(b.kept(layer))
+        if order is not None:
+            kb = kb[order]
+        out = {}
+        if "iou" in names:
+            out["iou"] = _patterns.iou(ka, kb)
+        if "ioa" in names:
+            out["ioa"] = _patterns.ioa(ka, kb)
+        return out
+    la, lb = _np(a.labels(layer)), _np(b.labels(layer))
+    if order is not None:
+        lb = lb[order]
+    return _patterns.merge_scores(la, lb, metrics=tuple(names), dropped=dropped)
+
+
+# --------------------------------------------------------------------------------------------
+# global maps
+# --------------------------------------------------------------------------------------------
+
+
+def global_maps(trace, *, layer: int | None = None) -> dict[str, np.ndarray]:
+    """Global spatial maps of a trace over its images.
+
+    Parameters
+    ----------
+    trace : Trace
+    layer : int, optional
+        Block after which keep frequency and merge size are taken; default: the last block with a
+        decision (every patch kept and unmerged when the trace has none).
+
+    Returns
+    -------
+    dict
+        ``"depth"`` (mean token depth, :func:`tokvis.analysis.maps.depth_map`), ``"keep_frequency"``
+        and ``"merge_size"``, each float64 ``[h, w]``.
+    """
+    if layer is None:
+        layer = trace.layers[-1] if len(trace.layers) else -1
+    grid = tuple(trace.grid_size)
+    return {
+        "depth": _maps.depth_map(_np(trace.depth()), grid_size=grid),
+        "keep_frequency": _maps.keep_frequency(_np(trace.kept(layer)), grid_size=grid),
+        "merge_size": _maps.merge_size_map(_np(trace.labels(layer)), grid_size=grid),
+    }
+
+
+def _map_metric(name: str, p: np.ndarray, q: np.ndarray) -> float:
+    if name == "kl":
+        return _maps.kl_divergence(p, q)
+    if name == "kl_reverse":
+        return _maps.kl_divergence(q, p)
+    if name == "js":
+        return _maps.js_divergence(p, q)
+    if name == "pcc":
+        return _maps.pcc(p, q)
+    if name == "scc":
+        return _maps.scc(p, q)
+    if name == "emd":
+        return _maps.emd(p, q)
+    return _maps.sim(p, q)
+
+
+def compare_maps(
+    trace_a, trace_b, *, metrics=("kl", "kl_reverse", "js", "pcc", "scc", "emd", "sim"), maps=MAPS, layer=None
+):
+    """Compare the global maps of two traces (which may be of different images, e.g. datasets).
+
+    Parameters
+    ----------
+    trace_a, trace_b : Trace
+        Traces with the same patch grid.
+    metrics : str or iterable of str
+        Any of :data:`MAP_METRICS`; ``"kl"`` is KL(A || B) and ``"kl_reverse"`` KL(B || A).
+    maps : str or iterable of str
+        Any of :data:`MAPS`.
+    layer : int, optional
+        Block of the keep-frequency and merge-size maps (see :func:`global_maps`); default: each
+        trace's last reduction block.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per (map, metric): ``backbone_a``, ``method_a``, ``dataset_a``, ``keep_rate_a``,
+        ``r_a``, the same with ``_b``, ``map``, ``layer_a``, ``layer_b``, ``metric``, ``value``.
+    """
+    import pandas as pd
+
+    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    maps = (maps,) if isinstance(maps, str) else tuple(maps)
+    for m in metrics:
+        if m not in MAP_METRICS:
+            raise ValueError(f"metrics must be among {', '.join(map(repr, MAP_METRICS))}: got {m!r}")
+    for m in maps:
+        if m not in MAPS:
+            raise ValueError(f"maps must be among {', '.join(map(repr, MAPS))}: got {m!r}")
+    if tuple(trace_a.grid_size) != tuple(trace_b.grid_size):
+        raise TraceMismatchError(
+            f"trace A has a {tuple(trace_a.grid_size)} patch grid but trace B has {tuple(trace_b.grid_size)}: "
+            "maps of different grids cannot be compared"
+        )
+    la = layer if layer is not None else (trace_a.layers[-1] if len(trace_a.layers) else -1)
+    lb = layer if layer is not None else (trace_b.layers[-1] if len(trace_b.layers) else -1)
+    ma, mb = global_maps(trace_a, layer=la), global_maps(trace_b, layer=lb)
+    meta = {}
+    for f in _FIELDS:
+        meta[f"{f}_a"], meta[f"{f}_b"] = _field(trace_a, f), _field(trace_b, f)
+    rows = [
+        {**meta, "map": name, "layer_a": la, "layer_b": lb, "metric": m, "value": _map_metric(m, ma[name], mb[name])}
+        for name in maps
+        for m in metrics
+    ]
+    return pd.DataFrame(rows, columns=[*meta, "map", "layer_a", "layer_b", "metric", "value"])
