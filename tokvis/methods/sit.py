@@ -1,0 +1,96 @@
+"""SiT: soft token assignment by a learned MLP (the study's token slimming module)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokvis.methods._learned import LearnedMethod, check_float, init_linear, soft_decision
+from tokvis.methods.base import ReductionContext
+from tokvis.methods.registry import register_method
+from tokvis.trace import LayerDecision
+
+
+class SlotMLP(nn.Module):
+    """Per-token logits over ``n_out`` output slots: ``scale * fc2(GELU(fc1(norm(x))))``.
+
+    Parameters
+    ----------
+    dim : int
+        Token width ``C``.
+    hidden : int
+        Hidden width.
+    n_out : int
+        Output slots.
+    """
+
+    def __init__(self, dim: int, hidden: int, n_out: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, n_out)
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Row-normalised assignment ``[B, n_out, n]`` from tokens ``x [B, n, C]``: softmax over the tokens."""
+        logits = self.fc2(F.gelu(self.fc1(self.norm(x)))) * self.scale  # [B, n, n_out]
+        return logits.softmax(1).transpose(1, 2)
+
+
+@register_method("sit")
+class SiT(LearnedMethod):
+    """SiT token slimming (Zong et al., "Self-slimmed Vision Transformer", ECCV 2022), as in the study.
+
+    At each reducing block (after the attention, before the MLP), a
+    :class:`SlotMLP` gives every patch token a logit for each of the ``target``
+    output slots; a softmax over the *tokens* makes each slot a convex
+    combination of the input tokens: ``x_out = soft @ x`` with ``soft [B, target,
+    n_in]``, rows summing to 1 (kind ``"soft"``).  The recorded ``dst`` of a token
+    is the slot taking the largest share of it, ``keep`` marks the largest
+    contributor of each slot (see :func:`~tokvis.methods._learned.soft_decision`).
+    A block whose budget keeps every token is skipped (identity, kind "prune").
+
+    Parameters
+    ----------
+    hidden_ratio : float in (0, 4]
+        Hidden width of the MLP as a fraction of the embedding width (study: 0.5).
+    seed : int >= 0
+        Seeds the initial weights.  ``fc1`` / ``fc2`` start at std ``1/sqrt(fan_in)``
+        (not timm's 0.02) so that the initial assignment is random but not
+        uniform; a uniform start makes every slot the same mean token and fits slowly.
+
+    Study checkpoints: ``cluster_layers.{i}.weight.0`` -> ``norm``, ``weight.1`` ->
+    ``fc1``, ``weight.3`` -> ``fc2``, ``scale`` (``[1, 1, 1]``) -> ``scale`` (scalar).
+    """
+
+    kind = "soft"
+
+    def __init__(self, *, hidden_ratio: float = 0.5, seed: int = 0) -> None:
+        super().__init__(seed=seed)
+        self.hidden_ratio = check_float("hidden_ratio", hidden_ratio, low=0.0, high=4.0)
+
+    def options(self) -> dict:
+        return {"hidden_ratio": self.hidden_ratio, "seed": self.seed}
+
+    def make_reducer(self, dim: int, n_out: int, g: torch.Generator) -> nn.Module:
+        hidden = max(1, int(dim * self.hidden_ratio))
+        mod = SlotMLP(dim, hidden, n_out)
+        init_linear(mod.fc1, g, std=1 / math.sqrt(dim))
+        init_linear(mod.fc2, g, std=1 / math.sqrt(hidden))
+        return mod
+
+    def reducer_shape(self, entries: dict[str, torch.Tensor]) -> tuple[int, int]:
+        return int(entries["norm.weight"].shape[0]), int(entries["fc2.weight"].shape[0])
+
+    def study_key_map(self) -> dict[str, str]:
+        names = {"weight.0": "norm", "weight.1": "fc1", "weight.3": "fc2"}
+        out = {f"{s}.{t}": f"{o}.{t}" for s, o in names.items() for t in ("weight", "bias")}
+        out["scale"] = "scale"
+        return out
+
+    def reduce(self, module: nn.Module, ctx: ReductionContext) -> LayerDecision:
+        soft = module(ctx.x[:, ctx.num_prefix :])
+        return soft_decision(ctx.layer, soft)
