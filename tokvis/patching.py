@@ -242,6 +242,7 @@ class PatchState:
     # per forward
     size: torch.Tensor | None = None
     n_patches: int = 0
+    grid: tuple[int, int] | None = None  # patch grid of the images of the current call (input hook)
     reporters: list = field(default_factory=list)
 
     checked: set = field(default_factory=set)
@@ -282,6 +283,7 @@ def _patched_block_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None
             st, layer, x, target, stage="in_attention", keys=k, queries=q, values=v,
             attn=probs if "attn" in method.needs else None,
             cls_attn=probs[:, :, 0, p:].mean(1) if "cls_attn" in method.needs else None,
+            project=lambda t: _qkv(self.attn, self.norm1(t))[:3],
         )  # fmt: skip
         x, decision = _decide_and_apply(self, st, ctx)
         out = method.reduced_attention(ctx, decision, scale=self.attn.scale, bias=bias)
@@ -307,6 +309,9 @@ def _patched_block_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None
 
 def _context(st: PatchState, layer: int, x: torch.Tensor, target: int, **extras) -> ReductionContext:
     size = st.size if st.size is not None else x.new_ones(x.shape[:2])
+    grid = st.grid if st.grid is not None and st.grid[0] * st.grid[1] == st.n_patches else None
+    if grid is None and st.info.num_patches == st.n_patches:
+        grid = st.info.grid_size
     return ReductionContext(
         layer=layer,
         x=x,
@@ -314,6 +319,7 @@ def _context(st: PatchState, layer: int, x: torch.Tensor, target: int, **extras)
         num_prefix=st.info.num_prefix_tokens,
         target=target,
         n_patches=st.n_patches,
+        grid_size=grid,
         **extras,
     )
 
@@ -430,6 +436,7 @@ def patch(
 def _input_check_hook(model: nn.Module, args: tuple) -> None:
     if args:
         check_images(model, args[0])
+        model._tokvis.grid = grid_for_input(model, tuple(args[0].shape[-2:]))
 
 
 def unpatch(model: nn.Module) -> nn.Module:

@@ -11,7 +11,8 @@ Two conventions are supported, mutually exclusive:
 ``r``
     ToMe's convention: ``r`` tokens are removed at each block.  ``r`` is an int
     (applied at every block, or only at ``locations`` when given) or a list with
-    one entry per block.
+    one entry per block.  A float ``0 < r < 1`` (MCTF / VoMix) is a fraction:
+    ``floor(r * n_in)`` of the ``n_in`` patch tokens entering the block are removed.
 
 ``keep_rate=1.0`` or ``r=0`` keeps every token.
 """
@@ -38,9 +39,9 @@ class Schedule:
 
     depth: int
     keep_rate: float | None
-    r: tuple[int, ...] | None  # one entry per block, when the r convention is used
+    r: tuple[int | float, ...] | None  # one entry per block (float in (0, 1): a fraction), r convention only
     locations: tuple[int, ...]
-    r_arg: int | list[int] | None = None  # r as the user gave it, for metadata
+    r_arg: int | float | list[int | float] | None = None  # r as the user gave it, for metadata
 
     def stage(self, layer: int) -> int | None:
         """1-based stage index of block ``layer``, or ``None`` if it does not reduce."""
@@ -69,7 +70,7 @@ class Schedule:
         assert self.r is not None
         if self.r[layer] == 0:
             return None
-        return max(n_in - self.r[layer], 0)
+        return max(n_in - removal(self.r[layer], n_in), 0)
 
     @property
     def convention(self) -> str:
@@ -91,7 +92,7 @@ class Schedule:
         with no patch token after the method's own cap (ToMe removes at most half
         the tokens of a block under the ``r`` convention).
         """
-        if self.r is not None and max(self.r) > n_patches:
+        if self.r is not None and max(removal(v, n_patches) for v in self.r) > n_patches:
             raise ScheduleError(
                 f"r={self.r_arg} removes {max(self.r)} tokens in one block but the image has only "
                 f"{n_patches} patches; use a smaller r"
@@ -117,6 +118,31 @@ class Schedule:
         if self.keep_rate is not None:
             return f"keep_rate={self.keep_rate} at blocks {list(self.locations)}"
         return f"r={self.r_arg} at blocks {list(self.locations)}"
+
+
+def removal(r: int | float, n_in: int) -> int:
+    """Tokens removed by one block's ``r``: the count itself, or ``floor(r * n_in)`` for a fraction ``0 < r < 1``."""
+    if isinstance(r, float):
+        return int(math.floor(r * n_in + _EPS))
+    return int(r)
+
+
+def _check_r_value(v) -> int | float:
+    if isinstance(v, bool):
+        raise ScheduleError(f"r must be an int, a fraction in (0, 1), or a list of them: got {v!r}")
+    if isinstance(v, float):
+        if v == 0.0:
+            return 0
+        if not 0.0 < v < 1.0:  # also rejects nan
+            raise ScheduleError(
+                f"a float r is a fraction of the tokens removed per block and must be in (0, 1): got {v}; "
+                "pass an int for a number of tokens"
+            )
+        return v
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        raise ScheduleError(f"r must be an int, a fraction in (0, 1), or a list of them: got {v!r}") from None
 
 
 def keep_rate_budget(n_patches: int, keep_rate: float, stage: int) -> int:
@@ -158,7 +184,9 @@ def make_schedule(
     # r convention
     if isinstance(r, bool):
         raise ScheduleError(f"r must be an int or a list of ints: got {r!r}")
-    if isinstance(r, int):
+    if isinstance(r, float):
+        r = _check_r_value(r)
+    if isinstance(r, (int, float)):
         if r < 0:
             raise ScheduleError(f"r must be >= 0 (tokens removed per block): got {r}")
         if locations is None:
@@ -167,8 +195,8 @@ def make_schedule(
         r_arg: int | list[int] = r
     else:
         try:
-            per_block = [int(v) for v in r]  # type: ignore[union-attr]
-        except (TypeError, ValueError):
+            per_block = [_check_r_value(v) for v in r]  # type: ignore[union-attr]
+        except TypeError:
             raise ScheduleError(f"r must be an int or a list of ints: got {r!r}") from None
         if len(per_block) != depth:
             raise ScheduleError(f"an r list needs one entry per block ({depth}): got {len(per_block)}")

@@ -9,7 +9,7 @@ applies the decision, so the recorded decision is exactly what was computed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -67,8 +67,17 @@ class ReductionContext:
     queries, values : Tensor [B, H, T, d] or None
         Attention queries (after ``q_norm``) and values; given to methods of stage
         ``"in_attention"`` only.
+    project : callable or None
+        ``project(tokens [B, T', C]) -> (q, k, v)`` each ``[B, H, T', d]``: the block's
+        own ``norm1`` and attention projections (``qkv``, ``q_norm``, ``k_norm``) applied
+        to any token sequence, e.g. the reduced one (MCTF's one-step-ahead attention
+        needs the values of the fused tokens).  Stage ``"in_attention"`` only.
     stage : str
         Where in the block the decision is taken (see :class:`Method`).
+    grid_size : tuple of int (h, w) or None
+        Patch grid of the current input (differs from ``ModelInfo.grid_size`` for
+        other image sizes under ``dynamic_img_size``); ``None`` when unknown (the
+        model was not called on images, e.g. ``forward_features`` directly).
     """
 
     layer: int
@@ -83,6 +92,8 @@ class ReductionContext:
     queries: torch.Tensor | None = None
     values: torch.Tensor | None = None
     stage: str = "after_attn"
+    project: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+    grid_size: tuple[int, int] | None = None
 
     @property
     def n_in(self) -> int:
