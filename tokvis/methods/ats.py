@@ -1,0 +1,123 @@
+"""ATS: Adaptive Token Sampling (Fayyaz et al., ECCV 2022)."""
+
+from __future__ import annotations
+
+import torch
+
+from tokvis.errors import UnsupportedModelError
+from tokvis.methods.base import Method, ModelInfo, ReductionContext
+from tokvis.methods.ops import slots_from_keep
+from tokvis.methods.registry import register_method
+from tokvis.trace import LayerDecision
+
+
+def ats_scores(cls_attn: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """ATS significance scores of the patch tokens.
+
+    Parameters
+    ----------
+    cls_attn : Tensor [B, H, n]
+        Attention probabilities of the class token to each patch token, per head.
+    values : Tensor [B, H, n, d]
+        Attention values of the patch tokens.
+
+    Returns
+    -------
+    Tensor [B, n]
+        ``S_j = sum_h A_h[cls, j] * ||v_hj|| / sum_i sum_h A_h[cls, i] * ||v_hi||`` (sums to 1
+        per image; tokens whose attention is 0, e.g. masked padding, score 0).
+    """
+    s = (cls_attn * values.norm(dim=-1)).sum(1)
+    return s / s.sum(1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
+
+
+def inverse_transform_sample(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Deterministic inverse-transform sampling of ``k`` tokens from the scores.
+
+    Tokens are sorted by increasing score (stable: ties keep their order); the
+    cumulative distribution ``F`` of the sorted scores is normalised to end at 1;
+    the ``k`` evenly spaced levels ``y_m = (m + 1/2) / k``, ``m = 0 .. k-1``, are
+    mapped through the inverse CDF ``F^{-1}(y) = min{j : F_j >= y}``.  A token
+    with zero score is never chosen (its CDF step is empty).
+
+    Parameters
+    ----------
+    score : Tensor [B, n]
+        Non-negative scores, at least one positive per row.
+    k : int, >= 1
+
+    Returns
+    -------
+    BoolTensor [B, n]
+        Tokens hit by at least one level; at most ``k`` per row (duplicates removed).
+    """
+    B, n = score.shape
+    sorted_s, idx = torch.sort(score, dim=1, stable=True)
+    cdf = sorted_s.cumsum(1)
+    cdf = cdf / cdf[:, -1:].clamp_min(torch.finfo(cdf.dtype).tiny)
+    levels = (torch.arange(k, device=score.device, dtype=cdf.dtype) + 0.5) / k
+    pos = torch.searchsorted(cdf.contiguous(), levels.expand(B, k).contiguous(), right=False)
+    pos = pos.clamp(max=n - 1)  # round-off: F_{n-1} may be a hair below a level
+    picked = idx.gather(1, pos)
+    keep = torch.zeros(B, n, dtype=torch.bool, device=score.device)
+    keep.scatter_(1, picked, True)
+    return keep
+
+
+@register_method("ats")
+class ATS(Method):
+    """Adaptive Token Sampling, parameter-free, as at inference in the paper.
+
+    At each reducing block, inside the attention: the significance score of each
+    patch token is the class token's attention to it times the norm of its
+    value, summed over heads and normalised (:func:`ats_scores`).  ``target``
+    evenly spaced levels are pushed through the inverse CDF of the scores
+    (:func:`inverse_transform_sample`); the distinct tokens hit are kept, in
+    their original order, so each image keeps *at most* ``target`` tokens,
+    fewer when high-scoring tokens are hit by several levels.  The kept tokens'
+    attention output is the one of the full attention (their queries attend to
+    every key and value), as in ATS.  A budget of every token (``keep_rate=1``)
+    keeps every token without sampling, so the model is unchanged.
+
+    Variable token counts in a batch: the decision's ``n_out`` is the largest
+    count of the batch; an image with fewer kept tokens gets empty output slots
+    at the end (``dst`` points no token to them).  ``apply_decision`` makes those
+    slots zero tokens with size 0, and ATS turns on proportional attention, so
+    every later block adds ``log(size)`` to the attention logits: ``log(0) = -inf``
+    masks the padding slots as keys, and real tokens (size 1, ``log 1 = 0``) are
+    untouched.  Padding slots never influence the real tokens, and are never
+    sampled at a later stage (their class attention, hence score, is 0).  They
+    stay in the output sequence (ignored by the class-token head); a trace's
+    ``labels``/``token_counts`` see only the real tokens.
+
+    Needs a class token (``UnsupportedModelError`` on average-pooling models).
+    Decides at stage ``"in_attention"``, which is where the per-head class
+    attention (``needs={"attn"}``) and the values are available.
+    """
+
+    kind = "prune"
+    stage = "in_attention"
+    needs = frozenset({"attn"})
+    requires_class_token = True
+    proportional_attention = True  # masks the size-0 padding slots (see above); sizes of real tokens are 1
+
+    def check_model(self, info: ModelInfo) -> None:
+        if not info.has_class_token:
+            raise UnsupportedModelError(
+                f"method {self.name!r} scores tokens by the class token's attention times their value norm, "
+                "but this model has no class token (global average pooling); "
+                "use a method that needs no class token, e.g. 'dpcknn', 'radial' or 'tome'"
+            )
+        super().check_model(info)
+
+    def decide(self, ctx: ReductionContext) -> LayerDecision:
+        p = ctx.num_prefix
+        assert ctx.attn is not None and ctx.values is not None
+        B, n = ctx.x.shape[0], ctx.n_in
+        score = ats_scores(ctx.attn[:, :, 0, p:], ctx.values[:, :, p:])
+        if ctx.target >= n:
+            ar = torch.arange(n, device=ctx.x.device).expand(B, n).clone()
+            return LayerDecision(ctx.layer, "prune", ar, torch.ones_like(ar, dtype=torch.bool), n_out=n, score=score)
+        keep = inverse_transform_sample(score, max(ctx.target, 1))
+        n_out = int(keep.sum(1).max())
+        return LayerDecision(ctx.layer, "prune", slots_from_keep(keep), keep, n_out=n_out, score=score)
