@@ -40,6 +40,7 @@ _EXPORTS = {
     "report": "tokvis.recording",
     "run_with_trace": "tokvis.recording",
     "make_schedule": "tokvis.schedule",
+    "fit": "tokvis.fitting",
 }
 _SUBMODULES = ("zoo", "data", "plotting", "analysis", "adapters", "bench", "methods", "trace", "cli")
 
@@ -60,6 +61,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     # ruff: noqa: F401
+    from tokvis.fitting import fit
     from tokvis.methods import Method, create_method, list_methods, register_method
     from tokvis.patching import is_patched, patch, unpatch
     from tokvis.recording import record, report, run_with_trace
@@ -84,4 +86,5 @@ __all__ = [  # noqa: F822 - resolved lazily by __getattr__
     "report",
     "run_with_trace",
     "make_schedule",
+    "fit",
 ]

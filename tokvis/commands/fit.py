@@ -1,0 +1,76 @@
+"""``tokvis fit``: fit a learned reduction method by distillation and save its parameters."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"method options are KEY=VALUE (e.g. eps=0.1): got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from tokvis import fitting, zoo
+    from tokvis.errors import MethodOptionError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if (args.keep_rate is None) == (args.r is None):
+        raise MethodOptionError("pass one of --keep-rate (fraction kept per stage) or --r (tokens removed per block)")
+    t0 = time.perf_counter()
+    print(f"loading {args.model} ...", flush=True)
+    model = zoo.create(args.model)
+    images = fitting.augmented_images(model, args.images, seed=args.seed)
+    held_out = fitting.augmented_images(model, args.held_out, seed=args.seed + 1) if args.held_out else None
+    schedule = dict(keep_rate=args.keep_rate, r=args.r, locations=args.locations)
+    options = dict(args.option or [])
+    from tokvis.methods import create_method
+
+    method = create_method(args.method, **{"seed": args.seed, **options})
+    if held_out is not None:
+        before = fitting.distillation_loss(model, method, held_out, batch_size=args.batch_size, **schedule)
+    fitting.fit(
+        model, method, images, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+        progress=not args.quiet, seed=args.seed, **schedule,
+    )  # fmt: skip
+    path = fitting.save_method(method, args.out)
+    losses = ", ".join(f"{v:.4f}" for v in method.fit_info["epoch_losses"])
+    print(f"training loss per epoch: {losses}")
+    if held_out is not None:
+        after = fitting.distillation_loss(model, method, held_out, batch_size=args.batch_size, **schedule)
+        print(f"held-out distillation loss ({args.held_out} images): {before:.4f} unfitted -> {after:.4f} fitted")
+    print(f"saved {path} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "fit", help="fit a learned method (dynamicvit, sit, patchmerger, sinkhorn) by distillation on a frozen model"
+    )
+    p.add_argument("--model", default="dinov2_small_offline", help="timm name, checkpoint or dinov2_small_offline")
+    p.add_argument("--method", required=True, help="learned method name")
+    p.add_argument("--keep-rate", type=float, default=None, help="per-stage keep rate the method is fitted for")
+    p.add_argument("--r", type=int, default=None, help="tokens removed per block (instead of --keep-rate)")
+    p.add_argument("--locations", type=int, nargs="+", default=None, help="reducing blocks (default: 1/4, 1/2, 3/4)")
+    p.add_argument("--images", type=int, default=256, help="training images: random crops/flips of the bundled photos")
+    p.add_argument("--held-out", type=int, default=32, help="held-out images to report the loss on (0: none)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--option", type=_option, action="append", help="method option KEY=VALUE (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.set_defaults(func=cmd_fit)

@@ -1,0 +1,416 @@
+"""Fitting learned reduction methods by distillation, and saving / loading their parameters.
+
+:func:`fit` trains only a learned method's parameters (DynamicViT's predictors,
+SiT's MLPs, PatchMerger's queries, Sinkhorn's centres) on a frozen backbone:
+the reduced model's pooled final features (``forward_head(..., pre_logits=True)``,
+i.e. the class token or the average-pooled tokens after the final norm) are
+made to match the unreduced model's on the same images.  No labels are needed.
+
+Fitted parameters are saved as one safetensors file whose header metadata holds
+the method name, its options and the schedule it was fitted for, as JSON
+(:func:`save_method`, :func:`load_method`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from tokvis.errors import MethodOptionError, WeightsError
+
+__all__ = ["fit", "distillation_loss", "augmented_images", "save_method", "load_method", "load_study_checkpoint"]
+
+METHOD_FORMAT = "tokvis-method"
+METHOD_VERSION = 1
+LOSSES = ("cosine", "mse")
+
+
+def _learned(method):
+    from tokvis.methods._learned import LearnedMethod
+
+    if not isinstance(method, LearnedMethod):
+        name = getattr(method, "name", type(method).__name__)
+        raise MethodOptionError(
+            f"method {name!r} has no learned parameters to fit; learned methods: dynamicvit, sit, patchmerger, sinkhorn"
+        )
+    return method
+
+
+def load_study_checkpoint(method, state_dict, *, locations=(3, 6, 9)):
+    """See :func:`tokvis.methods._learned.load_study_checkpoint`."""
+    from tokvis.methods._learned import load_study_checkpoint as _load
+
+    return _load(method, state_dict, locations=locations)
+
+
+def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Pooled final features ``[B, C]`` (pre-logits) of a timm ViT."""
+    return model.forward_head(model.forward_features(images), pre_logits=True)
+
+
+def _loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "cosine":
+        return (1 - torch.nn.functional.cosine_similarity(student, teacher, dim=-1)).mean()
+    return ((student - teacher) ** 2).mean() / teacher.pow(2).mean().clamp_min(1e-12)
+
+
+def _check_common(images, batch_size, loss):
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise MethodOptionError(
+            f"images must be a float tensor [N, 3, H, W] transformed for the model (tokvis.data.transform_for): "
+            f"got {shape}"
+        )
+    if len(images) == 0:
+        raise MethodOptionError("images is empty: give at least one image")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise MethodOptionError(f"batch_size must be an int >= 1: got {batch_size!r}")
+    if loss not in LOSSES:
+        raise MethodOptionError(f"loss must be one of {list(LOSSES)}: got {loss!r}")
+
+
+@torch.no_grad()
+def _teacher(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    from tokvis.patching import is_patched
+
+    assert not is_patched(model)
+    return torch.cat([pooled_features(model, images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def distillation_loss(
+    model: nn.Module,
+    method,
+    images: torch.Tensor,
+    *,
+    keep_rate: float | None = None,
+    r: int | Sequence[int] | None = None,
+    locations: Sequence[int] | None = None,
+    batch_size: int = 16,
+    loss: str = "cosine",
+) -> float:
+    """Mean distillation loss of ``method`` on ``images`` (no gradient).
+
+    The loss compares the pooled final features of the model reduced by
+    ``method`` (with the given schedule) with those of the unreduced model:
+    ``"cosine"``: mean of ``1 - cos``; ``"mse"``: mean squared error divided by
+    the mean squared teacher feature.  ``model`` must be unpatched and is left
+    unpatched.
+
+    Returns
+    -------
+    float
+    """
+    import warnings
+
+    import tokvis
+
+    _check_common(images, batch_size, loss)
+    if tokvis.is_patched(model):
+        raise MethodOptionError("the model is patched; tokvis.unpatch(model) first (the teacher is the plain model)")
+    teacher = _teacher(model, images, batch_size)
+    tokvis.patch(model, method, keep_rate=keep_rate, r=r, locations=locations)
+    try:
+        total = 0.0
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # an unfitted method's warning is expected here
+            for i in range(0, len(images), batch_size):
+                s = pooled_features(model, images[i : i + batch_size])
+                total += float(_loss(s, teacher[i : i + batch_size], loss)) * len(s)
+    finally:
+        tokvis.unpatch(model)
+    return total / len(images)
+
+
+def fit(
+    model: nn.Module,
+    method,
+    images: torch.Tensor,
+    *,
+    keep_rate: float | None = None,
+    r: int | Sequence[int] | None = None,
+    locations: Sequence[int] | None = None,
+    epochs: int = 5,
+    lr: float = 1e-3,
+    batch_size: int = 16,
+    loss: str = "cosine",
+    progress: bool = True,
+    seed: int = 0,
+    **options,
+):
+    """Fit a learned method's parameters on a frozen backbone by feature distillation.
+
+    Parameters
+    ----------
+    model : timm VisionTransformer
+        The backbone; unpatched on entry and on return.  Its parameters are not
+        changed (they are frozen during fitting and their ``requires_grad`` flags restored).
+    method : str or LearnedMethod
+        A learned method name ("dynamicvit", "sit", "patchmerger", "sinkhorn")
+        or object (fitted in place, e.g. to continue fitting).
+    images : Tensor [N, 3, H, W]
+        Training images, transformed for the model (see :func:`augmented_images`).
+    keep_rate, r, locations
+        The schedule the method is fitted for (as in :func:`tokvis.patch`); soft
+        methods have one output slot per kept token, so their parameters only
+        fit this schedule.
+    epochs : int >= 1
+        Passes over ``images``.
+    lr : float > 0
+        Adam learning rate.
+    batch_size : int >= 1
+    loss : {"cosine", "mse"}
+        Distance between the reduced and unreduced pooled features (see
+        :func:`distillation_loss`).
+    progress : bool
+        Show a tqdm progress bar with the running loss.
+    seed : int
+        Seeds the order of the images and, for a method given by name, its
+        initial parameters (the method's ``seed`` option).
+    **options
+        Method options when ``method`` is a name.
+
+    Returns
+    -------
+    LearnedMethod
+        The fitted method (``method.is_fitted``), in eval mode, with
+        ``method.fit_info`` (schedule, epochs, lr, per-epoch mean losses).
+
+    Raises
+    ------
+    MethodOptionError
+        Not a learned method, or a bad option.
+    ScheduleError, UnsupportedModelError, ImageSizeError
+        As :func:`tokvis.patch` and the model's forward.
+    """
+    import tokvis
+    from tokvis.methods import create_method
+
+    _check_common(images, batch_size, loss)
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise MethodOptionError(f"epochs must be an int >= 1: got {epochs!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0 and math.isfinite(lr)):
+        raise MethodOptionError(f"lr must be a positive number: got {lr!r}")
+    if isinstance(method, str):
+        method = create_method(method, **{"seed": seed, **options})
+    elif options:
+        raise MethodOptionError(f"options {sorted(options)} are given with a method object; set them on the object")
+    method = _learned(method)
+    if tokvis.is_patched(model):
+        raise MethodOptionError("the model is patched; tokvis.unpatch(model) first (the teacher is the plain model)")
+
+    was_training = model.training
+    model.eval()
+    teacher = _teacher(model, images, batch_size)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    tokvis.patch(model, method, keep_rate=keep_rate, r=r, locations=locations)
+    method._fitting = True
+    history: list[float] = []
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        with torch.no_grad():  # create the per-block parameters before the optimiser sees them
+            model(images[:1])
+        params = [p for p in method.parameters() if p.is_floating_point()]
+        if not params:
+            raise MethodOptionError(
+                f"method {method.name!r} created no parameters: the schedule reduces nothing "
+                "(keep_rate=1.0 or r=0); fit for a schedule that reduces tokens"
+            )
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=float(lr))
+        g = torch.Generator().manual_seed(int(seed))
+        n = len(images)
+        steps = epochs * math.ceil(n / batch_size)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps, desc=f"fit {method.name}", unit="batch")
+        method.train()
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=g)
+            total = 0.0
+            for i in range(0, n, batch_size):
+                idx = order[i : i + batch_size]
+                out = pooled_features(model, images[idx])
+                value = _loss(out, teacher[idx], loss)
+                opt.zero_grad(set_to_none=True)
+                value.backward()
+                opt.step()
+                total += float(value.detach()) * len(idx)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{float(value.detach()):.4f}")
+            history.append(total / n)
+        if bar is not None:
+            bar.close()
+    finally:
+        method._fitting = False
+        method.eval()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        tokvis.unpatch(model)
+        model.train(was_training)
+    method.mark_fitted(True)
+    method.fit_info = {
+        "keep_rate": keep_rate,
+        "r": list(r) if isinstance(r, (list, tuple)) else r,
+        "locations": None if locations is None else [int(v) for v in locations],
+        "epochs": epochs,
+        "lr": float(lr),
+        "loss": loss,
+        "num_images": int(len(images)),
+        "epoch_losses": history,
+    }
+    return method
+
+
+def augmented_images(
+    model: nn.Module,
+    n: int,
+    *,
+    seed: int = 0,
+    sources: Sequence[str] = ("samples", "imagenet"),
+    scale: tuple[float, float] = (0.35, 1.0),
+) -> torch.Tensor:
+    """``n`` training images from the bundled photos by random resized crops and flips.
+
+    Parameters
+    ----------
+    model : timm VisionTransformer
+        Gives the input size and normalisation (:func:`tokvis.data.data_config`).
+    n : int >= 1
+    seed : int
+        Seeds the crops; different seeds give different (held-out) images.
+    sources : sequence of {"samples", "imagenet"}
+        The 6 bundled sample photos and / or the 20 ImageNet photos of
+        :func:`tokvis.data.foolbox_samples`.
+    scale : (float, float)
+        Range of the crop area as a fraction of the photo.
+
+    Returns
+    -------
+    Tensor [n, 3, H, W]
+    """
+    import numpy as np
+    from PIL import Image
+
+    from tokvis import data
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise MethodOptionError(f"n must be an int >= 1: got {n!r}")
+    photos: list[Image.Image] = []
+    for s in sources:
+        if s == "samples":
+            photos += [im for _, im in data.load_samples()]
+        elif s == "imagenet":
+            photos += [im for _, im, _ in data.foolbox_samples("imagenet")]
+        else:
+            raise MethodOptionError(f"sources must name 'samples' and / or 'imagenet': got {s!r}")
+    cfg = data.data_config(model)
+    _, H, W = cfg["input_size"]
+    mean = torch.tensor(cfg["mean"]).view(3, 1, 1)
+    std = torch.tensor(cfg["std"]).view(3, 1, 1)
+    rng = np.random.default_rng(seed)
+    out = torch.empty(n, 3, H, W)
+    for k in range(n):
+        im = photos[int(rng.integers(len(photos)))]
+        w, h = im.size
+        area = w * h * rng.uniform(*scale)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw = int(min(w, round(math.sqrt(area * ratio))))
+        ch = int(min(h, round(math.sqrt(area / ratio))))
+        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        crop = im.crop((x0, y0, x0 + cw, y0 + ch)).resize((W, H), Image.BICUBIC)
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        t = torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        out[k] = (t - mean) / std
+    return out
+
+
+def save_method(method, path: str | os.PathLike) -> Path:
+    """Save a learned method's parameters and options to one safetensors file.
+
+    The header metadata holds JSON: format, version, method name, options (to
+    rebuild it with :func:`tokvis.create_method`) and ``fit_info`` (the schedule
+    it was fitted for, when fitted with :func:`fit`).  Written to a temporary
+    file and renamed.
+
+    Returns
+    -------
+    Path
+    """
+    from safetensors.torch import save_file
+
+    method = _learned(method)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
+    meta = {
+        "format": METHOD_FORMAT,
+        "version": str(METHOD_VERSION),
+        "method": method.name,
+        "options": json.dumps(method.options()),
+        "fit_info": json.dumps(getattr(method, "fit_info", None)),
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def load_method(path: str | os.PathLike):
+    """Load a method saved by :func:`save_method` (a new method object, in eval mode).
+
+    Raises
+    ------
+    WeightsError
+        Missing file, not a tokvis method file, unknown version, or tensors that
+        do not fit the method.
+    """
+    from safetensors import safe_open
+
+    from tokvis.methods import create_method
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"no method file at {path}; save one with tokvis.fitting.save_method or `tokvis fit`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise WeightsError(f"{path} is not a readable safetensors file: {e}") from e
+    if meta.get("format") != METHOD_FORMAT:
+        raise WeightsError(f"{path} is not a tokvis method file (format {meta.get('format')!r})")
+    if meta.get("version") != str(METHOD_VERSION):
+        raise WeightsError(f"{path} has method-file version {meta.get('version')}; this tokvis reads {METHOD_VERSION}")
+    method = _learned(create_method(meta["method"], **json.loads(meta["options"])))
+    try:
+        method.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise WeightsError(f"the tensors in {path} do not fit method {meta['method']!r}: {e}") from e
+    info = json.loads(meta.get("fit_info", "null"))
+    if info is not None:
+        method.fit_info = info
+    method.eval()
+    return method
+
+
+def fit_summary(method) -> dict[str, Any]:
+    """The schedule and losses a method was fitted with (empty if not fitted by :func:`fit`)."""
+    return dict(getattr(method, "fit_info", None) or {})
