@@ -66,6 +66,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from tokvis.patching import is_patched, patch, unpatch
     from tokvis.recording import record, report, run_with_trace
     from tokvis.schedule import make_schedule
+    from tokvis.store import load_run
     from tokvis.trace import LayerDecision, Trace, TraceMeta, load_trace
 
 __all__ = [  # noqa: F822 - resolved lazily by __getattr__

@@ -1,0 +1,245 @@
+"""``tokvis record``, ``tokvis sweep`` and ``tokvis verify``: run stores at scale.
+
+::
+
+    tokvis record --model dinov2_small_offline --method tome --keep-rate 0.9 0.7 --data imagefolder/ --out runs/
+    torchrun --nproc_per_node=2 -m tokvis record ...     # same store, work split by shards
+    tokvis sweep sweep.toml                               # methods x keep rates / r x backbones x datasets
+    tokvis verify runs/                                   # complete / incomplete / corrupt per run
+
+Tests and quick trials use a tiny random timm model::
+
+    tokvis record --model vit_tiny_patch16_224 --no-pretrained --model-kwargs '{"img_size": 32}' ...
+
+A sweep file (TOML)::
+
+    out = "runs"
+    backbones = ["dinov2_small_offline"]
+    methods = ["tome", "topk"]
+    keep_rates = [0.7, 0.5]        # and / or
+    r = [8]
+    datasets = ["samples", "digits", "/data/imagenet/val"]
+    batch_size = 32                # optional: shard_size, device, amp, skip_bad, scores, cls, soft,
+                                   # pretrained, model_kwargs, method_options, locations, limit, seed, workers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+_SWEEP_KEYS = {
+    "out", "backbones", "methods", "keep_rates", "r", "datasets", "batch_size", "shard_size", "device", "amp",
+    "skip_bad", "scores", "cls", "soft", "pretrained", "model_kwargs", "method_options", "locations", "limit",
+    "seed", "workers", "threads",
+}  # fmt: skip
+
+
+def _json_dict(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object like '{{\"img_size\": 32}}': got {text!r}")
+    return value
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default auto)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images (default 0)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per process (default: torch's choice)")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed) instead of stopping")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def register(subparsers) -> None:
+    r = subparsers.add_parser("record", help="record runs into resumable run stores (torchrun-aware)")
+    r.add_argument("--model", default="dinov2_small_offline", help="timm name, checkpoint or dinov2_small_offline")
+    r.add_argument("--no-pretrained", action="store_true", help="random weights (seeded by --seed)")
+    r.add_argument("--model-kwargs", type=_json_dict, default={}, help="JSON for zoo.create, e.g. '{\"img_size\": 32}'")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--method", nargs="+", required=True, help="one or more registered methods")
+    r.add_argument("--keep-rate", nargs="*", type=float, default=[], help="keep rates (one run each)")
+    r.add_argument("--r", nargs="*", type=int, default=[], help="tokens removed per block (one run each)")
+    r.add_argument("--locations", nargs="*", type=int, default=None, help="reducing blocks (default: the method's)")
+    r.add_argument("--method-options", type=_json_dict, default={}, help="JSON of method options")
+    r.add_argument("--data", default="samples", help="folder, samples, digits or foolbox-<kind> (default samples)")
+    r.add_argument("--dataset-name", default=None, help="name stored in metadata (default: from --data)")
+    r.add_argument("--limit", type=int, default=None, help="record only the first N images")
+    r.add_argument("--out", default="runs", help="parent folder of the run directories (default runs/)")
+    r.add_argument("--shard-size", type=int, default=256, help="images per shard (default 256)")
+    r.add_argument("--no-scores", action="store_true", help="do not store the methods' ranking scores")
+    r.add_argument("--cls", action="store_true", help="store the class-token feature after every block")
+    r.add_argument("--soft", action="store_true", help="store soft assignment matrices (large)")
+    r.add_argument("--amp", action="store_true", help="mixed precision (float16 autocast; CUDA only)")
+    _add_common(r)
+    r.set_defaults(func=cmd_record)
+
+    s = subparsers.add_parser("sweep", help="record a grid of runs from a TOML file, skipping finished ones")
+    s.add_argument("file", help="sweep description (TOML)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_sweep)
+
+    v = subparsers.add_parser("verify", help="check run stores: complete, incomplete or corrupt (changes nothing)")
+    v.add_argument("paths", nargs="+", help="run directories or folders holding them")
+    v.set_defaults(func=cmd_verify)
+
+
+def _specs(args) -> list:
+    from tokvis.store import RunConfigError, RunSpec
+
+    if not args.keep_rate and not args.r:
+        raise RunConfigError("give --keep-rate and/or --r (one run per value)")
+    common = dict(
+        backbone=args.model, dataset=args.data, pretrained=not args.no_pretrained, model_kwargs=args.model_kwargs,
+        seed=args.seed, locations=args.locations, method_options=args.method_options, dataset_name=args.dataset_name,
+        limit=args.limit, shard_size=args.shard_size, scores=not args.no_scores, cls=args.cls, soft=args.soft,
+        amp=args.amp,
+    )  # fmt: skip
+    specs = []
+    for method in args.method:
+        specs += [RunSpec(method=method, keep_rate=k, **common) for k in args.keep_rate]
+        specs += [RunSpec(method=method, r=v, **common) for v in args.r]
+    return specs
+
+
+def _run_all(specs, *, out, batch_size, device, skip_bad, workers, threads, progress) -> int:
+    import time
+
+    import torch
+    from tqdm import tqdm
+
+    from tokvis import distributed as D
+    from tokvis.store import _resolve_device, build_model, execute
+
+    if threads:
+        torch.set_num_threads(threads)
+    ctx = D.setup(device=_resolve_device(device, None))
+    log = print if ctx.is_main else (lambda *a, **k: None)
+    rows = []
+    try:
+        models: dict[str, Any] = {}
+        bar = tqdm(specs, desc="runs", unit="run", disable=not progress or not ctx.is_main or len(specs) < 2)
+        for spec in bar:
+            key = json.dumps([spec.backbone, spec.pretrained, spec.model_kwargs, spec.seed], sort_keys=True)
+            if key not in models:
+                models.clear()  # one backbone in memory at a time
+                models[key] = build_model(spec)
+            t0 = time.perf_counter()
+            res = execute(
+                spec, out, model=models[key], batch_size=batch_size, device=device, skip_bad=skip_bad,
+                workers=workers, progress=progress, ctx=ctx, log=log,
+            )  # fmt: skip
+            if res.status != "already complete":
+                log(f"{res.path}: {res.status}, {res.num_images} images in {res.num_shards} shards "
+                    f"({res.shards_recorded} written by this process, {time.perf_counter() - t0:.1f} s)")  # fmt: skip
+            rows.append(res)
+    finally:
+        D.teardown(ctx)
+    if ctx.is_main and len(rows) > 1:
+        print(_summary(rows))
+    return 0
+
+
+def _summary(rows) -> str:
+    lines = [f"{'run':<60} {'status':<17} {'images':>7} {'shards':>7} {'seconds':>8} {'img/s':>8} {'MB':>8}"]
+    for r in rows:
+        size = sum(p.stat().st_size for p in Path(r.path).glob("*") if p.is_file()) / 1e6
+        rate = f"{r.num_images / r.seconds:.1f}" if r.seconds > 0 and r.shards_recorded else "-"
+        secs = f"{r.seconds:.1f}" if r.shards_recorded else "-"
+        lines.append(
+            f"{r.path.name:<60} {r.status:<17} {r.num_images:>7} {r.num_shards:>7} {secs:>8} {rate:>8} {size:>8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    return _run_all(
+        _specs(args), out=args.out, batch_size=args.batch_size, device=args.device, skip_bad=args.skip_bad,
+        workers=args.workers, threads=args.threads, progress=not args.no_progress,
+    )  # fmt: skip
+
+
+def load_sweep(path: str | Path) -> tuple[list, dict[str, Any]]:
+    """Parse a sweep TOML file into run specs and the execution options."""
+    import tomllib
+
+    from tokvis.store import RunConfigError, RunSpec
+
+    path = Path(path)
+    try:
+        cfg = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunConfigError(f"sweep file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise RunConfigError(f"{path} is not valid TOML: {e}") from e
+    unknown = sorted(set(cfg) - _SWEEP_KEYS)
+    if unknown:
+        raise RunConfigError(f"{path}: unknown keys {unknown}; known: {sorted(_SWEEP_KEYS)}")
+    for key in ("backbones", "methods", "datasets"):
+        if not isinstance(cfg.get(key), list) or not cfg[key]:
+            raise RunConfigError(f"{path}: {key!r} must be a non-empty list")
+    keep_rates, rs = cfg.get("keep_rates", []), cfg.get("r", [])
+    if not keep_rates and not rs:
+        raise RunConfigError(f"{path}: give keep_rates and/or r")
+    method_options = cfg.get("method_options", {})
+    specs = []
+    for backbone in cfg["backbones"]:
+        for dataset in cfg["datasets"]:
+            for method in cfg["methods"]:
+                common = dict(
+                    backbone=backbone, dataset=str(dataset), method=method,
+                    pretrained=bool(cfg.get("pretrained", True)), model_kwargs=dict(cfg.get("model_kwargs", {})),
+                    seed=int(cfg.get("seed", 0)), locations=cfg.get("locations"),
+                    method_options=dict(method_options.get(method, {})), limit=cfg.get("limit"),
+                    shard_size=int(cfg.get("shard_size", 256)), scores=bool(cfg.get("scores", True)),
+                    cls=bool(cfg.get("cls", False)), soft=bool(cfg.get("soft", False)), amp=bool(cfg.get("amp", False)),
+                )  # fmt: skip
+                specs += [RunSpec(keep_rate=float(k), **common) for k in keep_rates]
+                specs += [RunSpec(r=v, **common) for v in rs]
+    out = Path(cfg.get("out", "runs"))
+    if not out.is_absolute():
+        out = path.parent / out
+    opts = dict(
+        out=out, batch_size=int(cfg.get("batch_size", 32)), device=str(cfg.get("device", "auto")),
+        skip_bad=bool(cfg.get("skip_bad", False)), workers=int(cfg.get("workers", 0)),
+        threads=int(cfg.get("threads", 0)),
+    )  # fmt: skip
+    return specs, opts
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    specs, opts = load_sweep(args.file)
+    code = _run_all(specs, progress=not args.no_progress, **opts)
+    return code
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from tokvis.store import StoreError, verify_tree
+
+    reports = []
+    for p in args.paths:
+        try:
+            found = verify_tree(p)
+        except StoreError as e:
+            print(f"tokvis verify: error: {e}", file=sys.stderr)
+            return 2
+        if not found:
+            print(f"{p}: no run directories found")
+        reports += found
+    for rep in reports:
+        print(
+            f"{rep.status.upper():<10} {rep.path}  ({rep.shards_done}/{rep.num_shards} shards, {rep.num_images} images)"
+        )
+        for msg in rep.problems:
+            print(f"    problem: {msg}")
+        for msg in rep.notes:
+            print(f"    note: {msg}")
+    counts = {s: sum(r.status == s for r in reports) for s in ("complete", "incomplete", "corrupt")}
+    print(f"{counts['complete']} complete, {counts['incomplete']} incomplete, {counts['corrupt']} corrupt")
+    return 1 if counts["corrupt"] else 0
