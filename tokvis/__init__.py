@@ -41,6 +41,7 @@ _EXPORTS = {
     "run_with_trace": "tokvis.recording",
     "make_schedule": "tokvis.schedule",
     "fit": "tokvis.fitting",
+    "load_run": "tokvis.store",
 }
 _SUBMODULES = ("zoo", "data", "plotting", "analysis", "adapters", "bench", "methods", "trace", "cli")
 
@@ -88,4 +89,5 @@ __all__ = [  # noqa: F822 - resolved lazily by __getattr__
     "run_with_trace",
     "make_schedule",
     "fit",
+    "load_run",
 ]
