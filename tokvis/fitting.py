@@ -198,6 +198,11 @@ def fit(
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0 and math.isfinite(lr)):
         raise MethodOptionError(f"lr must be a positive number: got {lr!r}")
     if isinstance(method, str):
+        from tokvis.methods import get_method_class
+        from tokvis.methods._learned import LearnedMethod
+
+        if not issubclass(get_method_class(method), LearnedMethod):
+            _learned(get_method_class(method))  # raises the "no learned parameters" error
         method = create_method(method, **{"seed": seed, **options})
     elif options:
         raise MethodOptionError(f"options {sorted(options)} are given with a method object; set them on the object")

@@ -1,0 +1,359 @@
+"""Learned methods (dynamicvit, sit, patchmerger, sinkhorn) and their fitting."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import tokvis
+from tests.models import make_images, make_model
+from tokvis import fitting
+from tokvis.errors import MethodOptionError, WeightsError
+from tokvis.methods import create_method
+from tokvis.methods._learned import load_study_checkpoint
+from tokvis.methods.sinkhorn import log_sinkhorn
+
+LEARNED = ["dynamicvit", "sit", "patchmerger", "sinkhorn"]
+SOFT = ["sit", "patchmerger", "sinkhorn"]
+
+
+def _quiet(method):
+    """A method marked fitted, so that tests not about the warning see none."""
+    method.mark_fitted(True)
+    return method
+
+
+def _block_counts(model, x):
+    counts = []
+    p = model.num_prefix_tokens
+    hooks = [b.register_forward_hook(lambda m, i, o: counts.append(o.shape[1] - p)) for b in model.blocks]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return counts
+
+
+@pytest.mark.parametrize("flavour", ["cls", "registers", "avgpool"])
+@pytest.mark.parametrize("name", LEARNED)
+def test_keep_rate_one_equals_unpatched(name, flavour):
+    model, x = make_model(flavour), make_images(flavour)
+    with torch.no_grad():
+        ref = model(x)
+        tokvis.patch(model, name, keep_rate=1.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing is reduced: no warning either
+            out = model(x)
+    assert torch.equal(out, ref)
+    _, trace = tokvis.run_with_trace(model, x)
+    assert all(d.kind == "prune" and d.n_out == d.n_in for d in trace.decisions)
+
+
+@pytest.mark.parametrize("name", LEARNED)
+@pytest.mark.parametrize("kw", [{"keep_rate": 0.7}, {"keep_rate": 0.5, "locations": [0, 2, 5]}, {"r": 6}])
+def test_token_counts_follow_schedule(name, kw):
+    model, x = make_model("registers"), make_images("registers")
+    tokvis.patch(model, _quiet(create_method(name)), **kw)
+    counts = _block_counts(model, x)
+    expect, cur = [], 64
+    locs = kw.get("locations", [1, 3, 4])
+    for layer in range(6):
+        if "keep_rate" in kw and layer in locs:
+            cur = math.floor(64 * kw["keep_rate"] ** (locs.index(layer) + 1) + 1e-9)
+        elif "r" in kw:
+            cur -= kw["r"]
+        expect.append(cur)
+    assert counts == expect
+    _, trace = tokvis.run_with_trace(model, x)
+    for d in trace.decisions:
+        assert d.n_out == counts[d.layer]
+        assert d.kind == ("prune" if name == "dynamicvit" else "soft")
+
+
+@pytest.mark.parametrize("name", SOFT)
+def test_soft_rows_sum_to_one_and_output_is_soft_product(name):
+    model, x = make_model(dtype=torch.float64), make_images(dtype=torch.float64)
+    tokvis.patch(model, _quiet(create_method(name)), keep_rate=0.5, locations=[2])
+    captured = {}
+    h = model.blocks[2].register_forward_hook(lambda m, i, o: captured.update(inp=i[0], out=o))
+    with torch.no_grad():
+        _, trace = tokvis.run_with_trace(model, x)
+    h.remove()
+    d = trace.decision(2)
+    assert d.soft.shape == (3, 32, 64)
+    torch.testing.assert_close(d.soft.sum(-1), torch.ones(3, 32, dtype=torch.float64))
+    assert bool((d.soft >= 0).all())
+    # dst is the arg-max slot of each input; keep marks the top contributor of that slot
+    assert torch.equal(d.dst, d.soft.argmax(1))
+    top = d.soft.argmax(2)
+    for b in range(3):
+        for i in range(64):
+            assert bool(d.keep[b, i]) == (int(top[b, d.dst[b, i]]) == i)
+    # the block's output is the block applied to soft @ tokens (independent path through the plain block)
+    ref = make_model(dtype=torch.float64).blocks[2]
+    with torch.no_grad():
+        inp = captured["inp"]
+        hh = inp + ref.attn(ref.norm1(inp))
+        y = torch.cat([hh[:, :1], d.soft @ hh[:, 1:]], 1)
+        y = y + ref.mlp(ref.norm2(y))
+    torch.testing.assert_close(captured["out"], y)
+
+
+def test_dynamicvit_keeps_top_predicted_and_runs_before_block():
+    model, x = make_model(dtype=torch.float64), make_images(dtype=torch.float64)
+    method = _quiet(create_method("dynamicvit"))
+    tokvis.patch(model, method, keep_rate=0.5, locations=[2])
+    captured = {}
+    h = model.blocks[2].register_forward_hook(lambda m, i, o: captured.update(inp=i[0], out=o))
+    with torch.no_grad():
+        _, trace = tokvis.run_with_trace(model, x)
+    h.remove()
+    d = trace.decision(2)
+    with torch.no_grad():
+        score = method.reducers["2"](captured["inp"][:, 1:])
+    torch.testing.assert_close(d.score, score)
+    top = score.topk(32, dim=1).indices
+    assert torch.equal(d.keep, torch.zeros_like(d.keep).scatter_(1, top, True))
+    ref = make_model(dtype=torch.float64).blocks[2]
+    kept = captured["inp"][:, 1:][d.keep].reshape(3, 32, -1)
+    with torch.no_grad():
+        expect = ref(torch.cat([captured["inp"][:, :1], kept], 1))
+    torch.testing.assert_close(captured["out"], expect)
+
+
+def _slow_sinkhorn(scores, eps, iters):
+    """Plain (not log-domain) Sinkhorn-Knopp in float64 numpy, one image at a time."""
+    out = []
+    for s in scores.astype(np.float64):
+        n, k = s.shape
+        kern = np.exp(s / eps)
+        u, v = np.ones(n), np.ones(k)
+        for _ in range(iters):
+            for i in range(n):
+                u[i] = (1.0 / n) / sum(kern[i, j] * v[j] for j in range(k))
+            for j in range(k):
+                v[j] = (1.0 / k) / sum(kern[i, j] * u[i] for i in range(n))
+        out.append(u[:, None] * kern * v[None, :])
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("eps,iters", [(1.0, 3), (0.1, 5), (0.05, 1)])
+def test_log_sinkhorn_matches_slow_loop(eps, iters):
+    g = torch.Generator().manual_seed(3)
+    scores = torch.rand(2, 12, 5, generator=g, dtype=torch.float64) * 2 - 1
+    plan = log_sinkhorn(scores, eps=eps, iters=iters)
+    np.testing.assert_allclose(plan.numpy(), _slow_sinkhorn(scores.numpy(), eps, iters), rtol=1e-9, atol=1e-12)
+
+
+def test_sinkhorn_marginals():
+    model, x = make_model(dtype=torch.float64), make_images(dtype=torch.float64)
+    method = _quiet(create_method("sinkhorn", eps=0.5, iters=50))
+    tokvis.patch(model, method, keep_rate=0.5, locations=[1])
+    cap = {}
+    h = model.blocks[1].register_forward_hook(lambda m, i, o: cap.update(inp=i[0]))
+    with torch.no_grad():
+        _, trace = tokvis.run_with_trace(model, x)
+        h.remove()
+        blk = model.blocks[1]
+        tokens = cap["inp"] + blk.attn(blk.norm1(cap["inp"]))
+        c = torch.nn.functional.normalize(method.reducers["1"].centres, dim=-1)
+        plan = log_sinkhorn(torch.nn.functional.normalize(tokens[:, 1:], dim=-1) @ c.t(), eps=0.5, iters=50)
+    # the plan's marginals: every token 1/n, every slot 1/K
+    torch.testing.assert_close(plan.sum(2), torch.full((3, 64), 1 / 64, dtype=torch.float64), atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(plan.sum(1), torch.full((3, 32), 1 / 32, dtype=torch.float64))
+    # the recorded soft assignment is the plan normalised per slot
+    torch.testing.assert_close(trace.decision(1).soft, plan.transpose(1, 2) * 32)
+
+
+@pytest.mark.parametrize("name", LEARNED)
+def test_state_dict_round_trip(name, tmp_path):
+    model, x = make_model(), make_images()
+    method = create_method(name, seed=3)
+    tokvis.patch(model, _quiet(method), keep_rate=0.5)
+    with torch.no_grad():
+        for p in method.parameters():  # move away from the seeded init so a reload must really load
+            p.add_(0.1 * torch.randn_like(p))
+        out, trace = tokvis.run_with_trace(model, x)
+    # through a plain state dict into a fresh method (parameters created from the shapes)
+    fresh = create_method(name, seed=99)
+    fresh.load_state_dict(method.state_dict())
+    assert fresh.is_fitted
+    tokvis.patch(model, fresh, keep_rate=0.5)
+    with torch.no_grad():
+        out2, trace2 = tokvis.run_with_trace(model, x)
+    assert torch.equal(out, out2)
+    for a, b in zip(trace.decisions, trace2.decisions, strict=True):
+        assert torch.equal(a.dst, b.dst)
+    # through a file
+    fitting.save_method(method, tmp_path / "m.safetensors")
+    loaded = fitting.load_method(tmp_path / "m.safetensors")
+    assert loaded.options() == method.options()
+    tokvis.patch(model, loaded, keep_rate=0.5)
+    with torch.no_grad():
+        assert torch.equal(model(x), out)
+    # a fresh method with a different seed gives different outputs (the test can fail)
+    tokvis.patch(model, _quiet(create_method(name, seed=99)), keep_rate=0.5)
+    with torch.no_grad():
+        assert not torch.equal(model(x), out)
+
+
+def test_seeded_init_is_deterministic():
+    model, x = make_model(), make_images()
+    outs = []
+    for _ in range(2):
+        tokvis.patch(model, _quiet(create_method("sit", seed=5)), keep_rate=0.5)
+        with torch.no_grad():
+            outs.append(model(x))
+    assert torch.equal(outs[0], outs[1])
+
+
+def _study_state_dict(name, dim, counts):
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    sd = {"cls_token": r(1, 1, dim), "blocks.0.norm1.weight": r(dim)}  # backbone tensors are ignored
+    for i, k in enumerate(counts):
+        if name == "dynamicvit":
+            p = f"module.score_predictor.{i}."
+            shapes = {"in_conv.0": (dim, None), "in_conv.1": (dim, dim), "out_conv.0": (dim // 2, dim)}
+            shapes.update({"out_conv.2": (dim // 4, dim // 2), "out_conv.4": (2, dim // 4)})
+            for mod, (o, n_in) in shapes.items():
+                sd[p + mod + ".weight"] = r(o) if n_in is None else r(o, n_in)
+                sd[p + mod + ".bias"] = r(o)
+        elif name == "sit":
+            p = f"cluster_layers.{i}."
+            sd.update({p + "weight.0.weight": r(dim), p + "weight.0.bias": r(dim)})
+            sd.update({p + "weight.1.weight": r(dim // 2, dim), p + "weight.1.bias": r(dim // 2)})
+            sd.update({p + "weight.3.weight": r(k, dim // 2), p + "weight.3.bias": r(k)})
+            sd[p + "scale"] = torch.full((1, 1, 1), 1.5)
+        elif name == "patchmerger":
+            p = f"cluster_layers.{i}."
+            sd.update({p + "norm.weight": r(dim), p + "norm.bias": r(dim), p + "queries": r(k, dim)})
+        else:
+            sd[f"cluster_layers.{i}.v"] = r(k, dim)
+    return sd
+
+
+@pytest.mark.parametrize("name", LEARNED)
+def test_load_study_checkpoint(name):
+    counts = [32, 16, 8]
+    sd = _study_state_dict(name, 64, counts)
+    method = load_study_checkpoint(create_method(name), {"model": sd}, locations=[1, 3, 4])
+    assert method.is_fitted
+    assert sorted(method.reducers) == ["1", "3", "4"]
+    # spot checks of the mapping
+    if name == "dynamicvit":
+        assert torch.equal(method.reducers["3"].fc2.weight, sd["module.score_predictor.1.out_conv.2.weight"])
+    elif name == "sit":
+        assert torch.equal(method.reducers["4"].fc2.weight, sd["cluster_layers.2.weight.3.weight"])
+        assert method.reducers["1"].scale.item() == 1.5
+    elif name == "patchmerger":
+        assert torch.equal(method.reducers["3"].queries, sd["cluster_layers.1.queries"])
+    else:
+        assert torch.equal(method.reducers["1"].centres, sd["cluster_layers.0.v"])
+    model, x = make_model(), make_images()
+    tokvis.patch(model, method, keep_rate=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # loaded: no "random until fitted" warning
+        _, trace = tokvis.run_with_trace(model, x)
+    assert [d.n_out for d in trace.decisions] == counts
+
+
+def test_load_study_checkpoint_errors():
+    with pytest.raises(WeightsError, match="no tensor named cluster_layers"):
+        load_study_checkpoint(create_method("sit"), {"blocks.0.norm1.weight": torch.ones(4)})
+    sd = _study_state_dict("sinkhorn", 64, [32, 16, 8])
+    with pytest.raises(WeightsError, match="reduction location 2"):
+        load_study_checkpoint(create_method("sinkhorn"), sd, locations=[1, 3])
+    with pytest.raises(MethodOptionError):
+        load_study_checkpoint(create_method("topk"), sd)
+
+
+def test_slot_count_mismatch_is_an_error():
+    model, x = make_model(), make_images()
+    method = _quiet(create_method("patchmerger"))
+    tokvis.patch(model, method, keep_rate=0.5)
+    with torch.no_grad():
+        model(x)
+    tokvis.patch(model, method, keep_rate=0.7)
+    with pytest.raises(tokvis.errors.TokvisError, match="output slots"):
+        model(x)
+
+
+@pytest.mark.parametrize("name", LEARNED)
+def test_unfitted_method_warns_once(name):
+    model, x = make_model(), make_images()
+    method = create_method(name)
+    tokvis.patch(model, method, keep_rate=0.5)
+    with pytest.warns(UserWarning, match="random until fitted"):
+        with torch.no_grad():
+            model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            model(x)  # once per method object
+
+
+@pytest.mark.parametrize(
+    "name,kw",
+    [
+        ("sit", {"hidden_ratio": 0}),
+        ("sit", {"hidden_ratio": "half"}),
+        ("sinkhorn", {"eps": 0}),
+        ("sinkhorn", {"eps": -1.0}),
+        ("sinkhorn", {"iters": 0}),
+        ("sinkhorn", {"iters": 2.5}),
+        ("patchmerger", {"scaled": "yes"}),
+        ("dynamicvit", {"seed": -1}),
+        ("dynamicvit", {"seed": 1.5}),
+        ("sit", {"unknown": 1}),
+    ],
+)
+def test_bad_options(name, kw):
+    with pytest.raises(MethodOptionError):
+        create_method(name, **kw)
+
+
+def test_fit_bad_inputs():
+    model, x = make_model(), make_images(n=4)
+    with pytest.raises(MethodOptionError, match="no learned parameters"):
+        tokvis.fit(model, "topk", x, keep_rate=0.5)
+    with pytest.raises(MethodOptionError, match="epochs"):
+        tokvis.fit(model, "sit", x, keep_rate=0.5, epochs=0)
+    with pytest.raises(MethodOptionError, match="lr"):
+        tokvis.fit(model, "sit", x, keep_rate=0.5, lr=-1.0)
+    with pytest.raises(MethodOptionError, match="images"):
+        tokvis.fit(model, "sit", x[0], keep_rate=0.5)
+    with pytest.raises(MethodOptionError, match="reduces nothing"):
+        tokvis.fit(model, "sit", x, keep_rate=1.0, progress=False)
+    assert not tokvis.is_patched(model)
+    with pytest.raises(WeightsError):
+        fitting.load_method("does/not/exist.safetensors")
+
+
+@pytest.mark.parametrize("name", LEARNED)
+def test_fit_lowers_held_out_loss(name):
+    torch.manual_seed(0)
+    model = make_model()
+    train, held = make_images(n=32, seed=1), make_images(n=12, seed=2)
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    method = create_method(name, seed=0, **({"eps": 0.1} if name == "sinkhorn" else {}))
+    before = fitting.distillation_loss(model, method, held, keep_rate=0.5)
+    fitted = tokvis.fit(model, method, train, keep_rate=0.5, epochs=4, lr=1e-2, batch_size=8, progress=False)
+    after = fitting.distillation_loss(model, fitted, held, keep_rate=0.5)
+    assert fitted is method and method.is_fitted and not method._fitting
+    assert after < before, (before, after)
+    assert not tokvis.is_patched(model)
+    # the backbone is untouched and its flags restored
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, frozen[k])
+    assert all(p.requires_grad for p in model.parameters())
+    assert len(method.fit_info["epoch_losses"]) == 4
