@@ -1,0 +1,301 @@
+"""Run stores: round trip of every stored field, lazy == eager, resume, corruption, datasets."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tokvis
+from tests.models import make_model
+from tokvis.data import transform_for
+from tokvis.datasets import Dataset, open_dataset
+from tokvis.errors import DataError
+from tokvis.store import (
+    RunConfigError,
+    RunSpec,
+    StoreError,
+    load_run,
+    record_run,
+    verify_run,
+    verify_tree,
+)
+
+N_IMAGES, SHARD, BATCH = 10, 4, 2
+
+
+def _pil_images(n, seed=0, size=64):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def _dataset(n=N_IMAGES):
+    imgs = _pil_images(n)
+    return Dataset(name="synthetic", spec="synthetic", ids=[f"img{i:02d}" for i in range(n)], loader=lambda i: imgs[i])
+
+
+def _spec(**kw):
+    base = dict(backbone="tiny", method="topk", dataset="synthetic", keep_rate=0.7, shard_size=SHARD, cls=True)
+    return RunSpec(**{**base, **kw})
+
+
+def _record(tmp_path, method="topk", *, dataset=None, **kw):
+    model = make_model("cls")
+    kr = kw.pop("keep_rate", 0.7)
+    tokvis.patch(model, method, keep_rate=kr)
+    try:
+        return record_run(
+            model,
+            dataset or _dataset(),
+            _spec(method=method, keep_rate=kr, **kw),
+            tmp_path,
+            batch_size=BATCH,
+            progress=False,
+            log=lambda *a: None,
+        ), model
+    finally:
+        tokvis.unpatch(model)
+
+
+def _eager(model, method, keep_rate=0.7, n=N_IMAGES):
+    """Traces and class tokens from run_with_trace with the same batches as the store."""
+    imgs = _pil_images(n)
+    tf = transform_for(model)
+    x = torch.stack([tf(im) for im in imgs])
+    tokvis.patch(model, method, keep_rate=keep_rate)
+    traces, feats = [], []
+    hooks = [b.register_forward_hook(lambda m, a, o: feats.append(o[:, 0])) for b in model.blocks]
+    try:
+        for s in range(0, n, SHARD):
+            for b in range(s, min(s + SHARD, n), BATCH):
+                ids = [f"img{i:02d}" for i in range(b, min(b + BATCH, s + SHARD, n))]
+                _, tr = tokvis.run_with_trace(model, x[b : b + len(ids)], image_ids=ids, dataset="synthetic")
+                traces.append(tr)
+    finally:
+        for h in hooks:
+            h.remove()
+        tokvis.unpatch(model)
+    depth = len(model.blocks)
+    cls = torch.stack([torch.stack(feats[i : i + depth], 1) for i in range(0, len(feats), depth)])
+    return tokvis.Trace.concat(traces), torch.cat(list(cls)).numpy()
+
+
+@pytest.mark.parametrize("method", ["topk", "tome", "evit"])
+def test_round_trip_and_lazy_equals_eager(tmp_path, method):
+    res, model = _record(tmp_path, method)
+    assert res.status == "recorded" and res.num_images == N_IMAGES and res.num_shards == 3
+    run = load_run(res.path)
+    eager, cls = _eager(model, method)
+    assert run.image_ids == eager.image_ids and run.num_images == N_IMAGES
+    assert run.layers == eager.layers and run.grid_size == eager.grid_size
+    for layer in (-1, *range(len(model.blocks))):
+        lab = run.labels(layer)
+        assert lab.dtype == np.int16  # at most 2 bytes per patch per recorded layer
+        np.testing.assert_array_equal(lab, eager.labels(layer).numpy())
+        np.testing.assert_array_equal(run.kept(layer), eager.kept(layer).numpy())
+    np.testing.assert_array_equal(run.depth(), eager.depth().numpy())
+    np.testing.assert_array_equal(run.cls_features(), cls)
+    # shard by shard, memory-mapped
+    parts = list(run.iter_shards())
+    assert isinstance(parts[0].array("labels"), np.memmap)
+    np.testing.assert_array_equal(np.concatenate([s.depth() for s in parts]), eager.depth().numpy())
+    # decisions rebuilt from the store equal the recorded ones, every stored field
+    rebuilt = run.trace()
+    for a, b in zip(rebuilt.decisions, eager.decisions, strict=True):
+        assert (a.layer, a.kind, a.n_out) == (b.layer, b.kind, b.n_out)
+        assert torch.equal(a.dst, b.dst) and torch.equal(a.keep, b.keep)
+        for name in ("score", "weight"):
+            ta, tb = getattr(a, name), getattr(b, name)
+            assert (ta is None) == (tb is None)
+            if ta is not None:
+                assert torch.equal(ta, tb.float())
+    assert rebuilt.meta.method == eager.meta.method and rebuilt.meta.keep_rate == 0.7
+    assert rebuilt.meta.dataset == "synthetic" and rebuilt.image_ids == eager.image_ids
+    m = json.loads((res.path / "manifest.json").read_text())
+    assert {"tokvis", "torch", "timm"} <= set(m["versions"]) and m["complete"]
+    assert [e["index"] for e in m["shards"]] == [0, 1, 2]
+
+
+def test_rerun_complete_does_nothing_and_config_change_is_an_error(tmp_path):
+    res, _ = _record(tmp_path)
+    before = {p.name: p.read_bytes() for p in res.path.iterdir()}
+    again, _ = _record(tmp_path)
+    assert again.status == "already complete" and again.shards_recorded == 0
+    with pytest.raises(RunConfigError, match="different configuration.*scores"):
+        _record(tmp_path, scores=False)  # same directory name, other content
+    with pytest.raises(RunConfigError, match="image list differs"):
+        _record(tmp_path, dataset=_dataset(N_IMAGES - 1))
+    assert {p.name: p.read_bytes() for p in res.path.iterdir()} == before
+
+
+def test_resume_adopts_uncommitted_shard_and_completes_identically(tmp_path):
+    ref, _ = _record(tmp_path / "ref")
+    res, _ = _record(tmp_path / "cut")
+    # simulate a kill: shard 1 renamed into place but the manifest not yet updated; shard 2 never written
+    m = json.loads((res.path / "manifest.json").read_text())
+    m["shards"] = m["shards"][:1]
+    m["complete"] = False
+    (res.path / "manifest.json").write_text(json.dumps(m))
+    (res.path / "shard-00002.safetensors").unlink()
+    (res.path / "shard-00003.safetensors.abc.tmp").write_bytes(b"half")  # leftover of an interrupted write
+    rep = verify_run(res.path)
+    assert rep.status == "incomplete" and any("not yet in the manifest" in n for n in rep.notes)
+    with pytest.raises(StoreError, match="incomplete"):
+        load_run(res.path)
+    partial = load_run(res.path, allow_incomplete=True)
+    assert partial.num_images == SHARD
+    again, _ = _record(tmp_path / "cut")
+    assert again.status == "resumed" and again.shards_recorded == 1  # only shard 2 recomputed
+    for name in ("manifest.json", "shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"):
+        assert (res.path / name).read_bytes() == (ref.path / name).read_bytes(), name
+    assert (res.path / "shard-00003.safetensors.abc.tmp").exists()  # nothing deleted
+    ids = load_run(res.path).image_ids
+    assert len(ids) == len(set(ids)) == N_IMAGES
+
+
+def _files(path):
+    return sorted(p.name for p in path.iterdir())
+
+
+def test_corrupt_truncated_missing_and_mismatch(tmp_path):
+    res, _ = _record(tmp_path / "runs")
+    root = tmp_path / "runs"
+    good = res.path
+    assert verify_run(good).status == "complete"
+
+    corrupt = root / "corrupt"
+    shutil.copytree(good, corrupt)
+    shard = corrupt / "shard-00001.safetensors"
+    blob = bytearray(shard.read_bytes())
+    blob[-3] ^= 0xFF
+    shard.write_bytes(bytes(blob))
+    rep = verify_run(corrupt)
+    assert rep.status == "corrupt" and any("checksum" in p for p in rep.problems)
+    run = load_run(corrupt)
+    with pytest.raises(StoreError, match="checksum"):
+        run.labels(run.layers[-1])
+
+    truncated = root / "truncated"
+    shutil.copytree(good, truncated)
+    shard = truncated / "shard-00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    assert verify_run(truncated).status == "corrupt"
+    with pytest.raises(StoreError, match="truncated"):
+        load_run(truncated)
+
+    missing = root / "missing"
+    shutil.copytree(good, missing)
+    (missing / "manifest.json").unlink()
+    rep = verify_run(missing)
+    assert rep.status == "corrupt" and "no manifest.json" in rep.problems[0]
+    with pytest.raises(StoreError, match="no manifest.json"):
+        load_run(missing)
+
+    mismatch = root / "mismatch"
+    shutil.copytree(good, mismatch)
+    m = json.loads((mismatch / "manifest.json").read_text())
+    m["shards"][1]["image_ids"] = list(reversed(m["shards"][1]["image_ids"]))
+    (mismatch / "manifest.json").write_text(json.dumps(m))
+    rep = verify_run(mismatch)
+    assert rep.status == "corrupt" and any("mismatch" in p for p in rep.problems)
+    with pytest.raises(StoreError, match="mismatch"):
+        load_run(mismatch).depth()
+
+    before = {d.name: _files(d) for d in root.iterdir()}
+    reports = {r.path.name: r.status for r in verify_tree(root)}
+    assert reports == {
+        good.name: "complete",
+        "corrupt": "corrupt",
+        "truncated": "corrupt",
+        "missing": "corrupt",
+        "mismatch": "corrupt",
+    }
+    assert {d.name: _files(d) for d in root.iterdir()} == before  # nothing deleted
+
+
+def test_missing_manifest_is_not_overwritten(tmp_path):
+    res, _ = _record(tmp_path)
+    (res.path / "manifest.json").rename(tmp_path / "saved.json")
+    with pytest.raises(StoreError, match="refusing to overwrite"):
+        _record(tmp_path)
+    assert not (res.path / "manifest.json").exists()
+
+
+def test_amp_on_cpu_is_a_clear_error(tmp_path):
+    with pytest.raises(RunConfigError, match="CUDA"):
+        _record(tmp_path, amp=True)
+
+
+def test_spec_validation():
+    with pytest.raises(RunConfigError, match="exactly one"):
+        RunSpec(backbone="b", method="m", dataset="d")
+    with pytest.raises(RunConfigError, match="keep_rate"):
+        RunSpec(backbone="b", method="m", dataset="d", keep_rate=1.5)
+    assert (
+        RunSpec(backbone="x/y.pth", method="tome", dataset="d", r=8).dir_name("my data") == "y.pth__tome__r8__my-data"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+
+
+def _write(path, arr):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def test_imagefolder_flat_and_builtin_datasets(tmp_path):
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    _write(tmp_path / "folder" / "dog" / "b.png", rgb)
+    _write(tmp_path / "folder" / "cat" / "a.png", rgb)
+    _write(tmp_path / "folder" / "cat" / "c.jpg", rgb)
+    ds = open_dataset(tmp_path / "folder")
+    assert ds.name == "folder" and ds.ids == ["cat/a.png", "cat/c.jpg", "dog/b.png"]
+    assert ds.labels == [0, 0, 1] and ds.classes == ["cat", "dog"]
+    assert ds.load(2).mode == "RGB"
+    _write(tmp_path / "flat" / "x.png", rgb[..., 0])  # grey converts to RGB
+    flat = open_dataset(tmp_path / "flat", name="flatty")
+    assert flat.name == "flatty" and flat.ids == ["x.png"] and flat.labels is None
+    assert flat.load(0).mode == "RGB"
+    digits = open_dataset("digits")
+    assert len(digits) == 1797 and digits.labels[:3] == [0, 1, 2] and digits.load(5).size == (8, 8)
+    assert open_dataset("samples").ids == tokvis.data.sample_names()
+    with pytest.raises(DataError, match="unknown dataset"):
+        open_dataset("nope")
+    _write(tmp_path / "mixed" / "a" / "x.png", rgb)
+    _write(tmp_path / "mixed" / "y.png", rgb)
+    with pytest.raises(DataError, match="loose images"):
+        open_dataset(tmp_path / "mixed")
+
+
+def test_bad_files_error_or_skip(tmp_path):
+    folder = tmp_path / "imgs"
+    _pil = _pil_images(5)
+    for i, im in enumerate(_pil):
+        _write(folder / f"{i}.png", np.asarray(im))
+    (folder / "2.png").write_bytes(b"not an image")
+    Image.fromarray(np.full((64, 64), 40000, np.uint16)).save(folder / "4.png")  # 16-bit grey
+    ds = open_dataset(folder)
+    with pytest.raises(DataError, match="2.png"):
+        ds.load(2)
+    with pytest.raises(DataError, match="4.png.*mode"):
+        ds.load(4)
+    assert ds.load(2, skip_bad=True) is None
+    spec = _spec(dataset=str(folder), cls=False)
+    model = make_model("cls")
+    tokvis.patch(model, "topk", keep_rate=0.7)
+    try:
+        with pytest.raises(DataError, match="2.png"):
+            record_run(model, ds, spec, tmp_path / "a", batch_size=2, progress=False, log=lambda *a: None)
+        res = record_run(
+            model, ds, spec, tmp_path / "a", batch_size=2, skip_bad=True, progress=False, log=lambda *a: None
+        )
+    finally:
+        tokvis.unpatch(model)
+    assert [s["id"] for s in res.skipped] == ["2.png", "4.png"] and "2.png" in res.skipped[0]["error"]
+    run = load_run(res.path)
+    assert run.image_ids == ["0.png", "1.png", "3.png"] and run.labels(5).shape == (3, 64)
