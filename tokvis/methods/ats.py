@@ -77,7 +77,9 @@ class ATS(Method):
     fewer when high-scoring tokens are hit by several levels.  The kept tokens'
     attention output is the one of the full attention (their queries attend to
     every key and value), as in ATS.  A budget of every token (``keep_rate=1``)
-    keeps every token without sampling, so the model is unchanged.
+    keeps every token without sampling, so the model is unchanged; likewise an
+    image whose real tokens already fit the budget (it kept fewer at an earlier
+    stage) keeps them all, exactly as it would if run alone.
 
     Variable token counts in a batch: the decision's ``n_out`` is the largest
     count of the batch; an image with fewer kept tokens gets empty output slots
@@ -115,9 +117,12 @@ class ATS(Method):
         assert ctx.attn is not None and ctx.values is not None
         B, n = ctx.x.shape[0], ctx.n_in
         score = ats_scores(ctx.attn[:, :, 0, p:], ctx.values[:, :, p:])
-        if ctx.target >= n:
+        real = ctx.patch_size > 0  # padding slots of an earlier ATS stage have size 0
+        if ctx.target >= n and bool(real.all()):
             ar = torch.arange(n, device=ctx.x.device).expand(B, n).clone()
             return LayerDecision(ctx.layer, "prune", ar, torch.ones_like(ar, dtype=torch.bool), n_out=n, score=score)
-        keep = inverse_transform_sample(score, max(ctx.target, 1))
+        # an image whose tokens fit the budget keeps them all (as it would alone, without padding)
+        fits = real.sum(1, keepdim=True) <= ctx.target
+        keep = torch.where(fits, real, inverse_transform_sample(score, max(ctx.target, 1)))
         n_out = int(keep.sum(1).max())
         return LayerDecision(ctx.layer, "prune", slots_from_keep(keep), keep, n_out=n_out, score=score)

@@ -21,7 +21,8 @@ def pairwise_distance(x: torch.Tensor, metric: str) -> torch.Tensor:
     x : Tensor [B, n, C]
     metric : {"euclidean", "cosine"}
         ``"euclidean"``: ``||x_i - x_j||`` (computed from the differences, not from
-        the Gram matrix, so the diagonal is exactly 0); ``"cosine"``: ``1 - cos(x_i, x_j)``.
+        the Gram matrix, so the diagonal is exactly 0); ``"cosine"``: ``1 - cos(x_i, x_j)``
+        (made exactly symmetric with a zero diagonal).
 
     Returns
     -------
@@ -30,7 +31,9 @@ def pairwise_distance(x: torch.Tensor, metric: str) -> torch.Tensor:
     if metric == "euclidean":
         return torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
     u = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return (1.0 - u @ u.transpose(1, 2)).clamp_min(0.0)
+    d = (1.0 - u @ u.transpose(1, 2)).clamp_min(0.0)
+    d = 0.5 * (d + d.transpose(1, 2))  # exactly symmetric (a matmul need not be), so exact ties stay ties
+    return d.diagonal_scatter(torch.zeros_like(d.diagonal(dim1=1, dim2=2)), dim1=1, dim2=2)
 
 
 def assign_to_medoids(dist: torch.Tensor, medoids: torch.Tensor) -> torch.Tensor:
