@@ -92,12 +92,17 @@ class ATS(Method):
     stay in the output sequence (ignored by the class-token head); a trace's
     ``labels``/``token_counts`` see only the real tokens.
 
+    Only the ``keep_rate`` schedule is supported: under ``r`` (a number of tokens
+    removed from the tokens entering a block) the budget of an image would depend
+    on the padding its batch added, i.e. on the other images.
+
     Needs a class token (``UnsupportedModelError`` on average-pooling models).
     Decides at stage ``"in_attention"``, which is where the per-head class
     attention (``needs={"attn"}``) and the values are available.
     """
 
     kind = "prune"
+    conventions = ("keep_rate",)
     stage = "in_attention"
     needs = frozenset({"attn"})
     requires_class_token = True
