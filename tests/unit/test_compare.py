@@ -184,3 +184,15 @@ def test_global_maps_and_compare_maps(tiny_traces):
     assert same["js"] == 0 and same["sim"] == pytest.approx(1.0) and same["emd"] == 0
     with pytest.raises(ValueError, match="metrics must be among"):
         compare_maps(t, t, metrics="cosine")
+
+
+def test_analysis_package_and_adapters_import_without_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, tokvis.analysis, tokvis.adapters, tokvis.plotting.stats; "
+        "from tokvis.analysis import compare, global_maps, correlate; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
