@@ -108,9 +108,7 @@ def _sample_files() -> dict[str, Path]:
     folder = _sample_dir()
     if not folder.is_dir():
         raise DataError(f"the bundled sample folder is missing: {folder} (broken installation?)")
-    return {
-        p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES
-    }
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES}
 
 
 def sample_names() -> list[str]:
@@ -200,9 +198,7 @@ def _canonical_kind(kind: str) -> str:
     try:
         return lookup[str(kind).lower()]
     except KeyError:
-        raise DataError(
-            f"unknown foolbox sample set {kind!r}; available: {', '.join(FOOLBOX_KINDS)}"
-        ) from None
+        raise DataError(f"unknown foolbox sample set {kind!r}; available: {', '.join(FOOLBOX_KINDS)}") from None
 
 
 def foolbox_samples(kind: str = "imagenet") -> list[tuple[str, Image.Image, int]]:

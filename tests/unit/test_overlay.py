@@ -102,9 +102,7 @@ def test_region_pixels_equal_mean_colour_of_region(image, labels):
     for k, label in enumerate(labels):
         if label >= 0:
             expected = sums[int(label)] / counts[int(label)]
-            np.testing.assert_allclose(
-                _patch(drawn, k), np.broadcast_to(expected, (PATCH, PATCH, 3)), atol=1e-12
-            )
+            np.testing.assert_allclose(_patch(drawn, k), np.broadcast_to(expected, (PATCH, PATCH, 3)), atol=1e-12)
     # patches of one region share one colour; a singleton is the mean of its own patch
     np.testing.assert_allclose(_patch(drawn, 0)[0, 0], _patch(drawn, 6)[3, 3])
     np.testing.assert_allclose(_patch(drawn, 4)[0, 0], _patch(image, 4).reshape(-1, 3).mean(0))

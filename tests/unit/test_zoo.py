@@ -460,13 +460,9 @@ def test_converted_checksums_match_raw_onnx(dinov2, onnx_model, onnx_arrays):
                 for p in ("query", "key", "value")
             ]
         )
-        assert checksums(state[f"blocks.{layer}.attn.qkv.weight"].numpy()) == pytest.approx(
-            checksums(qkv), rel=1e-9
-        )
+        assert checksums(state[f"blocks.{layer}.attn.qkv.weight"].numpy()) == pytest.approx(checksums(qkv), rel=1e-9)
         fc2 = raw_weight(onnx_model, onnx_arrays, prefix.format(layer) + "mlp/fc2/MatMul")
-        assert checksums(state[f"blocks.{layer}.mlp.fc2.weight"].numpy()) == pytest.approx(
-            checksums(fc2), rel=1e-9
-        )
+        assert checksums(state[f"blocks.{layer}.mlp.fc2.weight"].numpy()) == pytest.approx(checksums(fc2), rel=1e-9)
     cls = onnx_arrays["backbone.embeddings.cls_token"]
     assert checksums(state["cls_token"].numpy()) == pytest.approx(checksums(cls), rel=1e-9)
     assert checksums(dinov2.cls_token.detach().numpy()) == pytest.approx(checksums(cls), rel=1e-9)

@@ -96,9 +96,7 @@ def _patch_vector(values: Any, grid: tuple[int, int], name: str, dtype: type) ->
     if array.shape == grid:  # accept an (h, w) map as well
         array = array.reshape(-1)
     if array.ndim != 1 or array.shape[0] != n:
-        raise TraceMismatchError(
-            f"{name} must be 1-D of length h*w = {n} for grid {grid}: shape is {array.shape}"
-        )
+        raise TraceMismatchError(f"{name} must be 1-D of length h*w = {n} for grid {grid}: shape is {array.shape}")
     if dtype is bool:
         return array.astype(bool)
     is_int = np.issubdtype(array.dtype, np.integer)
@@ -132,9 +130,7 @@ def _region_means(image: np.ndarray, pixel_labels: np.ndarray) -> np.ndarray:
     counts = np.bincount(compact)
     pixels = image[valid]  # [n_valid, 3]
     means = (
-        np.stack(
-            [np.bincount(compact, weights=pixels[:, c], minlength=counts.size) for c in range(3)], axis=1
-        )
+        np.stack([np.bincount(compact, weights=pixels[:, c], minlength=counts.size) for c in range(3)], axis=1)
         / counts[:, None]
     )
     out[valid] = means[compact]
@@ -249,9 +245,7 @@ def merge_overlay(
     if border_color is not None:
         segments = _border_segments(label_grid, patch)
         if len(segments):
-            ax.add_collection(
-                LineCollection(segments, colors=[border_color], linewidths=linewidth, label="borders")
-            )
+            ax.add_collection(LineCollection(segments, colors=[border_color], linewidths=linewidth, label="borders"))
     if kept_vec is not None:
         sizes = np.bincount(label_vec[label_vec >= 0]) if (label_vec >= 0).any() else np.zeros(0, int)
         merged = np.zeros_like(kept_vec)
@@ -314,9 +308,7 @@ def _image_list(images: Any) -> list[np.ndarray] | Any:
         return images
     if isinstance(images, (list, tuple)):
         return images
-    raise ImageSizeError(
-        "images must be a [B, 3, H, W] (or [B, H, W, 3]) batch or a list of [H, W, 3] arrays"
-    )
+    raise ImageSizeError("images must be a [B, 3, H, W] (or [B, H, W, 3]) batch or a list of [H, W, 3] arrays")
 
 
 def _method_title(meta: Any) -> str | None:
@@ -328,9 +320,7 @@ def _method_title(meta: Any) -> str | None:
         parts.append(str(method))
     keep_rate = getattr(meta, "keep_rate", None)
     if keep_rate is not None:
-        parts.append(
-            f"keep rate {keep_rate:g}" if isinstance(keep_rate, (int, float)) else f"keep rate {keep_rate}"
-        )
+        parts.append(f"keep rate {keep_rate:g}" if isinstance(keep_rate, (int, float)) else f"keep rate {keep_rate}")
     r = getattr(meta, "r", None)
     if r is not None:
         parts.append(f"r={r}")
@@ -433,9 +423,7 @@ def trace_overlays(
                 ax.set_ylabel(str(image_ids[i]), fontsize=9)
         for c, layer in enumerate(layers, start=1):
             labels = labels_by_layer[layer][i]
-            merge_overlay(
-                image, labels, grid_size=grid, kept=kept_by_layer[layer][i], ax=axes[r, c], **overlay_kwargs
-            )
+            merge_overlay(image, labels, grid_size=grid, kept=kept_by_layer[layer][i], ax=axes[r, c], **overlay_kwargs)
             if titles:
                 n_tokens = int(np.unique(labels[labels >= 0]).size)
                 noun = "token" if n_tokens == 1 else "tokens"
