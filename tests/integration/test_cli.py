@@ -55,7 +55,17 @@ def test_demo_writes_figures(tmp_path):
     assert trace.token_counts(9).tolist() == [32, 32]
 
 
-def test_bad_arguments_fail_cleanly(tmp_path):
-    res = run("demo", "--model", "resnet18", "--out", str(tmp_path), check=False)
-    assert res.returncode != 0
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["demo", "--model", "resnet18"], "resnet18"),  # offline: the weights cannot be fetched
+        (["demo", "--images", "no_such_image"], "no_such_image"),
+    ],
+)
+def test_bad_arguments_fail_cleanly(tmp_path, args, message, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # fail fast instead of retrying the hub
+    res = run(*args, "--out", str(tmp_path), check=False)
+    assert res.returncode == 2
     assert "Traceback" not in res.stderr
+    assert message in res.stderr
+    assert not list(tmp_path.glob("*.png"))
