@@ -485,6 +485,9 @@ class Run:
         if len(layer_sets) > 1:
             raise StoreError(f"{path}: shards disagree on the recorded blocks {sorted(layer_sets)}")
         self.layers: tuple[int, ...] = layer_sets.pop() if layer_sets else ()
+        first = next((e for e in manifest["shards"] if e["image_ids"]), None)
+        #: kind of the decision at each recorded block (as :attr:`tokvis.trace.Trace.kinds`)
+        self.kinds: dict[int, str] = {int(i["layer"]): i["kind"] for i in first["layers"]} if first else {}
 
     @property
     def meta(self):

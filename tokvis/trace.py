@@ -201,6 +201,11 @@ class Trace:
         return tuple(d.layer for d in self._decisions)
 
     @property
+    def kinds(self) -> dict[int, str]:
+        """Kind of the decision at each recorded block (``{layer: "prune" | "merge" | "fuse" | "soft"}``)."""
+        return {d.layer: d.kind for d in self._decisions}
+
+    @property
     def grid_size(self) -> tuple[int, int]:
         return tuple(self.meta.grid_size)  # type: ignore[return-value]
 

@@ -299,3 +299,21 @@ def test_bad_files_error_or_skip(tmp_path):
     assert [s["id"] for s in res.skipped] == ["2.png", "4.png"] and "2.png" in res.skipped[0]["error"]
     run = load_run(res.path)
     assert run.image_ids == ["0.png", "1.png", "3.png"] and run.labels(5).shape == (3, 64)
+
+
+@pytest.mark.parametrize("method", ["topk", "tome"])
+def test_compare_accepts_lazy_runs(tmp_path, method):
+    """analysis.compare reads run stores lazily and gives the same table as on eager traces."""
+    from tokvis.analysis import compare
+
+    (res_a, _), (res_b, _) = (_record(tmp_path / f"k{k}", method, keep_rate=k) for k in (0.7, 0.5))
+    runs = [tokvis.load_run(res_a.path), tokvis.load_run(res_b.path)]
+    lazy = compare(runs, by="keep_rate")
+    eager = compare([r.trace() for r in runs], by="keep_rate")
+    assert len(lazy) > 0
+    if method == "topk":
+        assert set(lazy.metric) == {"iou", "ioa"}
+    else:
+        assert "v_measure" in set(lazy.metric) and "iou" not in set(lazy.metric)
+    np.testing.assert_allclose(lazy.value.to_numpy(), eager.value.to_numpy())
+    assert list(lazy.image_id) == list(eager.image_id)

@@ -116,11 +116,12 @@ def pattern_family(trace, layer: int) -> str:
     ``merge``/``soft`` -> ``"merge"``); before the first decision, the family of the first one.
     A trace without decisions is ``"prune"`` (every patch is kept).
     """
-    decisions = trace.decisions
-    if not decisions:
+    kinds = trace.kinds  # {layer: kind}: tokvis.Trace and lazily read run stores (tokvis.load_run) both have it
+    if not kinds:
         return "prune"
-    before = [d for d in decisions if d.layer <= layer]
-    return _FAMILY[(before[-1] if before else decisions[0]).kind]
+    layers = sorted(kinds)
+    before = [lay for lay in layers if lay <= layer]
+    return _FAMILY[kinds[before[-1] if before else layers[0]]]
 
 
 def _metric_list(metric) -> tuple[str, ...] | None:
