@@ -150,10 +150,10 @@ def frame():
 
 def test_correlation_table_rows(frame):
     table = C.correlation_table(frame, x="acc_diff", y=["iou", "v_measure"], method=["spearman", "pearson"], n_boot=100)
-    assert list(table.columns) == ["x", "y", "method", "r", "p", "ci_low", "ci_high", "n"]
+    assert list(table.columns) == ["x", "y", "correlation", "r", "p", "ci_low", "ci_high", "n"]
     assert len(table) == 4
     assert table["y"].tolist() == ["iou", "iou", "v_measure", "v_measure"]
-    row = table[(table.y == "iou") & (table.method == "spearman")].iloc[0]
+    row = table[(table.y == "iou") & (table.correlation == "spearman")].iloc[0]
     ref = C.correlate(frame["acc_diff"], frame["iou"], method="spearman", n_boot=100)
     assert row["r"] == ref["r"] and row["ci_low"] == ref["ci_low"] and row["n"] == 29
 
@@ -185,3 +185,12 @@ def test_correlation_table_validation(frame):
         C.correlation_table(frame, x="acc_diff", y="iou", method=["spearman", "rank"])
     with pytest.raises(ValueError, match="DataFrame"):
         C.correlation_table({"a": [1]}, x="a", y="a")
+
+
+def test_correlation_table_keeps_a_method_grouping_column(frame):
+    df = frame.assign(method=np.where(np.arange(len(frame)) % 2, "tome", "topk"))
+    table = C.correlation_table(df, x="acc_diff", y="iou", by="method", method=["spearman", "pearson"], n_boot=0)
+    assert table["method"].tolist() == ["tome", "tome", "topk", "topk"]
+    assert table["correlation"].tolist() == ["spearman", "pearson"] * 2
+    with pytest.raises(ValueError, match="clash"):
+        C.correlation_table(df.assign(n=1), x="acc_diff", y="iou", by="n")

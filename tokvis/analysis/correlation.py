@@ -156,6 +156,9 @@ def correlate(
     return result
 
 
+_TABLE_COLUMNS = ["x", "y", "correlation", "r", "p", "ci_low", "ci_high", "n"]
+
+
 def correlation_table(
     df,
     *,
@@ -186,8 +189,10 @@ def correlation_table(
     Returns
     -------
     pandas.DataFrame
-        One row per (group, y, method) with columns ``*by, x, y, method, r, p, ci_low, ci_high,
-        n``, in the order of the groups (sorted), ``y`` and ``method`` given.
+        One row per (group, y, method) with columns ``*by, x, y, correlation, r, p, ci_low,
+        ci_high, n`` (``correlation`` names the correlation method, so that a grouping column
+        called ``method`` -- the reduction method -- is kept), in the order of the groups
+        (sorted), ``y`` and ``method`` given.
     """
     import pandas as pd
 
@@ -203,6 +208,9 @@ def correlation_table(
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}: got {m!r}")
+    reserved = [k for k in keys if k in _TABLE_COLUMNS]
+    if reserved:
+        raise ValueError(f"by columns {reserved} clash with the output columns {_TABLE_COLUMNS}; rename them first")
     missing = [c for c in [x, *ys, *keys] if c not in df.columns]
     if missing:
         raise ValueError(f"columns not in df: {missing}; available: {list(df.columns)}")
@@ -216,6 +224,6 @@ def correlation_table(
                 xs = part[x].to_numpy(dtype=np.float64, na_value=np.nan)
                 ys_ = part[col].to_numpy(dtype=np.float64, na_value=np.nan)
                 res = correlate(xs, ys_, method=m, n_boot=n_boot, ci=ci, seed=seed)
+                res["correlation"] = res.pop("method")
                 rows.append({**dict(zip(keys, key, strict=True)), "x": x, "y": col, **res})
-    columns = [*keys, "x", "y", "method", "r", "p", "ci_low", "ci_high", "n"]
-    return pd.DataFrame(rows, columns=columns)
+    return pd.DataFrame(rows, columns=[*keys, *_TABLE_COLUMNS])
