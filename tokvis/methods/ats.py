@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tokvis.errors import UnsupportedModelError
-from tokvis.methods.base import Method, ModelInfo, ReductionContext
+from tokvis.methods.base import Method, ReductionContext
 from tokvis.methods.ops import slots_from_keep
 from tokvis.methods.registry import register_method
 from tokvis.trace import LayerDecision
@@ -106,16 +105,8 @@ class ATS(Method):
     stage = "in_attention"
     needs = frozenset({"attn"})
     requires_class_token = True
+    class_token_use = "scores tokens by the class token's attention times their value norm"
     proportional_attention = True  # masks the size-0 padding slots (see above); sizes of real tokens are 1
-
-    def check_model(self, info: ModelInfo) -> None:
-        if not info.has_class_token:
-            raise UnsupportedModelError(
-                f"method {self.name!r} scores tokens by the class token's attention times their value norm, "
-                "but this model has no class token (global average pooling); "
-                "use a method that needs no class token, e.g. 'dpcknn', 'radial' or 'tome'"
-            )
-        super().check_model(info)
 
     def decide(self, ctx: ReductionContext) -> LayerDecision:
         p = ctx.num_prefix

@@ -144,6 +144,9 @@ class Method(nn.Module):
     kind: ClassVar[str] = "prune"
     needs: ClassVar[frozenset[str]] = frozenset()
     requires_class_token: ClassVar[bool] = False
+    #: what the class token is needed for, and what to do without one (the error message's two halves)
+    class_token_use: ClassVar[str] = "ranks tokens by the class token's attention"
+    no_class_token_hint: ClassVar[str] = "use a method that needs no class token, e.g. 'tome', 'dpcknn' or 'radial'"
     conventions: ClassVar[tuple[str, ...]] = ("keep_rate", "r")
     stage: ClassVar[str] = "after_attn"
     #: the patched attention adds log(size) to the attention logits (ToMe's proportional attention)
@@ -174,9 +177,8 @@ class Method(nn.Module):
             )
         if self.requires_class_token and not info.has_class_token:
             raise UnsupportedModelError(
-                f"method {self.name!r} ranks tokens by the class token's attention, but this model has no "
-                "class token (global average pooling); pass score='mean' to rank by the mean attention "
-                "each token receives, or use a method that needs no class token (e.g. 'tome')"
+                f"method {self.name!r} {self.class_token_use}, but this model has no class token "
+                f"(global average pooling); {self.no_class_token_hint}"
             )
 
     def reduced_attention(

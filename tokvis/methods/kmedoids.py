@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from tokvis.errors import MethodOptionError, UnsupportedModelError
-from tokvis.methods.base import Method, ModelInfo, ReductionContext, check_choice
+from tokvis.errors import MethodOptionError
+from tokvis.methods.base import Method, ReductionContext, check_choice
 from tokvis.methods.ops import slots_from_keep
 from tokvis.methods.registry import register_method
 from tokvis.trace import LayerDecision
@@ -123,6 +123,7 @@ class KMedoids(Method):
     kind = "merge"
     needs = frozenset({"cls_attn"})
     requires_class_token = True
+    class_token_use = "initialises its medoids from the class token's attention"
 
     def __init__(self, *, iterations: int = 3, metric: str = "euclidean") -> None:
         super().__init__()
@@ -133,15 +134,6 @@ class KMedoids(Method):
 
     def options(self) -> dict:
         return {"iterations": self.iterations, "metric": self.metric}
-
-    def check_model(self, info: ModelInfo) -> None:
-        if not info.has_class_token:
-            raise UnsupportedModelError(
-                f"method {self.name!r} initialises its medoids from the class token's attention, "
-                "but this model has no class token (global average pooling); "
-                "use a method that needs no class token, e.g. 'dpcknn', 'radial' or 'tome'"
-            )
-        super().check_model(info)
 
     def decide(self, ctx: ReductionContext) -> LayerDecision:
         assert ctx.cls_attn is not None

@@ -33,6 +33,10 @@ class _AttentionRanked(Method):
         self.score = check_choice("score", score, ("cls", "mean"))
         self.needs = frozenset({"cls_attn"} if score == "cls" else {"attn"})
         self.requires_class_token = score == "cls"
+        self.no_class_token_hint = (
+            "pass score='mean' to rank by the mean attention each token receives, "
+            "or use a method that needs no class token (e.g. 'tome')"
+        )
 
     def options(self) -> dict:
         return {"score": self.score}
