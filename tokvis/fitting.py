@@ -146,6 +146,10 @@ def fit(
 ):
     """Fit a learned method's parameters on a frozen backbone by feature distillation.
 
+    Each step minimises the distillation loss plus the method's
+    :meth:`~tokvis.methods.base.Method.auxiliary_loss` of that forward, when
+    it has one (DynamicViT's keep-ratio loss).
+
     Parameters
     ----------
     model : timm VisionTransformer
@@ -247,8 +251,9 @@ def fit(
                 idx = order[i : i + batch_size]
                 out = pooled_features(model, images[idx])
                 value = _loss(out, teacher[idx], loss)
+                aux = method.auxiliary_loss()  # e.g. DynamicViT's keep-ratio loss; None for most methods
                 opt.zero_grad(set_to_none=True)
-                value.backward()
+                (value if aux is None else value + aux).backward()
                 opt.step()
                 total += float(value.detach()) * len(idx)
                 if bar is not None:

@@ -28,7 +28,7 @@ KINDS = ("prune", "merge", "fuse", "soft")
 TRACE_FORMAT = "tokvis-trace"
 TRACE_VERSION = 1
 
-_OPTIONAL = ("weight", "soft", "score")
+_OPTIONAL = ("weight", "soft", "score", "size_scale")
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,6 +54,12 @@ class LayerDecision:
         Full soft assignment (only for ``kind="soft"``); ``dst`` then holds its arg-max.
     score : FloatTensor [B, n_in], optional
         The ranking signal the method used (CLS attention, similarity, ...).
+    size_scale : FloatTensor [B, n_in], optional
+        "Soft keep": multiplies the size of each input token before the reduction
+        is applied, leaving the tokens themselves unchanged (``None`` = 1).  With
+        proportional attention (``log(size)`` added to the attention logits) a
+        token scaled towards 0 stops being attended; DynamicViT's fitting uses it
+        with an identity ``dst`` as a differentiable keep mask.
     """
 
     layer: int
@@ -64,6 +70,7 @@ class LayerDecision:
     weight: torch.Tensor | None = None
     soft: torch.Tensor | None = None
     score: torch.Tensor | None = None
+    size_scale: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -77,7 +84,7 @@ class LayerDecision:
                 f"keep must be a bool tensor shaped like dst {tuple(self.dst.shape)}: "
                 f"got {self.keep.dtype} {tuple(self.keep.shape)}"
             )
-        for name in ("weight", "score"):
+        for name in ("weight", "score", "size_scale"):
             t = getattr(self, name)
             if t is not None and t.shape != self.dst.shape:
                 raise ValueError(f"{name} must be shaped like dst {tuple(self.dst.shape)}: got {tuple(t.shape)}")
@@ -435,7 +442,7 @@ def _concat_decisions(parts: Sequence[LayerDecision]) -> LayerDecision:
         "dst": torch.cat([_pad(p.dst, n_in, -1) for p in parts]),
         "keep": torch.cat([_pad(p.keep, n_in, False) for p in parts]),
     }
-    for name in ("weight", "score"):
+    for name in ("weight", "score", "size_scale"):
         if getattr(first, name) is not None:
             kw[name] = torch.cat([_pad(getattr(p, name), n_in, 0.0) for p in parts])
     if first.soft is not None:

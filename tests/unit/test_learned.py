@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -357,3 +358,164 @@ def test_fit_lowers_held_out_loss(name):
         assert torch.equal(v, frozen[k])
     assert all(p.requires_grad for p in model.parameters())
     assert len(method.fit_info["epoch_losses"]) == 4
+
+
+# -- soft keep (LayerDecision.size_scale) and DynamicViT's own fitting scheme ------------------------
+
+
+def _loop_sizes(size, d, num_prefix):
+    """Reference output sizes of a hard or soft decision with ``size_scale``, one token at a time."""
+    B, n_in = d.dst.shape
+    out = torch.zeros(B, num_prefix + d.n_out, dtype=size.dtype)
+    out[:, :num_prefix] = size[:, :num_prefix]
+    for b in range(B):
+        for i in range(n_in):
+            s = size[b, num_prefix + i] * (1.0 if d.size_scale is None else d.size_scale[b, i])
+            if d.soft is not None:
+                for j in range(d.n_out):
+                    out[b, num_prefix + j] += d.soft[b, j, i] * s
+            elif d.dst[b, i] >= 0:
+                out[b, num_prefix + int(d.dst[b, i])] += s
+    return out
+
+
+def _decisions_with_size_scale(B=2, n=6, seed=0):
+    from tokvis.trace import LayerDecision
+
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.rand(B, n, generator=g, dtype=torch.float64)
+    ar = torch.arange(n).expand(B, n).clone()
+    dst = torch.tensor([[0, -1, 1, 2, -1, 3], [-1, 0, 1, -1, 2, 3]])
+    soft = torch.rand(B, 3, n, generator=g, dtype=torch.float64).softmax(1)
+    identity = LayerDecision(0, "prune", ar, torch.ones(B, n, dtype=torch.bool), n_out=n, size_scale=scale)
+    if n != 6:
+        return [identity]
+    return [
+        identity,
+        LayerDecision(0, "prune", dst, dst >= 0, n_out=4, size_scale=scale),
+        LayerDecision(
+            0,
+            "merge",
+            torch.tensor([[0, 0, 1, 1, 2, 2]] * B),
+            torch.ones(B, n, dtype=torch.bool),
+            n_out=3,
+            size_scale=scale,
+        ),  # fmt: skip
+        LayerDecision(
+            0, "soft", soft.argmax(1), torch.ones(B, n, dtype=torch.bool), n_out=3, soft=soft, size_scale=scale
+        ),  # fmt: skip
+    ]
+
+
+@pytest.mark.parametrize("which", range(4))
+def test_size_scale_in_apply_decision_matches_loop(which):
+    from tokvis.methods.ops import apply_decision
+
+    d = _decisions_with_size_scale()[which]
+    B, n = d.dst.shape
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, 1 + n, 5, generator=g, dtype=torch.float64)
+    size = 1 + torch.rand(B, 1 + n, generator=g, dtype=torch.float64)
+    size[:, 0] = 1
+    out, new_size = apply_decision(x, size, d, num_prefix=1)
+    torch.testing.assert_close(new_size, _loop_sizes(size, d, 1))
+    # the tokens themselves ignore size_scale
+    plain, _ = apply_decision(x, size, dataclasses.replace(d, size_scale=None), num_prefix=1)
+    torch.testing.assert_close(out, plain)
+    if which == 0:  # identity: the tokens pass through unchanged
+        assert torch.equal(out, x)
+
+
+def test_size_scale_round_trips_through_trace_files(tmp_path):
+    from tokvis.trace import Trace, TraceMeta, load_trace
+
+    d = _decisions_with_size_scale(n=4 * 4)[0]
+    meta = TraceMeta(grid_size=(4, 4), num_prefix_tokens=1, depth=4)
+    trace = Trace([dataclasses.replace(d, layer=1)], meta)
+    loaded = load_trace(trace.save(tmp_path / "t.safetensors"))
+    assert torch.equal(loaded.decision(1).size_scale, d.size_scale)
+    both = Trace.concat([trace, loaded])
+    assert torch.equal(both.decision(1).size_scale, torch.cat([d.size_scale, d.size_scale]))
+    assert torch.equal(trace.decisions[0].index([1]).size_scale, d.size_scale[[1]])
+    assert trace.decisions[0].to("cpu").size_scale is not None
+
+
+def _fitting_forward(model, method, x, **schedule):
+    """Forward in DynamicViT's fitting mode (gradients on); returns the output and the trace."""
+    tokvis.patch(model, method, **schedule)
+    method._fitting = True
+    try:
+        out, trace = tokvis.run_with_trace(model, x, grad=True)
+    finally:
+        method._fitting = False
+        tokvis.unpatch(model)
+    return out, trace
+
+
+def test_dynamicvit_fitting_mode_keeps_all_and_masks_the_attention(monkeypatch):
+    from tokvis.methods.dynamicvit import DynamicViT
+
+    model, x = make_model(dtype=torch.float64), make_images(dtype=torch.float64)
+    with torch.no_grad():
+        ref = model(x)
+    method = _quiet(create_method("dynamicvit"))
+    assert not method.proportional_attention
+    out, trace = _fitting_forward(model, method, x, keep_rate=0.5, locations=[1, 3])
+    for d in trace.decisions:
+        assert d.kind == "prune" and d.n_out == d.n_in == 64 and bool(d.keep.all())
+        assert torch.equal(d.dst, torch.arange(64).expand(3, 64))
+        assert d.size_scale is not None and bool((d.size_scale > 0).all() and (d.size_scale < 1).all())
+    assert not torch.allclose(out, ref, atol=1e-4)  # later attention sees log(size)
+    aux = method.auxiliary_loss()
+    assert aux is not None and aux.requires_grad and method.auxiliary_loss() is None  # cleared when read
+    # without the log(size) logits the soft keep changes nothing: the tokens pass through
+    monkeypatch.setattr(DynamicViT, "proportional_attention", property(lambda self: False))
+    out_plain, _ = _fitting_forward(model, method, x, keep_rate=0.5, locations=[1, 3])
+    torch.testing.assert_close(out_plain, ref)
+    monkeypatch.undo()
+    # a mask of ones gives the unpatched output
+    with torch.no_grad():
+        for mod in method.reducers.values():
+            mod.fc3.bias.copy_(torch.tensor([60.0, -60.0], dtype=torch.float64))
+    out_ones, trace = _fitting_forward(model, method, x, keep_rate=0.5, locations=[1, 3])
+    assert all(bool((d.size_scale == 1).all()) for d in trace.decisions)
+    torch.testing.assert_close(out_ones, ref)
+    # at inference nothing changed: hard top-k of the keep log-probability
+    tokvis.patch(model, method, keep_rate=0.5, locations=[1, 3])
+    with torch.no_grad():
+        _, trace = tokvis.run_with_trace(model, x)
+    tokvis.unpatch(model)
+    assert [d.n_out for d in trace.decisions] == [32, 16] and all(d.size_scale is None for d in trace.decisions)
+
+
+def test_dynamicvit_ratio_loss():
+    model, x = make_model(dtype=torch.float64), make_images(dtype=torch.float64)
+    # a huge temperature makes every mask entry 0.5 (up to 1e-11)
+    method = create_method("dynamicvit", tau=1e12)
+    _fitting_forward(model, method, x, keep_rate=0.5, locations=[2])
+    assert float(method.auxiliary_loss().detach()) < 1e-15  # mask mean == target / n_patches
+    method = create_method("dynamicvit", tau=1e12, ratio_weight=3.0)
+    _fitting_forward(model, method, x, keep_rate=0.25, locations=[2])
+    assert float(method.auxiliary_loss().detach()) == pytest.approx(3.0 * 0.25**2)
+    # two stages: the masks compound (0.5 * 0.5) and meet the cumulative target 0.5**2
+    method = create_method("dynamicvit", tau=1e12)
+    _fitting_forward(model, method, x, keep_rate=0.5, locations=[1, 3])
+    assert float(method.auxiliary_loss().detach()) < 1e-15
+
+
+def test_dynamicvit_fit_moves_the_mask_towards_the_target():
+    # (that fitting lowers the held-out loss is test_fit_lowers_held_out_loss)
+    torch.manual_seed(0)
+    model = make_model()
+    train, held = make_images(n=32, seed=1), make_images(n=12, seed=2)
+    method = create_method("dynamicvit", seed=0)
+
+    def mean_mask():
+        _, trace = _fitting_forward(model, method, held, keep_rate=0.25, locations=[2])
+        method.auxiliary_loss()
+        return float(trace.decision(2).size_scale.mean())
+
+    before = mean_mask()
+    tokvis.fit(model, method, train, keep_rate=0.25, locations=[2], epochs=4, lr=1e-2, batch_size=8, progress=False)
+    after = mean_mask()
+    assert abs(after - 0.25) < abs(before - 0.25) - 0.05, (before, after)

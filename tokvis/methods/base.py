@@ -208,6 +208,15 @@ class Method(nn.Module):
         mask = None if bias is None else bias[:, None, None, :].to(q.dtype)
         return torch.nn.functional.scaled_dot_product_attention(q_red, k, v, attn_mask=mask, scale=scale)
 
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """An extra training loss of the latest forward, added by :func:`tokvis.fit` (default ``None``).
+
+        A method that returns a tensor here computes it while fitting (e.g.
+        DynamicViT's keep-ratio loss) and clears it when read, so each forward
+        contributes once.
+        """
+        return None
+
     def max_removal(self, n_in: int, convention: str) -> int:
         """Most patch tokens the method removes in one block (default: no cap).
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tokvis.errors import MethodOptionError
-from tokvis.methods._learned import LearnedMethod, init_linear
+from tokvis.methods._learned import LearnedMethod, check_float, init_linear
 from tokvis.methods.base import ModelInfo, ReductionContext
 from tokvis.methods.ops import rank_keep
 from tokvis.methods.registry import register_method
@@ -36,15 +38,26 @@ class ScorePredictor(nn.Module):
         self.fc2 = nn.Linear(dim // 2, dim // 4)
         self.fc3 = nn.Linear(dim // 4, 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Log-probability of keeping each token, ``[B, n]`` from tokens ``x [B, n, C]``."""
+    def logits(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The two logits (keep, drop) ``[B, n, 2]`` of tokens ``x [B, n, C]``.
+
+        ``weight [B, n]`` (optional) weights the global mean (DynamicViT's
+        policy-weighted mean over the tokens still kept); ``None`` = plain mean.
+        """
         h = F.gelu(self.proj(self.norm(x)))
         half = h.shape[-1] // 2
         local, glob = h[..., :half], h[..., half:]
-        glob = glob.mean(1, keepdim=True).expand(-1, h.shape[1], -1)
-        z = torch.cat([local, glob], -1)
-        z = self.fc3(F.gelu(self.fc2(F.gelu(self.fc1(z)))))
-        return z.log_softmax(-1)[..., 0]
+        if weight is None:
+            glob = glob.mean(1, keepdim=True)
+        else:
+            w = weight.to(glob.dtype).unsqueeze(-1)
+            glob = (glob * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1e-6)
+        z = torch.cat([local, glob.expand(-1, h.shape[1], -1)], -1)
+        return self.fc3(F.gelu(self.fc2(F.gelu(self.fc1(z)))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Log-probability of keeping each token, ``[B, n]`` from tokens ``x [B, n, C]``."""
+        return self.logits(x).log_softmax(-1)[..., 0]
 
 
 @register_method("dynamicvit")
@@ -59,19 +72,29 @@ class DynamicViT(LearnedMethod):
     is the mean over the tokens still present (DynamicViT's policy-weighted mean
     at inference).
 
-    Fitting (:func:`tokvis.fit`): hard top-k selection has no gradient, so while
-    fitting the decision is a straight-through soft one: the one-hot selection
-    matrix of the kept tokens is scaled per token by ``1 + p - stopgrad(p)``
-    (``p`` the predicted keep probability).  The forward values are exactly the
-    pruned tokens; the gradient of the loss reaches ``p`` of each kept token as
-    the first-order effect of scaling that token, so kept tokens whose presence
-    hurts the distillation loss are pushed below dropped ones.  (The original
-    DynamicViT trains with Gumbel-softmax masks inside the attention instead.)
+    Fitting (:func:`tokvis.fit`) follows DynamicViT's training scheme: hard
+    top-k has no gradient, so while fitting (``_fitting`` with gradients on)
+    every token is kept (identity decision) and the predictor gives a relaxed
+    keep mask ``m = sigmoid((log p - log(1 - p) + L) / tau)`` (Gumbel-sigmoid,
+    ``L`` logistic noise), applied as ``size_scale``: the sizes of the tokens
+    are multiplied by ``m`` and, with proportional attention switched on while
+    fitting only, every later attention adds ``log(size)`` to its logits, so
+    masked tokens stop being attended.  Masks compound over the reducing blocks
+    because sizes persist and multiply.  The keep-ratio loss
+    ``sum_s mean_b (mean_i M_s[b, i] - target_s / n_patches)^2`` (``M_s`` the
+    cumulative mask after block ``s``), times ``ratio_weight``, is returned by
+    :meth:`auxiliary_loss` and added to the distillation loss.  At inference
+    nothing changes: hard top-k of the keep log-probability.
 
     Parameters
     ----------
     seed : int >= 0
-        Seeds the predictors' initial weights (truncated normal, std 0.02, as timm).
+        Seeds the predictors' initial weights (truncated normal, std 0.02, as
+        timm) and the Gumbel noise while fitting.
+    ratio_weight : float >= 0
+        Weight of the keep-ratio loss while fitting (DynamicViT: 2.0).
+    tau : float > 0
+        Temperature of the Gumbel-sigmoid keep mask while fitting.
 
     Study checkpoints (:func:`~tokvis.methods._learned.load_study_checkpoint`):
     ``score_predictor.{i}.in_conv.0`` -> ``norm``, ``in_conv.1`` -> ``proj``,
@@ -83,6 +106,32 @@ class DynamicViT(LearnedMethod):
     stage = "before_block"
     slots_in_shape = False
     study_prefix = "score_predictor"
+
+    def __init__(self, *, seed: int = 0, ratio_weight: float = 2.0, tau: float = 1.0) -> None:
+        super().__init__(seed=seed)
+        self.ratio_weight = check_float("ratio_weight", ratio_weight, low=0.0, low_open=False)
+        self.tau = check_float("tau", tau, low=0.0)
+        self._ratio_terms: dict[int, torch.Tensor] = {}
+        self._noise: torch.Generator | None = None
+
+    def options(self) -> dict[str, Any]:
+        return {"seed": self.seed, "ratio_weight": self.ratio_weight, "tau": self.tau}
+
+    @property
+    def proportional_attention(self) -> bool:  # type: ignore[override]
+        """Sizes act on the attention (``log(size)`` logits) only while fitting with the soft masks."""
+        return self._soft_fitting()
+
+    def _soft_fitting(self) -> bool:
+        return self._fitting and torch.is_grad_enabled()
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """``ratio_weight`` times the keep-ratio loss of the latest fitting forward (cleared when read)."""
+        if not self._ratio_terms:
+            return None
+        total = torch.stack(list(self._ratio_terms.values())).sum()
+        self._ratio_terms.clear()
+        return self.ratio_weight * total
 
     def check_model(self, info: ModelInfo) -> None:
         super().check_model(info)
@@ -109,15 +158,27 @@ class DynamicViT(LearnedMethod):
         return {f"{s}.{t}": f"{o}.{t}" for s, o in names.items() for t in ("weight", "bias")}
 
     def reduce(self, module: nn.Module, ctx: ReductionContext) -> LayerDecision:
+        if self._soft_fitting():
+            return self._soft_decision(module, ctx)
         score = module(ctx.x[:, ctx.num_prefix :])
-        k = ctx.target
-        dst, keep = rank_keep(score, k)
-        if self._fitting and torch.is_grad_enabled():
-            p = score.exp()
-            st = torch.where(keep, 1.0 + p - p.detach(), torch.zeros_like(p))
-            B, n = dst.shape
-            onehot = torch.zeros(B, k + 1, n, dtype=st.dtype, device=st.device)
-            onehot.scatter_(1, torch.where(dst >= 0, dst, k).unsqueeze(1), 1.0)
-            soft = onehot[:, :k] * st.unsqueeze(1)
-            return LayerDecision(ctx.layer, "soft", dst, keep, n_out=k, soft=soft, score=score)
-        return LayerDecision(ctx.layer, "prune", dst, keep, n_out=k, score=score)
+        dst, keep = rank_keep(score, ctx.target)
+        return LayerDecision(ctx.layer, "prune", dst, keep, n_out=ctx.target, score=score)
+
+    def _soft_decision(self, module: nn.Module, ctx: ReductionContext) -> LayerDecision:
+        """Keep every token; the relaxed keep mask scales the sizes (see the class docstring)."""
+        p = ctx.num_prefix
+        prev = ctx.size[:, p:]  # the cumulative mask so far: sizes start at 1 and nothing is dropped
+        z = module.logits(ctx.x[:, p:], weight=prev)
+        logit = z[..., 0] - z[..., 1]  # log p - log(1 - p)
+        dev = logit.device
+        if self._noise is None or self._noise.device != dev:
+            self._noise = torch.Generator(device=dev).manual_seed(self.seed)
+        u = torch.rand(logit.shape, generator=self._noise, device=dev, dtype=logit.dtype).clamp(1e-6, 1 - 1e-6)
+        mask = torch.sigmoid((logit + u.log() - (-u).log1p()) / self.tau).clamp_min(1e-6)
+        ratio = ctx.target / ctx.n_patches
+        self._ratio_terms[ctx.layer] = (((prev * mask).mean(1) - ratio) ** 2).mean()
+        B, n = logit.shape
+        dst = torch.arange(n, device=dev).expand(B, n).clone()
+        keep = torch.ones(B, n, dtype=torch.bool, device=dev)
+        score = z.log_softmax(-1)[..., 0]
+        return LayerDecision(ctx.layer, "prune", dst, keep, n_out=n, score=score, size_scale=mask)

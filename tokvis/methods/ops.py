@@ -27,7 +27,7 @@ def apply_decision(
         Number of original patches each token represents (prefix tokens: 1).
     decision : LayerDecision
         ``dst`` [B, n_in] output slots (-1 = dropped), optional ``weight`` and
-        ``soft`` assignment.
+        ``soft`` assignment, optional ``size_scale`` (multiplies the input sizes).
     num_prefix : int
         Number of prefix tokens.
 
@@ -39,7 +39,8 @@ def apply_decision(
         for soft decisions ``x_out = soft @ x`` (rows of ``soft`` are normalised
         by the method).
     size_out : Tensor [B, num_prefix + n_out]
-        Sum of the sizes of the inputs of each output token (soft: ``soft @ size``).
+        Sum of the sizes of the inputs of each output token (soft: ``soft @ size``),
+        each input size first multiplied by ``decision.size_scale`` when given.
     """
     prefix, patches = x[:, :num_prefix], x[:, num_prefix:]
     psize, tsize = size[:, :num_prefix], size[:, num_prefix:]
@@ -49,12 +50,16 @@ def apply_decision(
             f"decision at block {decision.layer} is for {tuple(decision.dst.shape)} tokens, the block has {(B, n_in)}"
         )
     n_out = decision.n_out
+    if decision.size_scale is not None:  # soft keep: scale the input sizes, not the tokens
+        tsize = tsize * decision.size_scale.to(tsize.dtype)
     if decision.soft is not None:
         soft = decision.soft.to(patches.dtype)
         out = torch.bmm(soft, patches)
         new_size = torch.bmm(soft, tsize.unsqueeze(-1)).squeeze(-1)
     elif _is_identity(decision):
-        return x, size
+        if decision.size_scale is None:
+            return x, size
+        return x, torch.cat([psize, tsize], 1)
     else:
         w = decision.weight
         w = torch.ones_like(tsize) if w is None else w.to(patches.dtype)
