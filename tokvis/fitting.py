@@ -137,7 +137,7 @@ def fit(
     r: int | Sequence[int] | None = None,
     locations: Sequence[int] | None = None,
     epochs: int = 5,
-    lr: float = 1e-3,
+    lr: float | None = None,
     batch_size: int = 16,
     loss: str = "cosine",
     progress: bool = True,
@@ -166,8 +166,8 @@ def fit(
         fit this schedule.
     epochs : int >= 1
         Passes over ``images``.
-    lr : float > 0
-        Adam learning rate.
+    lr : float > 0, optional
+        Adam learning rate; default: the method's ``fit_lr`` (3e-3; PatchMerger 3e-2).
     batch_size : int >= 1
     loss : {"cosine", "mse"}
         Distance between the reduced and unreduced pooled features (see
@@ -199,7 +199,9 @@ def fit(
     _check_common(images, batch_size, loss)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise MethodOptionError(f"epochs must be an int >= 1: got {epochs!r}")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0 and math.isfinite(lr)):
+    if lr is not None and (
+        isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0 and math.isfinite(lr))
+    ):
         raise MethodOptionError(f"lr must be a positive number: got {lr!r}")
     if isinstance(method, str):
         from tokvis.methods import get_method_class
@@ -211,6 +213,8 @@ def fit(
     elif options:
         raise MethodOptionError(f"options {sorted(options)} are given with a method object; set them on the object")
     method = _learned(method)
+    if lr is None:
+        lr = getattr(method, "fit_lr", 3e-3)
     if tokvis.is_patched(model):
         raise MethodOptionError("the model is patched; tokvis.unpatch(model) first (the teacher is the plain model)")
 

@@ -519,3 +519,17 @@ def test_dynamicvit_fit_moves_the_mask_towards_the_target():
     tokvis.fit(model, method, train, keep_rate=0.25, locations=[2], epochs=4, lr=1e-2, batch_size=8, progress=False)
     after = mean_mask()
     assert abs(after - 0.25) < abs(before - 0.25) - 0.05, (before, after)
+
+
+def test_fit_uses_the_methods_default_learning_rate():
+    """Without lr=, tokvis.fit takes the method's fit_lr (PatchMerger needs a larger step than the others)."""
+    import tokvis
+    from tokvis.methods import get_method_class
+
+    assert get_method_class("patchmerger").fit_lr > get_method_class("sit").fit_lr
+    model = make_model()
+    images = make_images(n=4)
+    fitted = tokvis.fit(model, "patchmerger", images, keep_rate=0.5, epochs=1, batch_size=4, progress=False)
+    assert fitted.fit_info["lr"] == get_method_class("patchmerger").fit_lr
+    fitted = tokvis.fit(model, "sit", images, keep_rate=0.5, epochs=1, batch_size=4, progress=False, lr=0.5)
+    assert fitted.fit_info["lr"] == 0.5

@@ -66,7 +66,7 @@ def register(subparsers) -> None:
     p.add_argument("--images", type=int, default=256, help="training images: random crops/flips of the bundled photos")
     p.add_argument("--held-out", type=int, default=32, help="held-out images to report the loss on (0: none)")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the method's own)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")

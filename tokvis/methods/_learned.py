@@ -95,6 +95,8 @@ class LearnedMethod(Method):
     slots_in_shape: ClassVar[bool] = True
     #: name of the per-location module list in the study's (TokenReduction) models
     study_prefix: ClassVar[str] = "cluster_layers"
+    #: Adam learning rate :func:`tokvis.fit` uses when none is given
+    fit_lr: ClassVar[float] = 3e-3
 
     def __init__(self, *, seed: int = 0) -> None:
         super().__init__()

@@ -61,6 +61,10 @@ class PatchMerger(LearnedMethod):
 
     kind = "soft"
 
+    #: the queries are unscaled standard normals, so the softmax over tokens starts almost one-hot
+    #: and its gradients are small: a larger step is needed to move it (benchmarks/fit_patterns.py)
+    fit_lr = 3e-2
+
     def __init__(self, *, scaled: bool = False, seed: int = 0) -> None:
         super().__init__(seed=seed)
         if not isinstance(scaled, bool):
