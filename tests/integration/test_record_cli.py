@@ -124,3 +124,16 @@ def test_sweep_and_verify(tmp_path):
     (tmp_path / "bad.toml").write_text('methods = ["tome"]\nbogus = 1\n')
     with pytest.raises(RunConfigError, match=r"unknown keys \['bogus'\]"):
         load_sweep(tmp_path / "bad.toml")
+
+
+def test_example_sweep_file_is_valid():
+    """examples/sweep.toml (referenced by README) parses into runs the store accepts."""
+    from pathlib import Path
+
+    from tokvis.commands.record import load_sweep
+
+    path = Path(__file__).parents[2] / "examples" / "sweep.toml"
+    specs, opts = load_sweep(path)
+    assert len(specs) == 3 * 3 * 2
+    assert {s.method for s in specs} == {"topk", "evit", "tome"}
+    assert opts["out"] == path.parent / "runs"
