@@ -243,7 +243,6 @@ class PatchState:
     size: torch.Tensor | None = None
     n_patches: int = 0
     grid: tuple[int, int] | None = None  # patch grid of the images of the current call (input hook)
-    reporters: list = field(default_factory=list)
 
     checked: set = field(default_factory=set)
 
