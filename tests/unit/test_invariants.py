@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 import tokvis
+from tests.invariants import (
+    block_token_counts,
+    check_batch_items_independent,
+    check_composition_kept_depth,
+    expected_counts,
+)
 from tests.models import make_images, make_model
-from tokvis.schedule import default_locations
 
 CASES = [
     ("tome", {"r": 5}),
@@ -27,108 +30,27 @@ CASES = [
 FLAVOURS = ["cls", "registers", "distilled"]
 
 
-def _block_token_counts(model, x, num_prefix):
-    counts = []
-    hooks = [b.register_forward_hook(lambda m, i, o: counts.append(o.shape[1] - num_prefix)) for b in model.blocks]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return counts
-
-
-def _expected_counts(method, kw, n, depth):
-    counts, cur = [], n
-    if "keep_rate" in kw:
-        locs = kw.get("locations", default_locations(depth))
-        for layer in range(depth):
-            if layer in locs:
-                s = locs.index(layer) + 1
-                budget = math.floor(n * kw["keep_rate"] ** s + 1e-9)
-                cur = budget + (1 if method == "evit" and budget < cur else 0)
-            counts.append(cur)
-        return counts
-    r = kw["r"]
-    per = (
-        r if isinstance(r, list) else [r if layer in kw.get("locations", range(depth)) else 0 for layer in range(depth)]
-    )
-    for layer in range(depth):
-        rr = per[layer]
-        if method == "tome":
-            rr = min(rr, cur // 2)
-        if rr:
-            cur = cur - rr + (1 if method == "evit" else 0)
-        counts.append(cur)
-    return counts
-
-
 @pytest.mark.parametrize("flavour", FLAVOURS)
 @pytest.mark.parametrize("method,kw", CASES)
 def test_token_counts_follow_schedule(flavour, method, kw):
     model, x = make_model(flavour), make_images(flavour)
     tokvis.patch(model, method, **kw)
-    counts = _block_token_counts(model, x, model.num_prefix_tokens)
-    assert counts == _expected_counts(method, kw, 64, 6)
+    counts = block_token_counts(model, x)
+    assert counts == expected_counts(method, kw, 64, 6)
     _, trace = tokvis.run_with_trace(model, x)
     for layer in trace.layers:
         assert trace.decision(layer).n_out == counts[layer]
 
 
-def _dense_labels(trace, layer):
-    """Labels from the dense product of per-layer assignment matrices (independent of the gather path)."""
-    B, N = trace.num_images, trace.num_patches
-    M = torch.eye(N, dtype=torch.float64).expand(B, N, N)
-    for d in trace.decisions:
-        if d.layer > layer:
-            break
-        M = d.assignment_matrix() @ M  # [B, n_out, N]
-    col = M.sum(1)  # 1 if the patch is in some token, 0 if dropped
-    return torch.where(col > 0, M.argmax(1), -1), col
-
-
 @pytest.mark.parametrize("flavour", FLAVOURS)
 @pytest.mark.parametrize("method,kw", CASES)
 def test_composition_kept_depth(flavour, method, kw):
-    model, x = make_model(flavour), make_images(flavour, n=4)
-    tokvis.patch(model, method, **kw)
-    _, trace = tokvis.run_with_trace(model, x)
-    assert trace.layers, "a reducing schedule records decisions"
-    depth = trace.depth()
-    prev_kept = torch.ones(4, 64, dtype=torch.bool)
-    for layer in range(-1, 6):
-        labels, kept = trace.labels(layer), trace.kept(layer)
-        dense, col = _dense_labels(trace, layer)
-        # each original patch belongs to exactly one token or is dropped
-        assert set(col.unique().tolist()) <= {0.0, 1.0}
-        assert torch.equal(labels, dense)
-        if layer in trace.layers:
-            assert int(labels.max()) < trace.decision(layer).n_out
-        assert bool((labels >= -1).all())
-        assert not bool((kept & (labels < 0)).any()), "kept implies labels >= 0"
-        assert not bool((kept & ~prev_kept).any()), "a patch never becomes its own token again"
-        # depth is the first block after which the patch is not its own token
-        assert torch.equal(kept, depth > layer)
-        # kept patches hold distinct tokens
-        for b in range(4):
-            own = labels[b][kept[b]]
-            assert own.unique().numel() == own.numel()
-        prev_kept = kept
+    check_composition_kept_depth(flavour, method, kw)
 
 
 @pytest.mark.parametrize("method,kw", CASES)
 def test_batch_items_independent(method, kw):
-    model, x = make_model("registers", dtype=torch.float64), make_images("registers", n=3, dtype=torch.float64)
-    tokvis.patch(model, method, **kw)
-    _, batch = tokvis.run_with_trace(model, x)
-    for i in range(3):
-        _, single = tokvis.run_with_trace(model, x[i : i + 1])
-        assert single.layers == batch.layers
-        for layer in batch.layers:
-            assert torch.equal(single.labels(layer)[0], batch.labels(layer)[i])
-            assert torch.equal(single.kept(layer)[0], batch.kept(layer)[i])
-            assert torch.equal(single.decision(layer).dst[0], batch.decision(layer).dst[i])
+    check_batch_items_independent(method, kw)
 
 
 def test_pruning_keeps_highest_cls_attention():

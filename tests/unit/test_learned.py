@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import tokvis
+from tests.invariants import block_token_counts
 from tests.models import make_images, make_model
 from tokvis import fitting
 from tokvis.errors import MethodOptionError, WeightsError
@@ -26,19 +27,6 @@ def _quiet(method):
     """A method marked fitted, so that tests not about the warning see none."""
     method.mark_fitted(True)
     return method
-
-
-def _block_counts(model, x):
-    counts = []
-    p = model.num_prefix_tokens
-    hooks = [b.register_forward_hook(lambda m, i, o: counts.append(o.shape[1] - p)) for b in model.blocks]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return counts
 
 
 @pytest.mark.parametrize("flavour", ["cls", "registers", "avgpool"])
@@ -61,7 +49,7 @@ def test_keep_rate_one_equals_unpatched(name, flavour):
 def test_token_counts_follow_schedule(name, kw):
     model, x = make_model("registers"), make_images("registers")
     tokvis.patch(model, _quiet(create_method(name)), **kw)
-    counts = _block_counts(model, x)
+    counts = block_token_counts(model, x)
     expect, cur = [], 64
     locs = kw.get("locations", [1, 3, 4])
     for layer in range(6):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import tokvis
+from tests.invariants import block_token_counts, check_batch_items_independent, check_composition_kept_depth
 from tests.models import make_images, make_model
-from tests.unit.test_invariants import _block_token_counts, test_batch_items_independent, test_composition_kept_depth
 from tokvis.errors import MethodOptionError, ScheduleError
 from tokvis.methods.mctf import MCTF, bidirectional_matching, multi_criteria_weights
 from tokvis.methods.ops import bipartite_matching
@@ -159,18 +159,18 @@ def test_r_zero_equals_unpatched_and_keep_rate_one_close():
 def test_token_counts(kw, expect):
     model, x = make_model("distilled"), make_images("distilled")
     tokvis.patch(model, "mctf", **kw)
-    assert _block_token_counts(model, x, model.num_prefix_tokens) == expect
+    assert block_token_counts(model, x) == expect
 
 
 @pytest.mark.parametrize("kw", [{"r": 5}, {"keep_rate": 0.5}, {"r": 0.3, "one_step_ahead": False}])
 @pytest.mark.parametrize("flavour", ["cls", "registers"])
 def test_invariants(flavour, kw):
-    test_composition_kept_depth(flavour, "mctf", kw)
+    check_composition_kept_depth(flavour, "mctf", kw)
 
 
 @pytest.mark.parametrize("kw", [{"r": 7}, {"keep_rate": 0.5, "one_step_ahead": False}])
 def test_batch_independence(kw):
-    test_batch_items_independent("mctf", kw)
+    check_batch_items_independent("mctf", kw)
 
 
 def test_one_step_ahead_block_matches_dense_reference():

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import tokvis
+from tests.invariants import block_token_counts, check_batch_items_independent, check_composition_kept_depth
 from tests.models import make_images, make_model
-from tests.unit.test_invariants import _block_token_counts, test_batch_items_independent, test_composition_kept_depth
 from tokvis.errors import MethodOptionError
 from tokvis.methods.vomix import VoMix, key_similarity, mixing_matrix, vote
 
@@ -81,7 +81,7 @@ def test_r_zero_equals_plain_model():
 def test_one_output_per_retained_token(kw, expect):
     model, x = make_model("registers"), make_images("registers")
     tokvis.patch(model, "vomix", **kw)
-    assert _block_token_counts(model, x, model.num_prefix_tokens) == expect
+    assert block_token_counts(model, x) == expect
     _, trace = tokvis.run_with_trace(model, x)
     for layer in trace.layers:
         d = trace.decision(layer)
@@ -154,12 +154,12 @@ def test_residual_drop_keeps_retained_residual():
 @pytest.mark.parametrize("kw", [{"r": 6}, {"keep_rate": 0.4}, {"r": 0.3, "residual": "drop"}])
 @pytest.mark.parametrize("flavour", ["cls", "registers"])
 def test_invariants(flavour, kw):
-    test_composition_kept_depth(flavour, "vomix", kw)
+    check_composition_kept_depth(flavour, "vomix", kw)
 
 
 @pytest.mark.parametrize("kw", [{"r": 9}, {"keep_rate": 0.5, "votes": 2}])
 def test_batch_independence(kw):
-    test_batch_items_independent("vomix", kw)
+    check_batch_items_independent("vomix", kw)
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import tokvis
+from tests import invariants as inv
+from tests.invariants import block_token_counts, expected_counts
 from tests.models import FLAVOURS, make_images, make_model
-from tests.unit import test_invariants as inv
-from tests.unit.test_invariants import _block_token_counts, _expected_counts
 from tokvis.errors import MethodOptionError, TokvisError, UnsupportedModelError
 from tokvis.methods.ats import ats_scores, inverse_transform_sample
 from tokvis.methods.base import ReductionContext
@@ -80,8 +80,8 @@ def test_token_counts_follow_schedule(method, schedule):
     for flavour in ("cls", "registers"):
         model, x = make_model(flavour), make_images(flavour)
         tokvis.patch(model, method, **schedule)
-        counts = _block_token_counts(model, x, model.num_prefix_tokens)
-        assert counts == _expected_counts(method, schedule, 64, 6)
+        counts = block_token_counts(model, x)
+        assert counts == expected_counts(method, schedule, 64, 6)
         _, trace = tokvis.run_with_trace(model, x)
         for layer in trace.layers:
             assert trace.decision(layer).n_out == counts[layer]
@@ -92,7 +92,7 @@ def test_token_counts_follow_schedule(method, schedule):
 def test_ats_token_counts_at_most_the_budget(schedule):
     model, x = _sharpened(), _peaky_images()
     tokvis.patch(model, "ats", **schedule)
-    budget = _expected_counts("ats", schedule, 64, 6)
+    budget = expected_counts("ats", schedule, 64, 6)
     _, trace = tokvis.run_with_trace(model, x)
     for layer in trace.layers:
         counts = trace.token_counts(layer)
@@ -106,14 +106,14 @@ def test_ats_token_counts_at_most_the_budget(schedule):
 @pytest.mark.parametrize("method", METHODS)
 def test_invariants_composition_kept_depth(method):
     for flavour in ("cls", "registers", "distilled"):
-        inv.test_composition_kept_depth(flavour, method, {"keep_rate": 0.5})
+        inv.check_composition_kept_depth(flavour, method, {"keep_rate": 0.5})
     if method != "ats":  # ATS takes keep_rate only
-        inv.test_composition_kept_depth("cls", method, {"r": 6})
+        inv.check_composition_kept_depth("cls", method, {"r": 6})
 
 
 @pytest.mark.parametrize("method", ["kmedoids", "dpcknn", "radial"])
 def test_batch_items_independent_float64(method):
-    inv.test_batch_items_independent(method, {"keep_rate": 0.5})
+    inv.check_batch_items_independent(method, {"keep_rate": 0.5})
 
 
 def test_ats_batch_equals_images_alone_with_padding():
@@ -216,7 +216,7 @@ def test_ats_scores_from_the_model_and_kept_tokens_are_the_samples():
         if layer == first:
             torch.testing.assert_close(d.score, expect)
             torch.testing.assert_close(ats_scores(probs[:, :, 0, p:], v[:, :, p:]), expect)
-        budget = _expected_counts("ats", {"keep_rate": 0.5}, 64, 6)[layer]
+        budget = expected_counts("ats", {"keep_rate": 0.5}, 64, 6)[layer]
         before = trace.token_counts(layer - 1)  # real tokens entering the block; padding slots come after them
         for b in range(B):
             real = int(before[b])
