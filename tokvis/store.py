@@ -528,9 +528,9 @@ class Run:
         )
 
     def _slot(self, layer: int) -> int:
-        layer = int(layer)
-        if not -1 <= layer < self._meta_base.depth:
-            raise IndexError(f"layer must be in [-1, {self._meta_base.depth - 1}] (block index): got {layer}")
+        from tokvis.trace import check_block_index
+
+        layer = check_block_index(layer, self._meta_base.depth)
         slot = -1
         for i, lay in enumerate(self.layers):
             if lay <= layer:

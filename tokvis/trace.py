@@ -248,10 +248,7 @@ class Trace:
 
     # -- composition -----------------------------------------------------------------------------
     def _check_layer(self, layer: int) -> int:
-        layer = int(layer)
-        if not -1 <= layer < self.meta.depth:
-            raise IndexError(f"layer must be in [-1, {self.meta.depth - 1}] (block index): got {layer}")
-        return layer
+        return check_block_index(layer, self.meta.depth)
 
     def labels(self, layer: int) -> torch.Tensor:
         """Token (after block ``layer``) holding each original patch; -1 = dropped.
@@ -407,6 +404,14 @@ class Trace:
                 os.unlink(tmp)
             raise
         return path
+
+
+def check_block_index(layer: int, depth: int) -> int:
+    """``layer`` as an int in ``[-1, depth - 1]`` (-1 = before the first block), else IndexError."""
+    layer = int(layer)
+    if not -1 <= layer < depth:
+        raise IndexError(f"layer must be in [-1, {depth - 1}] (block index): got {layer}")
+    return layer
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
