@@ -2,20 +2,24 @@
 
 Run: python benchmarks/bench_methods.py [--batch-size 16] [--repeats 3] [--keep-rates 0.7 0.5] [--methods ...]
 Prints one table; fidelity is the mean cosine similarity of the final features to the unreduced
-model's. Learned methods run with their (unfitted, seeded) parameters unless --fitted DIR holds
-`<method>.safetensors` files from `tokvis fit`.
+model's. A method is a name or `name:key=value,...` (options, e.g. `vomix:residual=drop`). Learned
+methods run with their (unfitted, seeded) parameters unless --fitted DIR holds
+`<method>_keep<rate>.safetensors` for that keep rate (written by `benchmarks/fit_patterns.py --save DIR`,
+or `tokvis fit --out DIR/<method>_keep<rate>.safetensors`); those rows are labelled "fitted".
 """
 
 from __future__ import annotations
 
 import argparse
 import warnings
+from pathlib import Path
 
 import torch
 
 import tokvis
-from tokvis import data, zoo
+from tokvis import data, fitting, zoo
 from tokvis.bench import benchmark, method_configs
+from tokvis.methods import create_method, parse_method_spec
 
 
 def main() -> None:
@@ -25,6 +29,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--keep-rates", nargs="+", type=float, default=[0.7, 0.5])
     p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
+    p.add_argument("--fitted", default=None, help="fitted methods: <method>_keep<rate>.safetensors")
     args = p.parse_args()
     torch.manual_seed(0)
     model = zoo.create(args.model)
@@ -35,7 +40,13 @@ def main() -> None:
     configs = []
     for label, method, kw in method_configs(methods, args.keep_rates):
         if method is not None:
+            path = Path(args.fitted or ".") / f"{method.replace(':', '_')}_keep{kw['keep_rate']:g}.safetensors"
             try:  # a method that cannot run on this model (or schedule) is listed, not fatal
+                if args.fitted and path.is_file():
+                    method, label = fitting.load_method(path), f"{label} fitted"
+                else:
+                    name, options = parse_method_spec(method)
+                    method = create_method(name, **options)
                 tokvis.patch(model, method, **kw)
             except tokvis.errors.TokvisError as e:
                 print(f"skipped {label}: {e}")

@@ -1,20 +1,28 @@
-"""Are fitted learned methods' patterns non-random?  Agreement with Top-K before and after fitting.
+"""Are fitted learned methods' patterns non-random?  Agreement with the unreduced model's attention.
 
 Fits each learned method (dynamicvit, sit, patchmerger, sinkhorn) on the real
 DINOv2 ViT-S/14 by distillation, on random crops / flips of the 20 bundled
-ImageNet photos, and evaluates on the 6 bundled sample photos (not used in
-fitting).  At the first reduction location, each method's per-patch importance
-(DynamicViT: predicted keep log-probability; soft methods: the total assignment
-mass a patch gives to the output slots, ``soft.sum(1)``) is compared with the
-unreduced model's class-token attention (Top-K's score at that block):
+ImageNet photos, and evaluates on photos not used in fitting: the 6 bundled
+sample photos and ``--eval-crops`` random crops of them.  At the first reduction
+location, each method's per-patch importance (``LayerDecision.score``:
+DynamicViT's predicted keep log-probability; for the soft methods the total
+assignment mass a patch gives to the output slots, ``soft.sum(1)``) is compared
+with the unreduced model's class-token attention at that block (Top-K's score)
+by :func:`tokvis.analysis.importance_agreement`:
 
 * IoU of the top-``k`` patches (``k`` the block's budget) with Top-K's kept set;
-* Spearman correlation of the two scores over the patches.
+* Spearman correlation of the two scores over the patches;
 
-Printed for the unfitted (seeded random) and the fitted method, with the chance
-IoU of two random ``k``-subsets; the bar chart goes to figures/fit_patterns.png.
+each against a **random method** (the same scores on shuffled patch positions,
+``--n-random`` draws): its mean, 95% interval and the one-sided p-value.
+Printed for the unfitted (seeded random parameters) and the fitted method; the
+figure goes to ``--out``.  A method is given as ``name`` or
+``name:key=value,...`` (method options, values parsed as JSON), e.g.
+``sinkhorn:eps=0.1``.  ``--save DIR`` writes each fitted method to
+``DIR/<label>_keep<rate>.safetensors`` (``benchmarks/bench_methods.py --fitted DIR``
+reads them).
 
-    python benchmarks/fit_patterns.py [--images 128] [--epochs 2] [--keep-rate 0.5]
+    python benchmarks/fit_patterns.py [--images 256] [--epochs 3] [--keep-rate 0.5] [--methods ...]
 """
 
 from __future__ import annotations
@@ -26,11 +34,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 
 import tokvis
 from tokvis import data, fitting, zoo
-from tokvis.methods import create_method
+from tokvis.analysis import importance_agreement
+from tokvis.methods import create_method, parse_method_spec
 
 METHODS = ["dynamicvit", "sit", "patchmerger", "sinkhorn"]
 
@@ -38,44 +46,46 @@ METHODS = ["dynamicvit", "sit", "patchmerger", "sinkhorn"]
 def first_decision(model, method, images, keep_rate):
     tokvis.patch(model, method, keep_rate=keep_rate)
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", UserWarning)  # unfitted learned methods warn
         _, trace = tokvis.run_with_trace(model, images)
     tokvis.unpatch(model)
     return trace.decision(trace.layers[0])
 
 
-def agreement(score, ref_score, k):
-    ious, rhos = [], []
-    for s, r in zip(score.numpy(), ref_score.numpy(), strict=True):
-        a, b = set(np.argsort(-s)[:k]), set(np.argsort(-r)[:k])
-        ious.append(len(a & b) / len(a | b))
-        rhos.append(spearmanr(s, r).statistic)
-    return float(np.mean(ious)), float(np.mean(rhos))
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--images", type=int, default=128)
-    ap.add_argument("--epochs", type=int, default=2)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=256, help="training crops of the 20 ImageNet photos")
+    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=None, help="default: each method's fit_lr")
     ap.add_argument("--keep-rate", type=float, default=0.5)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--methods", nargs="+", default=METHODS)
+    ap.add_argument("--eval-crops", type=int, default=58, help="held-out crops of the sample photos (+ the 6 photos)")
+    ap.add_argument("--n-random", type=int, default=2000, help="draws of the random method")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--methods", nargs="+", default=METHODS, help="name or name:key=value,...")
+    ap.add_argument("--save", default=None, help="directory for the fitted methods")
     ap.add_argument("--out", default="figures/fit_patterns.png")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model = zoo.create("dinov2_small_offline")
     train = fitting.augmented_images(model, args.images, seed=0, sources=("imagenet",))
-    evals, ids = data.load_images(model)
+    photos, _ = data.load_images(model)
+    evals = photos
+    if args.eval_crops:
+        evals = torch.cat([photos, fitting.augmented_images(model, args.eval_crops, seed=1, sources=("samples",))])
     ref = first_decision(model, create_method("topk"), evals, args.keep_rate)
     k, n = ref.n_out, ref.n_in
-    chance = (k * k / n) / (2 * k - k * k / n)
-    print(f"block {ref.layer}: keep {k} of {n} patches; chance IoU of random top-k sets {chance:.3f}")
-    print(f"fitting on {len(train)} crops of the ImageNet photos, evaluating on {len(ids)} sample photos")
+    print(f"block {ref.layer}: keep {k} of {n} patches; reference: the unreduced model's CLS attention there")
+    print(
+        f"fitting on {len(train)} crops of the 20 ImageNet photos ({args.epochs} epochs); evaluating on "
+        f"{len(evals)} images (the 6 sample photos and {args.eval_crops} crops of them); random method: "
+        f"{args.n_random} draws"
+    )
     rows = []
-    for name in args.methods:
-        method = create_method(name, seed=0)
+    for spec in args.methods:
+        name, options = parse_method_spec(spec)
+        method = create_method(name, **{"seed": 0, **options})
         d0 = first_decision(model, method, evals, args.keep_rate)
         loss0 = fitting.distillation_loss(model, method, evals, keep_rate=args.keep_rate)
         t0 = time.perf_counter()
@@ -83,29 +93,39 @@ def main() -> None:
         secs = time.perf_counter() - t0
         d1 = first_decision(model, method, evals, args.keep_rate)
         loss1 = fitting.distillation_loss(model, method, evals, keep_rate=args.keep_rate)
-        iou0, rho0 = agreement(d0.score, ref.score, k)
-        iou1, rho1 = agreement(d1.score, ref.score, k)
-        rows.append((name, iou0, iou1, rho0, rho1, loss0, loss1, secs))
-        print(
-            f"{name:<12} IoU with Top-K {iou0:.3f} -> {iou1:.3f}   Spearman {rho0:+.3f} -> {rho1:+.3f}   "
-            f"held-out 1-cos {loss0:.4f} -> {loss1:.4f}   fit {secs:.0f} s",
-            flush=True,
-        )
+        a0 = importance_agreement(d0.score, ref.score, k=k, n_random=args.n_random, seed=0)
+        a1 = importance_agreement(d1.score, ref.score, k=k, n_random=args.n_random, seed=1)
+        rows.append((spec, a0, a1))
+        if args.save:
+            path = Path(args.save) / f"{spec.replace(':', '_')}_keep{args.keep_rate:g}.safetensors"
+            fitting.save_method(method, path)
+        for stat in ("iou", "spearman"):
+            lo, hi = a1[f"random_{stat}_ci"]
+            print(
+                f"{spec:<22} {stat:<8} unfitted {a0[f'{stat}_mean']:+.3f} -> fitted {a1[f'{stat}_mean']:+.3f}   "
+                f"random method {a1[f'random_{stat}_mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]   "
+                f"p(fitted) {a1[f'{stat}_p']:.4f}",
+                flush=True,
+            )
+        print(f"{spec:<22} held-out 1-cos {loss0:.4f} -> {loss1:.4f}   fit {secs:.0f} s", flush=True)
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.6 * len(rows), 3.8), layout="constrained")
     x = np.arange(len(rows))
-    panels = [(axes[0], (1, 2), "IoU of top-k with Top-K"), (axes[1], (3, 4), "Spearman with CLS attn")]
-    for ax, (i0, i1), title in panels:
-        ax.bar(x - 0.2, [r[i0] for r in rows], 0.4, label="unfitted (random)", color="0.7")
-        ax.bar(x + 0.2, [r[i1] for r in rows], 0.4, label="fitted", color="C0")
-        ax.set_xticks(x, [r[0] for r in rows])
-        ax.set_title(f"{title} (block {ref.layer}, keep rate {args.keep_rate})")
-    axes[0].axhline(chance, color="k", ls="--", lw=1, label="chance")
+    panels = [(axes[0], "iou", "IoU of top-k with Top-K"), (axes[1], "spearman", "Spearman with CLS attn")]
+    for ax, stat, title in panels:
+        ax.bar(x - 0.2, [r[1][f"{stat}_mean"] for r in rows], 0.4, label="unfitted (seeded)", color="0.7")
+        ax.bar(x + 0.2, [r[2][f"{stat}_mean"] for r in rows], 0.4, label="fitted", color="C0")
+        for i, (_, _, a1) in enumerate(rows):
+            lo, hi = a1[f"random_{stat}_ci"]
+            ax.fill_between([i - 0.45, i + 0.45], lo, hi, color="C3", alpha=0.35, lw=0,
+                            label="random method (95%)" if i == 0 else None)  # fmt: skip
+        ax.set_xticks(x, [r[0] for r in rows], rotation=15)
+        ax.set_title(f"{title} (block {ref.layer}, keep {args.keep_rate:g}, {len(evals)} held-out images)", fontsize=9)
     axes[1].axhline(0, color="k", lw=0.8)
     axes[0].legend(fontsize=8)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -224,6 +224,18 @@ def test_unknown_method_and_options():
         tokvis.patch(make_model(), "tome", r=2, bogus=1)
 
 
+def test_method_spec_strings():
+    from tokvis.methods import create_method, parse_method_spec
+
+    name, options = parse_method_spec("sinkhorn:eps=0.1,iters=5")
+    assert (name, options) == ("sinkhorn", {"eps": 0.1, "iters": 5})
+    assert create_method(name, **options).options() == {"eps": 0.1, "iters": 5, "seed": 0}
+    assert parse_method_spec("vomix:residual=drop,soft=true") == ("vomix", {"residual": "drop", "soft": True})
+    assert parse_method_spec("tome") == ("tome", {})
+    with pytest.raises(MethodOptionError, match="KEY=VALUE"):
+        parse_method_spec("sinkhorn:eps")
+
+
 def test_failed_patch_leaves_model_untouched():
     model = make_model()
     tokvis.patch(model, "tome", r=2)

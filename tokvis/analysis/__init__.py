@@ -6,6 +6,7 @@ tensors are converted with ``.numpy()`` inside the functions.
 * :mod:`~tokvis.analysis.patterns` -- per-image pattern similarity (IoU, IoA, V-measure, ARI, AMI, ...);
 * :mod:`~tokvis.analysis.maps` -- global spatial maps and map metrics (KL, JS, PCC, SCC, EMD, SIM);
 * :mod:`~tokvis.analysis.features` -- CLS-feature similarity (CKA, CCA, PWCCA, Procrustes);
+* :mod:`~tokvis.analysis.importance` -- per-patch importance vs a reference, against a random method;
 * :mod:`~tokvis.analysis.correlation` -- Spearman / Kendall / Pearson with bootstrap intervals;
 * :mod:`~tokvis.analysis.compare` -- :func:`compare` traces by metadata into tidy tables.
 """
@@ -29,6 +30,7 @@ from tokvis.analysis.features import (
     procrustes_distance,
     pwcca,
 )
+from tokvis.analysis.importance import importance_agreement, rank_correlation, top_k_mask
 from tokvis.analysis.maps import (
     depth_map,
     emd,
@@ -78,6 +80,7 @@ __all__ = [
     "emd",
     "global_maps",
     "homogeneity",
+    "importance_agreement",
     "ioa",
     "iou",
     "js_divergence",
@@ -95,7 +98,9 @@ __all__ = [
     "pcc",
     "procrustes_distance",
     "pwcca",
+    "rank_correlation",
     "scc",
     "sim",
+    "top_k_mask",
     "v_measure",
 ]

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 
 def _option(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"method options are KEY=VALUE (e.g. eps=0.1): got {text!r}")
+    from tokvis.errors import MethodOptionError
+    from tokvis.methods.registry import parse_option
+
     try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
+        return parse_option(text)
+    except MethodOptionError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def cmd_fit(args: argparse.Namespace) -> int:

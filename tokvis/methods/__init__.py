@@ -9,7 +9,13 @@ import importlib
 import pkgutil
 
 from tokvis.methods.base import Method, ModelInfo, ReductionContext
-from tokvis.methods.registry import create_method, get_method_class, list_methods, register_method
+from tokvis.methods.registry import (
+    create_method,
+    get_method_class,
+    list_methods,
+    parse_method_spec,
+    register_method,
+)
 
 _SHARED = {"base", "registry", "ops"}
 
@@ -24,5 +30,6 @@ __all__ = [
     "create_method",
     "get_method_class",
     "list_methods",
+    "parse_method_spec",
     "register_method",
 ]

@@ -1,8 +1,9 @@
-"""The method registry: ``register_method``, ``create_method``, ``list_methods``."""
+"""The method registry: ``register_method``, ``create_method``, ``list_methods``, ``parse_method_spec``."""
 
 from __future__ import annotations
 
 import difflib
+import json
 from typing import Callable, TypeVar
 
 from tokvis.errors import MethodOptionError, UnknownMethodError
@@ -59,3 +60,30 @@ def create_method(name: str, **options) -> Method:
         return cls(**options)
     except TypeError as e:
         raise MethodOptionError(f"bad options for method {name!r}: {e}") from e
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    """``"eps=0.1"`` -> ``("eps", 0.1)``: the value is parsed as JSON, or kept as a string.
+
+    Raises
+    ------
+    MethodOptionError
+        ``text`` is not ``KEY=VALUE``.
+    """
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise MethodOptionError(f"method options are KEY=VALUE (e.g. eps=0.1): got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict]:
+    """A method with options in one string: ``"sinkhorn:eps=0.1,iters=5"`` -> ``("sinkhorn", {...})``.
+
+    The name alone (``"tome"``) gives no options.  Values are parsed as JSON
+    (numbers, ``true`` / ``false``, quoted strings), other text stays a string.
+    """
+    name, _, opts = spec.partition(":")
+    return name, dict(parse_option(item) for item in opts.split(",") if item)
