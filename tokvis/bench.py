@@ -92,6 +92,8 @@ def benchmark(
     """
     from tokvis import patch, record, unpatch
 
+    label_width = max(len(label) for label, _, _ in configs) if configs else 0
+
     rows: list[BenchRow] = []
     base_ips = base_flops = None
     unpatch(model)
@@ -140,7 +142,7 @@ def benchmark(
         )
         rows.append(row)
         if progress:
-            progress(format_rows([row], header=len(rows) == 1))
+            progress(format_rows([row], header=len(rows) == 1, label_width=label_width))
     unpatch(model)
     return rows
 
@@ -158,15 +160,17 @@ _COLUMNS = [  # (field, width, format)
 ]
 
 
-def format_rows(rows: Sequence[BenchRow], *, header: bool = True) -> str:
-    """Fixed-width text table of benchmark rows."""
+def format_rows(rows: Sequence[BenchRow], *, header: bool = True, label_width: int = 0) -> str:
+    """Fixed-width text table of benchmark rows; the config column is at least ``label_width`` wide."""
+    width = max([label_width, _COLUMNS[0][1], *(len(r.config) for r in rows)])
+    columns = [("config", width, "s"), *_COLUMNS[1:]]
     lines = []
     if header:
-        lines.append(" ".join(f"{name:<{w}}" if fmt == "s" else f"{name:>{w}}" for name, w, fmt in _COLUMNS))
+        lines.append(" ".join(f"{name:<{w}}" if fmt == "s" else f"{name:>{w}}" for name, w, fmt in columns))
     for r in rows:
         d = asdict(r)
         lines.append(
-            " ".join(f"{d[name]:<{w}{fmt}}" if fmt == "s" else f"{d[name]:>{w}{fmt}}" for name, w, fmt in _COLUMNS)
+            " ".join(f"{d[name]:<{w}{fmt}}" if fmt == "s" else f"{d[name]:>{w}{fmt}}" for name, w, fmt in columns)
         )
     return "\n".join(lines)
 

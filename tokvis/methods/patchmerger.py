@@ -62,7 +62,8 @@ class PatchMerger(LearnedMethod):
     kind = "soft"
 
     #: the queries are unscaled standard normals, so the softmax over tokens starts almost one-hot
-    #: and its gradients are small: a larger step is needed to move it (benchmarks/fit_patterns.py)
+    #: (largest weight per slot 0.86 on average on DINOv2 block 3 at keep 0.5) and its gradients are
+    #: small: a larger step is needed to move it (benchmarks/fit_patterns.py)
     fit_lr = 3e-2
 
     def __init__(self, *, scaled: bool = False, seed: int = 0) -> None:

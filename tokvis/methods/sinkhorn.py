@@ -82,6 +82,14 @@ class Sinkhorn(LearnedMethod):
     unbalanced when ``n != K``); the centres are normalised inside the forward
     (differentiably) instead of being renormalised in place.
 
+    With the study's ``eps=1`` and cosine scores in ``[-1, 1]`` the kernel
+    ``exp(scores / eps)`` spans at most a factor ``e**2``, so every slot mixes
+    nearly all tokens; the study trained the backbone with the module.  On a
+    frozen backbone (:func:`tokvis.fit`) a smaller ``eps`` fits better: on
+    DINOv2 ViT-S/14 at keep rate 0.5 the fitted feature fidelity is 0.41 with
+    ``eps=1`` and 0.49 with ``eps=0.1`` (``benchmarks/fit_patterns.py --save``,
+    then ``benchmarks/bench_methods.py --fitted``).
+
     Parameters
     ----------
     eps : float > 0
