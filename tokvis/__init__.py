@@ -43,7 +43,7 @@ _EXPORTS = {
     "fit": "tokvis.fitting",
     "load_run": "tokvis.store",
 }
-_SUBMODULES = ("zoo", "data", "plotting", "analysis", "adapters", "bench", "methods", "trace", "cli")
+_SUBMODULES = ("zoo", "data", "plotting", "analysis", "attention", "adapters", "bench", "methods", "trace", "cli")
 
 
 def __getattr__(name: str) -> Any:
