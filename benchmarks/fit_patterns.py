@@ -13,6 +13,10 @@ by :func:`tokvis.analysis.importance_agreement`:
 * IoU of the top-``k`` patches (``k`` the block's budget) with Top-K's kept set;
 * Spearman correlation of the two scores over the patches;
 
+and with the unreduced model's attention rollout from its class token to the
+tokens the method decides on (:func:`tokvis.attention.attention_rollout`: what
+the final features draw on, through every later block), by Spearman correlation;
+
 each against a **random method** (the same scores on shuffled patch positions,
 ``--n-random`` draws): its mean, 95% interval and the one-sided p-value.
 Printed for the unfitted (seeded random parameters) and the fitted method; the
@@ -38,6 +42,7 @@ import torch
 import tokvis
 from tokvis import data, fitting, zoo
 from tokvis.analysis import importance_agreement
+from tokvis.attention import attention_rollout
 from tokvis.methods import create_method, parse_method_spec
 
 METHODS = ["dynamicvit", "sit", "patchmerger", "sinkhorn"]
@@ -76,6 +81,8 @@ def main() -> None:
         evals = torch.cat([photos, fitting.augmented_images(model, args.eval_crops, seed=1, sources=("samples",))])
     ref = first_decision(model, create_method("topk"), evals, args.keep_rate)
     k, n = ref.n_out, ref.n_in
+    # rollout to the tokens entering the block (methods deciding before it) or leaving its attention
+    rollout = {s: attention_rollout(model, evals, start=s) for s in (ref.layer, ref.layer + 1)}
     print(f"block {ref.layer}: keep {k} of {n} patches; reference: the unreduced model's CLS attention there")
     print(
         f"fitting on {len(train)} crops of the 20 ImageNet photos ({args.epochs} epochs); evaluating on "
@@ -95,14 +102,18 @@ def main() -> None:
         loss1 = fitting.distillation_loss(model, method, evals, keep_rate=args.keep_rate)
         a0 = importance_agreement(d0.score, ref.score, k=k, n_random=args.n_random, seed=0)
         a1 = importance_agreement(d1.score, ref.score, k=k, n_random=args.n_random, seed=1)
+        roll = rollout[ref.layer if method.stage == "before_block" else ref.layer + 1]
+        for a, d, seed in ((a0, d0, 0), (a1, d1, 1)):
+            r = importance_agreement(d.score, roll, k=k, n_random=args.n_random, seed=seed)
+            a.update({key.replace("spearman", "rollout_spearman"): v for key, v in r.items() if "spearman" in key})
         rows.append((spec, a0, a1))
         if args.save:
             path = Path(args.save) / f"{spec.replace(':', '_')}_keep{args.keep_rate:g}.safetensors"
             fitting.save_method(method, path)
-        for stat in ("iou", "spearman"):
+        for stat in ("iou", "spearman", "rollout_spearman"):
             lo, hi = a1[f"random_{stat}_ci"]
             print(
-                f"{spec:<22} {stat:<8} unfitted {a0[f'{stat}_mean']:+.3f} -> fitted {a1[f'{stat}_mean']:+.3f}   "
+                f"{spec:<22} {stat:<16} unfitted {a0[f'{stat}_mean']:+.3f} -> fitted {a1[f'{stat}_mean']:+.3f}   "
                 f"random method {a1[f'random_{stat}_mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]   "
                 f"p(fitted) {a1[f'{stat}_p']:.4f}",
                 flush=True,
@@ -114,9 +125,13 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.6 * len(rows), 3.8), layout="constrained")
+    fig, axes = plt.subplots(1, 3, figsize=(6 + 2.4 * len(rows), 3.8), layout="constrained")
     x = np.arange(len(rows))
-    panels = [(axes[0], "iou", "IoU of top-k with Top-K"), (axes[1], "spearman", "Spearman with CLS attn")]
+    panels = [
+        (axes[0], "iou", "IoU of top-k with Top-K"),
+        (axes[1], "spearman", "Spearman with CLS attn"),
+        (axes[2], "rollout_spearman", "Spearman with attn rollout"),
+    ]
     for ax, stat, title in panels:
         ax.bar(x - 0.2, [r[1][f"{stat}_mean"] for r in rows], 0.4, label="unfitted (seeded)", color="0.7")
         ax.bar(x + 0.2, [r[2][f"{stat}_mean"] for r in rows], 0.4, label="fitted", color="C0")
@@ -125,8 +140,9 @@ def main() -> None:
             ax.fill_between([i - 0.45, i + 0.45], lo, hi, color="C3", alpha=0.35, lw=0,
                             label="random method (95%)" if i == 0 else None)  # fmt: skip
         ax.set_xticks(x, [r[0] for r in rows], rotation=15)
-        ax.set_title(f"{title} (block {ref.layer}, keep {args.keep_rate:g}, {len(evals)} held-out images)", fontsize=9)
-    axes[1].axhline(0, color="k", lw=0.8)
+        ax.set_title(f"{title}\n(block {ref.layer}, keep {args.keep_rate:g}, {len(evals)} held-out images)", fontsize=9)
+    for ax in axes[1:]:
+        ax.axhline(0, color="k", lw=0.8)
     axes[0].legend(fontsize=8)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=120)
