@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import warnings
-from pathlib import Path
 
 import torch
 
 import tokvis
 from tokvis import data, fitting, zoo
-from tokvis.bench import benchmark, method_configs
+from tokvis.bench import benchmark, fitted_method_path, method_configs
 from tokvis.methods import create_method, parse_method_spec
 
 
@@ -40,9 +39,9 @@ def main() -> None:
     configs = []
     for label, method, kw in method_configs(methods, args.keep_rates):
         if method is not None:
-            path = Path(args.fitted or ".") / f"{method.replace(':', '_')}_keep{kw['keep_rate']:g}.safetensors"
+            path = fitted_method_path(args.fitted, method, kw["keep_rate"]) if args.fitted else None
             try:  # a method that cannot run on this model (or schedule) is listed, not fatal
-                if args.fitted and path.is_file():
+                if path is not None and path.is_file():
                     method, label = fitting.load_method(path), f"{label} fitted"
                 else:
                     name, options = parse_method_spec(method)

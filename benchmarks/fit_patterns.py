@@ -43,9 +43,16 @@ import tokvis
 from tokvis import data, fitting, zoo
 from tokvis.analysis import importance_agreement
 from tokvis.attention import attention_rollout
+from tokvis.bench import fitted_method_path
 from tokvis.methods import create_method, parse_method_spec
 
 METHODS = ["dynamicvit", "sit", "patchmerger", "sinkhorn"]
+#: (printed name, reference, statistic of importance_agreement, panel title)
+STATS = [
+    ("iou", "cls", "iou", "IoU of top-k with Top-K"),
+    ("spearman", "cls", "spearman", "Spearman with CLS attn"),
+    ("rollout_spearman", "rollout", "spearman", "Spearman with attn rollout"),
+]
 
 
 def first_decision(model, method, images, keep_rate):
@@ -100,22 +107,22 @@ def main() -> None:
         secs = time.perf_counter() - t0
         d1 = first_decision(model, method, evals, args.keep_rate)
         loss1 = fitting.distillation_loss(model, method, evals, keep_rate=args.keep_rate)
-        a0 = importance_agreement(d0.score, ref.score, k=k, n_random=args.n_random, seed=0)
-        a1 = importance_agreement(d1.score, ref.score, k=k, n_random=args.n_random, seed=1)
-        roll = rollout[ref.layer if method.stage == "before_block" else ref.layer + 1]
-        for a, d, seed in ((a0, d0, 0), (a1, d1, 1)):
-            r = importance_agreement(d.score, roll, k=k, n_random=args.n_random, seed=seed)
-            a.update({key.replace("spearman", "rollout_spearman"): v for key, v in r.items() if "spearman" in key})
-        rows.append((spec, a0, a1))
+        refs = {"cls": ref.score, "rollout": rollout[ref.layer if method.stage == "before_block" else ref.layer + 1]}
+        # agreement[phase][reference]: phase 0 unfitted, 1 fitted
+        agreement = [
+            {r: importance_agreement(d.score, refs[r], k=k, n_random=args.n_random, seed=phase) for r in refs}
+            for phase, d in enumerate((d0, d1))
+        ]
+        rows.append((spec, agreement))
         if args.save:
-            path = Path(args.save) / f"{spec.replace(':', '_')}_keep{args.keep_rate:g}.safetensors"
-            fitting.save_method(method, path)
-        for stat in ("iou", "spearman", "rollout_spearman"):
-            lo, hi = a1[f"random_{stat}_ci"]
+            fitting.save_method(method, fitted_method_path(args.save, spec, args.keep_rate))
+        for stat, r, key, _ in STATS:
+            a0, a1 = agreement[0][r], agreement[1][r]
+            lo, hi = a1[f"random_{key}_ci"]
             print(
-                f"{spec:<22} {stat:<16} unfitted {a0[f'{stat}_mean']:+.3f} -> fitted {a1[f'{stat}_mean']:+.3f}   "
-                f"random method {a1[f'random_{stat}_mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]   "
-                f"p(fitted) {a1[f'{stat}_p']:.4f}",
+                f"{spec:<22} {stat:<16} unfitted {a0[f'{key}_mean']:+.3f} -> fitted {a1[f'{key}_mean']:+.3f}   "
+                f"random method {a1[f'random_{key}_mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]   "
+                f"p(fitted) {a1[f'{key}_p']:.4f}",
                 flush=True,
             )
         print(f"{spec:<22} held-out 1-cos {loss0:.4f} -> {loss1:.4f}   fit {secs:.0f} s", flush=True)
@@ -125,24 +132,19 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(6 + 2.4 * len(rows), 3.8), layout="constrained")
+    fig, axes = plt.subplots(1, len(STATS), figsize=(6 + 2.4 * len(rows), 3.8), layout="constrained")
     x = np.arange(len(rows))
-    panels = [
-        (axes[0], "iou", "IoU of top-k with Top-K"),
-        (axes[1], "spearman", "Spearman with CLS attn"),
-        (axes[2], "rollout_spearman", "Spearman with attn rollout"),
-    ]
-    for ax, stat, title in panels:
-        ax.bar(x - 0.2, [r[1][f"{stat}_mean"] for r in rows], 0.4, label="unfitted (seeded)", color="0.7")
-        ax.bar(x + 0.2, [r[2][f"{stat}_mean"] for r in rows], 0.4, label="fitted", color="C0")
-        for i, (_, _, a1) in enumerate(rows):
-            lo, hi = a1[f"random_{stat}_ci"]
+    for ax, (_, r, key, title) in zip(axes, STATS, strict=True):
+        ax.bar(x - 0.2, [a[0][r][f"{key}_mean"] for _, a in rows], 0.4, label="unfitted (seeded)", color="0.7")
+        ax.bar(x + 0.2, [a[1][r][f"{key}_mean"] for _, a in rows], 0.4, label="fitted", color="C0")
+        for i, (_, a) in enumerate(rows):
+            lo, hi = a[1][r][f"random_{key}_ci"]
             ax.fill_between([i - 0.45, i + 0.45], lo, hi, color="C3", alpha=0.35, lw=0,
                             label="random method (95%)" if i == 0 else None)  # fmt: skip
-        ax.set_xticks(x, [r[0] for r in rows], rotation=15)
+        ax.set_xticks(x, [spec for spec, _ in rows], rotation=15)
         ax.set_title(f"{title}\n(block {ref.layer}, keep {args.keep_rate:g}, {len(evals)} held-out images)", fontsize=9)
-    for ax in axes[1:]:
-        ax.axhline(0, color="k", lw=0.8)
+        if key == "spearman":
+            ax.axhline(0, color="k", lw=0.8)
     axes[0].legend(fontsize=8)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=120)

@@ -15,6 +15,17 @@ from tests.models import make_images, make_model
 from tokvis.schedule import default_locations
 
 
+def check_no_reduction(method):
+    """``r=0`` gives exactly the unpatched output; ``keep_rate=1.0`` the same up to float rounding."""
+    model, x = make_model(), make_images()
+    with torch.no_grad():
+        ref = model(x)
+        tokvis.patch(model, method, r=0)
+        assert torch.equal(model(x), ref)
+        tokvis.patch(model, method, keep_rate=1.0)
+        torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=0)
+
+
 def block_token_counts(model, x) -> list[int]:
     """Patch tokens leaving each block in one forward of ``model`` on ``x``."""
     p = model.num_prefix_tokens

@@ -63,8 +63,6 @@ def attention_maps(
     dict
         Block index -> probabilities over all ``T`` tokens (prefix first), rows summing to 1.
     """
-    from tokvis.patching import attention_forward
-
     info = _check_model(model, images)
     if heads not in ("mean", "all"):
         raise MethodOptionError(f"heads must be 'mean' or 'all': got {heads!r}")
@@ -72,6 +70,14 @@ def attention_maps(
     for b in wanted:
         if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < info.depth:
             raise IndexError(f"blocks must be ints in [0, {info.depth - 1}] (the model has {info.depth}): got {b!r}")
+    return _maps(model, images, wanted, heads)
+
+
+@torch.no_grad()
+def _maps(model: nn.Module, images: torch.Tensor, blocks: Sequence[int], heads: str) -> dict[int, torch.Tensor]:
+    """:func:`attention_maps` for a checked model, images and block list."""
+    from tokvis.patching import attention_forward
+
     out: dict[int, torch.Tensor] = {}
 
     def hook(index: int):
@@ -81,7 +87,7 @@ def attention_maps(
 
         return store
 
-    handles = [model.blocks[i].norm1.register_forward_hook(hook(i)) for i in sorted(set(wanted))]
+    handles = [model.blocks[i].norm1.register_forward_hook(hook(i)) for i in sorted(set(blocks))]
     was_training = model.training
     try:
         model.eval()
@@ -113,17 +119,17 @@ def attention_rollout(model: nn.Module, images: torch.Tensor, *, start: int = 0,
     Tensor [B, num_patches]
         Non-negative; together with the prefix tokens' share each image's values sum to 1.
     """
-    from tokvis.patching import model_info
+    from tokvis.patching import grid_for_input
 
-    depth = model_info(model).depth
+    info = _check_model(model, images)
+    depth = info.depth
     if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= depth:
         raise MethodOptionError(f"start must be an int in [0, {depth}] (the model has {depth} blocks): got {start!r}")
     if isinstance(residual, bool) or not isinstance(residual, (int, float)) or not 0.0 <= residual <= 1.0:
         raise MethodOptionError(f"residual must be a number in [0, 1]: got {residual!r}")
-    maps = attention_maps(model, images, blocks=range(start, depth)) if start < depth else {}
-    info = _check_model(model, images)
     p = info.num_prefix_tokens
-    T = p + _num_patches(model, images)
+    gh, gw = grid_for_input(model, tuple(images.shape[-2:]))
+    T = p + gh * gw
     pool = getattr(model, "global_pool", None)
     row = images.new_zeros(images.shape[0], 1, T, dtype=torch.float32)
     if pool == "token" and info.has_class_token and getattr(model, "dist_token", None) is not None:
@@ -134,14 +140,8 @@ def attention_rollout(model: nn.Module, images: torch.Tensor, *, start: int = 0,
         row[:, 0, p:] = 1.0 / (T - p)  # timm's average pooling over the patch tokens
     else:
         raise TokvisError(f"attention_rollout follows class-token or average pooling; this model pools with {pool!r}")
+    maps = _maps(model, images, range(start, depth), "mean") if start < depth else {}
     eye = torch.eye(T, device=row.device)
     for block in sorted(maps, reverse=True):  # pooled output <- last block <- ... <- block `start`
         row = row @ (residual * eye + (1.0 - residual) * maps[block].float())
     return row[:, 0, p:]
-
-
-def _num_patches(model: nn.Module, images: torch.Tensor) -> int:
-    from tokvis.patching import grid_for_input
-
-    gh, gw = grid_for_input(model, tuple(images.shape[-2:]))
-    return gh * gw

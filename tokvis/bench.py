@@ -8,9 +8,11 @@ timed unit tests.
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -202,6 +204,14 @@ def summarize_targets(rows: Sequence[BenchRow]) -> str:
             f"ratio {tome.speedup_per_flops:.2f}, target >= 0.9: {verdict}"
         )
     return "\n".join(lines)
+
+
+def fitted_method_path(directory: str | os.PathLike, spec: str, keep_rate: float) -> Path:
+    """Where the benchmark scripts keep a method spec fitted for ``keep_rate``: ``<dir>/<spec>_keep<rate>.safetensors``.
+
+    ``spec`` is a name or ``name:key=value,...``; its ``:`` becomes ``_``.
+    """
+    return Path(directory) / f"{spec.replace(':', '_')}_keep{keep_rate:g}.safetensors"
 
 
 def method_configs(

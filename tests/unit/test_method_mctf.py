@@ -8,7 +8,12 @@ import pytest
 import torch
 
 import tokvis
-from tests.invariants import block_token_counts, check_batch_items_independent, check_composition_kept_depth
+from tests.invariants import (
+    block_token_counts,
+    check_batch_items_independent,
+    check_composition_kept_depth,
+    check_no_reduction,
+)
 from tests.models import make_images, make_model
 from tokvis.errors import MethodOptionError, ScheduleError
 from tokvis.methods.mctf import MCTF, bidirectional_matching, multi_criteria_weights
@@ -138,13 +143,7 @@ def test_model_decisions_reduce_to_tome(one_step_ahead):
 
 
 def test_r_zero_equals_unpatched_and_keep_rate_one_close():
-    model, x = make_model(), make_images()
-    with torch.no_grad():
-        ref = model(x)
-        tokvis.patch(model, "mctf", r=0)
-        assert torch.equal(model(x), ref)
-        tokvis.patch(model, "mctf", keep_rate=1.0)
-        torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=0)
+    check_no_reduction("mctf")
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 import tokvis
-from tests.invariants import block_token_counts, check_batch_items_independent, check_composition_kept_depth
+from tests.invariants import (
+    block_token_counts,
+    check_batch_items_independent,
+    check_composition_kept_depth,
+    check_no_reduction,
+)
 from tests.models import make_images, make_model
 from tokvis.errors import MethodOptionError
 from tokvis.methods.vomix import VoMix, key_similarity, mixing_matrix, vote
@@ -60,13 +65,7 @@ def test_mixing_matrix_matches_loop_reference():
 
 
 def test_r_zero_equals_plain_model():
-    model, x = make_model(), make_images()
-    with torch.no_grad():
-        ref = model(x)
-        tokvis.patch(model, "vomix", r=0)
-        assert torch.equal(model(x), ref)
-        tokvis.patch(model, "vomix", keep_rate=1.0)
-        torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=0)
+    check_no_reduction("vomix")
 
 
 @pytest.mark.parametrize(

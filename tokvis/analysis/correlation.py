@@ -45,12 +45,12 @@ def _vector(v, name: str) -> np.ndarray:
 
 
 def _pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pearson r of each row pair; NaN for rows where either side is constant."""
-    a = a - a.mean(axis=1, keepdims=True)
-    b = b - b.mean(axis=1, keepdims=True)
-    num = np.einsum("ij,ij->i", a, b)
-    den = np.sqrt(np.einsum("ij,ij->i", a, a) * np.einsum("ij,ij->i", b, b))
-    out = np.full(a.shape[0], np.nan)
+    """Pearson r of each row pair over the last axis (leading axes broadcast); NaN where a side is constant."""
+    a = a - a.mean(axis=-1, keepdims=True)
+    b = b - b.mean(axis=-1, keepdims=True)
+    num = np.einsum("...j,...j->...", a, b)
+    den = np.sqrt(np.einsum("...j,...j->...", a, a) * np.einsum("...j,...j->...", b, b))
+    out = np.full(num.shape, np.nan)
     ok = den > 0
     out[ok] = np.clip(num[ok] / den[ok], -1.0, 1.0)
     return out

@@ -26,11 +26,12 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
+from tokvis.analysis.correlation import _pearson_rows, _statistic_rows
 from tokvis.errors import TraceMismatchError
 
 __all__ = ["importance_agreement", "rank_correlation", "top_k_mask"]
 
-_CHUNK = 2**23  # permuted entries held at once by the random-method draws
+_CHUNK = 2**22  # permuted entries held at once by the random-method draws
 
 
 def _scores(x, name: str) -> np.ndarray:
@@ -65,23 +66,10 @@ def top_k_mask(scores, k: int) -> np.ndarray:
     return mask
 
 
-def _centred_ranks(s: np.ndarray) -> np.ndarray:
-    r = stats.rankdata(s, axis=1)
-    return r - r.mean(axis=1, keepdims=True)
-
-
-def _pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pearson r over the last axis of centred rows (broadcasting); NaN where a row is constant."""
-    num = (a * b).sum(-1)
-    den = np.sqrt((a * a).sum(-1) * (b * b).sum(-1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
-
-
 def rank_correlation(scores, reference) -> np.ndarray:
     """Spearman's rho of each image's two score vectors, ``[num_images]`` (NaN where one side is constant)."""
     a, b = _pair(scores, reference)
-    return _pearson_rows(_centred_ranks(a), _centred_ranks(b))
+    return _statistic_rows(a, b, "spearman")
 
 
 def _iou_rows(ma: np.ndarray, mb: np.ndarray, k: int) -> np.ndarray:
@@ -117,7 +105,7 @@ def importance_agreement(scores, reference, *, k: int, n_random: int = 1000, see
     if isinstance(n_random, bool) or not isinstance(n_random, (int, np.integer)) or n_random < 1:
         raise ValueError(f"n_random must be an int >= 1: got {n_random!r}")
     ma, mb = top_k_mask(a, k), top_k_mask(b, k)
-    ra, rb = _centred_ranks(a), _centred_ranks(b)
+    ra, rb = stats.rankdata(a, axis=1), stats.rankdata(b, axis=1)  # average ranks, as scipy's spearmanr
     N, n = a.shape
     out = {"k": int(k), "n_random": int(n_random), "iou": _iou_rows(ma, mb, k), "spearman": _pearson_rows(ra, rb)}
     rng = np.random.default_rng(seed)
