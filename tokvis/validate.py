@@ -14,8 +14,6 @@ import numbers
 from typing import Any, Iterable
 
 
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
