@@ -202,6 +202,7 @@ def test_download_failure_is_a_weights_error(monkeypatch):
         raise OSError("Name or service not known")
 
     monkeypatch.setattr(timm, "create_model", offline)
+    monkeypatch.setattr(zoo, "hub_reachable", lambda: True)  # the hub answers, the download fails later
     with pytest.raises(WeightsError, match="could not be fetched") as info:
         zoo.create("vit_small_patch16_224")
     message = str(info.value)
@@ -558,3 +559,33 @@ def test_cls_attention_looks_trained(dinov2, cached):
     assert random_entropy > uniform - 0.05
     assert random_top < 0.16
     assert (uniform - trained_entropy) > 10 * (uniform - random_entropy)
+
+
+# -- offline hub: fail fast, worded for Python ------------------------------------------------------
+def test_hub_probe_one_attempt(unreachable_hub, monkeypatch):
+    import socket
+
+    assert zoo.hub_reachable() is False
+    with socket.socket() as server:  # a listening endpoint counts as reachable (online users keep timm's path)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        from huggingface_hub import constants
+
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert zoo.hub_reachable() is True
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # huggingface_hub's own offline mode: no probe
+    monkeypatch.setattr(zoo, "_hub_probe", {})
+    assert zoo.hub_reachable() is True
+
+
+def test_offline_hub_fails_fast_worded_for_python(unreachable_hub):
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(WeightsError, match="cannot be reached") as e:
+        zoo.create("vit_small_patch16_224")
+    assert time.perf_counter() - t0 < 10
+    assert "pretrained=False" in str(e.value) and "--no-pretrained" not in str(e.value)
+    assert "--no-pretrained" in e.value.cli_message  # what the tokvis command prints instead
+    model = zoo.create("vit_tiny_patch16_224", pretrained=False, img_size=32)  # random weights need no hub
+    assert model.patch_embed.grid_size == (2, 2)
