@@ -56,6 +56,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tokvis.data import data_config  # the one data config; zoo.data_config is the same function (public name)
 from tokvis.errors import UnsupportedModelError, WeightsError
 
 __all__ = [
@@ -166,27 +167,6 @@ def list_offline() -> list[str]:
         first, converting, load) to be installed.
     """
     return list(OFFLINE_MODELS)
-
-
-def data_config(model: torch.nn.Module) -> dict:
-    """Preprocessing a model expects, as timm resolves it.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        A timm model, e.g. from :func:`create`.
-
-    Returns
-    -------
-    dict
-        ``timm.data.resolve_data_config({}, model=model)``: ``input_size`` ``(C, H, W)``,
-        ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``.  For
-        ``"dinov2_small_offline"`` this is ``(3, 224, 224)`` (or the ``img_size`` it was built
-        with), bicubic, ImageNet mean/std, ``crop_pct=1.0``.
-    """
-    import timm.data
-
-    return timm.data.resolve_data_config({}, model=model)
 
 
 def cache_dir() -> Path:
