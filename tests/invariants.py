@@ -42,6 +42,8 @@ class MethodCase:
     fused_token: bool = False
     #: keeps *up to* the budget per image (ATS samples with repetition); batches pad token counts
     adaptive: bool = False
+    #: the same input gives the same decisions and output (no sampling without a seed)
+    deterministic: bool = True
     #: ``keep_rate=1.0`` gives the unpatched output bit for bit (not only up to rounding): false for methods
     #: whose reducing block recomputes attention through its own path (MCTF, VoMix)
     exact_at_keep_rate_one: bool = True

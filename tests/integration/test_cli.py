@@ -188,3 +188,11 @@ def test_no_pretrained_builds_a_random_model_offline(unreachable_hub, monkeypatc
     monkeypatch.setattr(zoo, "create", lambda name, **kw: real(name, img_size=32, **kw))
     code, err = cli("demo", "--model", "vit_tiny_patch16_224", "--no-pretrained", capsys=capsys)
     assert code == 0, err
+
+
+def test_bad_count_through_the_installed_entry_point():
+    """The same check as a user runs it (``python -m tokvis``): one line, exit code 2, no usage dump."""
+    res = run("bench", "--batch-size", "0", check=False)
+    assert res.returncode == 2
+    assert res.stderr == "tokvis bench: error: argument --batch-size: the value must be an integer >= 1: got 0 " \
+        "(see tokvis bench --help)\n"  # fmt: skip

@@ -117,6 +117,27 @@ def test_batch_items_independent(method, kw):
     check_batch_items_independent(method, kw)
 
 
+@pytest.mark.parametrize("method,kw", MATRIX_SCHEDULES, ids=IDS)
+def test_same_input_same_decisions(method, kw):
+    """Deterministic methods: a second forward of the same batch (same shapes) repeats it bit for bit;
+    a fresh method object with the same options too (learned ones are seeded)."""
+    if not METHOD_MATRIX[method].deterministic:
+        pytest.skip("the matrix marks this method as stochastic")
+    model, x = make_model("registers"), make_images("registers")
+    runs = []
+    for _ in range(2):
+        obj, sched = method_for(method, kw)
+        tokvis.patch(model, obj, **sched)
+        with torch.no_grad():
+            runs.append(tokvis.run_with_trace(model, x))
+    (out_a, tr_a), (out_b, tr_b) = runs
+    assert torch.equal(out_a, out_b)
+    assert tr_a.layers == tr_b.layers
+    for layer in tr_a.layers:
+        assert torch.equal(tr_a.decision(layer).dst, tr_b.decision(layer).dst)
+        assert torch.equal(tr_a.labels(layer), tr_b.labels(layer))
+
+
 # -- method-specific -----------------------------------------------------------------------------
 def test_pruning_keeps_highest_cls_attention():
     """Top-K keeps exactly the tokens with the largest recorded score."""
