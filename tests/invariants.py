@@ -97,6 +97,17 @@ METHOD_MATRIX: dict[str, MethodCase] = {
 }
 
 
+def case_for(name: str) -> MethodCase:
+    """The matrix entry of method ``name``; a clear failure (not a KeyError) when it has none."""
+    try:
+        return METHOD_MATRIX[name]
+    except KeyError:
+        pytest.fail(
+            f"method {name!r} is registered but has no entry in tests/invariants.py METHOD_MATRIX: add one "
+            "(its schedules and facts) so that it gets every invariant"
+        )
+
+
 def matrix_gaps() -> tuple[list[str], list[str]]:
     """``(registered methods without an entry, entries of no registered method)``, each sorted."""
     registered = set(tokvis.list_methods())
@@ -116,7 +127,7 @@ def method_for(name: str, kw: dict | None = None):
     kw = dict(kw or {})
     sched = {k: kw.pop(k) for k in ("keep_rate", "r", "locations") if k in kw}
     method = tokvis.create_method(name, **kw)
-    if METHOD_MATRIX[name].learned:
+    if case_for(name).learned:
         method.mark_fitted(True)
     return method, sched
 
@@ -128,7 +139,7 @@ def check_no_reduction(name: str, flavour: str = "cls"):
     Same batch and shapes, so bit for bit where the computation is the same (``r=0``; ``keep_rate=1.0``
     unless the entry says otherwise), else up to float rounding.
     """
-    case = METHOD_MATRIX[name]
+    case = case_for(name)
     model, x = make_model(flavour), make_images(flavour)
     with torch.no_grad():
         ref = model(x)
@@ -176,7 +187,7 @@ def block_token_counts(model, x) -> list[int]:
 def expected_counts(method, kw, n, depth):
     """Patch tokens leaving each block under schedule ``kw``, from the schedule's definition alone
     (upper bounds for adaptive methods)."""
-    case = METHOD_MATRIX[method]
+    case = case_for(method)
     counts, cur = [], n
     if "keep_rate" in kw:
         locs = kw.get("locations", default_locations(depth))
@@ -270,5 +281,5 @@ def check_batch_items_independent(method, kw):
             # identical partitions (integer labels: exact comparison is right here)
             assert torch.equal(single.labels(layer)[0], batch.labels(layer)[i])
             assert torch.equal(single.kept(layer)[0], batch.kept(layer)[i])
-            if not METHOD_MATRIX[method].adaptive:  # adaptive methods pad a batch to its largest count
+            if not case_for(method).adaptive:  # adaptive methods pad a batch to its largest count
                 assert torch.equal(one.dst[0], many.dst[i])
