@@ -589,3 +589,23 @@ def test_offline_hub_fails_fast_worded_for_python(unreachable_hub):
     assert "--no-pretrained" in e.value.cli_message  # what the tokvis command prints instead
     model = zoo.create("vit_tiny_patch16_224", pretrained=False, img_size=32)  # random weights need no hub
     assert model.patch_embed.grid_size == (2, 2)
+
+
+def test_offline_hub_still_loads_cached_weights(unreachable_hub, tmp_path):
+    """No internet but the weights in the Hugging Face cache: they load, without any request."""
+    import timm
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+
+    repo = timm.models.get_pretrained_cfg("vit_tiny_patch16_224").hf_hub_id
+    src = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    entry = Path(constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--"))
+    commit = "0" * 40
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text(commit)
+    snapshot = entry / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, snapshot / "model.safetensors")
+    model = zoo.create("vit_tiny_patch16_224")
+    assert torch.equal(model.pos_embed, src.pos_embed) and torch.equal(model.head.weight, src.head.weight)
+    assert constants.HF_HUB_OFFLINE is False, "the offline mode is only for the call"
