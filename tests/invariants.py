@@ -1,4 +1,9 @@
-"""Invariants every reduction method must meet, as plain functions the method tests call.
+"""The method test matrix and the invariants every reduction method must meet.
+
+:data:`METHOD_MATRIX` has one entry per registered method (``tokvis.list_methods()``; a guard
+test in ``tests/unit/test_invariants.py`` fails when a method is registered without one), with the
+few facts the invariants need to know about it.  ``tests/unit/test_invariants.py`` runs every
+invariant over the whole matrix, so a new method gets all of them by adding its entry here.
 
 Kept out of the test modules so that importing them never makes pytest collect (and run) a
 parametrised test a second time under another module.
@@ -7,23 +12,162 @@ parametrised test a second time under another module.
 from __future__ import annotations
 
 import math
+import warnings
+from dataclasses import dataclass
 
+import pytest
 import torch
 
 import tokvis
 from tests.models import make_images, make_model
+from tokvis.errors import TokvisError
 from tokvis.schedule import default_locations
 
 
-def check_no_reduction(method):
-    """``r=0`` gives exactly the unpatched output; ``keep_rate=1.0`` the same up to float rounding."""
-    model, x = make_model(), make_images()
+@dataclass(frozen=True)
+class MethodCase:
+    """What the invariants need to know about one registered method."""
+
+    #: reducing schedules (``tokvis.patch`` keywords, options included) every invariant runs on
+    schedules: tuple[dict, ...]
+    #: schedule conventions the method accepts; ``tokvis.patch`` with another must raise
+    conventions: tuple[str, ...] = ("keep_rate", "r")
+    #: ranks tokens by the class token: a model without one (average pooling) is refused
+    needs_class_token: bool = False
+    #: learned parameters (randomly initialised): marked fitted in the tests so that they do not warn
+    learned: bool = False
+    #: ``r`` removes at most half the tokens of a block (ToMe, MCTF)
+    r_capped_at_half: bool = False
+    #: one extra token holds the dropped ones when something is dropped (EViT)
+    fused_token: bool = False
+    #: keeps *up to* the budget per image (ATS samples with repetition); batches pad token counts
+    adaptive: bool = False
+    #: the same input gives the same decisions and output (no sampling without a seed)
+    deterministic: bool = True
+    #: ``keep_rate=1.0`` gives the unpatched output bit for bit (not only up to rounding): false for methods
+    #: whose reducing block recomputes attention through its own path (MCTF, VoMix)
+    exact_at_keep_rate_one: bool = True
+    #: flavours of ``tests.models`` the composition invariants run on
+    flavours: tuple[str, ...] = ("cls", "registers", "distilled")
+
+
+#: One entry per registered method; the guard test asserts the keys are exactly ``list_methods()``.
+METHOD_MATRIX: dict[str, MethodCase] = {
+    "ats": MethodCase(
+        schedules=({"keep_rate": 0.7}, {"keep_rate": 0.5, "locations": [0, 2, 5]}),
+        conventions=("keep_rate",),
+        needs_class_token=True,
+        adaptive=True,
+    ),
+    "dpcknn": MethodCase(schedules=({"keep_rate": 0.5}, {"keep_rate": 0.5, "locations": [0, 2, 5]}, {"r": 6})),
+    "dynamicvit": MethodCase(schedules=({"keep_rate": 0.7}, {"r": 6}), learned=True),
+    "evit": MethodCase(
+        schedules=({"keep_rate": 0.7}, {"keep_rate": 0.25}, {"r": 4, "locations": [1, 4]}),
+        needs_class_token=True,
+        fused_token=True,
+    ),
+    "kmedoids": MethodCase(schedules=({"keep_rate": 0.5}, {"r": 6}), needs_class_token=True),
+    "mctf": MethodCase(
+        schedules=({"r": 5}, {"keep_rate": 0.5}, {"r": 0.3, "one_step_ahead": False}),
+        r_capped_at_half=True,
+        exact_at_keep_rate_one=False,
+    ),
+    "patchmerger": MethodCase(schedules=({"keep_rate": 0.5, "locations": [0, 2, 5]}, {"r": 6}), learned=True),
+    "radial": MethodCase(schedules=({"keep_rate": 0.5}, {"r": 6})),
+    "sinkhorn": MethodCase(schedules=({"keep_rate": 0.7}, {"r": 6}), learned=True),
+    "sit": MethodCase(schedules=({"keep_rate": 0.5}, {"r": 6}), learned=True),
+    "tome": MethodCase(
+        schedules=(
+            {"r": 5},
+            {"r": 20},  # capped at half the tokens per block
+            {"r": [0, 8, 0, 30, 2, 1]},
+            {"keep_rate": 0.7},
+            {"keep_rate": 0.3},  # needs several matching rounds per block
+        ),
+        r_capped_at_half=True,
+    ),
+    "topk": MethodCase(
+        schedules=({"keep_rate": 0.7}, {"keep_rate": 0.5, "locations": [0, 2, 5]}, {"r": 6}),
+        needs_class_token=True,
+    ),
+    "vomix": MethodCase(
+        schedules=({"r": 6}, {"keep_rate": 0.4}, {"r": 0.3, "residual": "drop"}),
+        exact_at_keep_rate_one=False,
+    ),
+}
+
+
+def case_for(name: str) -> MethodCase:
+    """The matrix entry of method ``name``; a clear failure (not a KeyError) when it has none."""
+    try:
+        return METHOD_MATRIX[name]
+    except KeyError:
+        pytest.fail(
+            f"method {name!r} is registered but has no entry in tests/invariants.py METHOD_MATRIX: add one "
+            "(its schedules and facts) so that it gets every invariant"
+        )
+
+
+def matrix_gaps() -> tuple[list[str], list[str]]:
+    """``(registered methods without an entry, entries of no registered method)``, each sorted."""
+    registered = set(tokvis.list_methods())
+    return sorted(registered - set(METHOD_MATRIX)), sorted(set(METHOD_MATRIX) - registered)
+
+
+#: ``(method, schedule)`` pairs of the whole matrix, for ``pytest.mark.parametrize``.
+MATRIX_SCHEDULES = [(name, kw) for name, case in sorted(METHOD_MATRIX.items()) for kw in case.schedules]
+
+
+def schedule_id(kw: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in kw.items()).replace(" ", "")
+
+
+def method_for(name: str, kw: dict | None = None):
+    """``(method object, schedule keywords)``: options in ``kw`` go to the method, learned ones are marked fitted."""
+    kw = dict(kw or {})
+    sched = {k: kw.pop(k) for k in ("keep_rate", "r", "locations") if k in kw}
+    method = tokvis.create_method(name, **kw)
+    if case_for(name).learned:
+        method.mark_fitted(True)
+    return method, sched
+
+
+def check_no_reduction(name: str, flavour: str = "cls"):
+    """``r=0`` / ``keep_rate=1.0`` leave the output equal to the unpatched model's, every recorded decision
+    keeps all tokens, and nothing warns.
+
+    Same batch and shapes, so bit for bit where the computation is the same (``r=0``; ``keep_rate=1.0``
+    unless the entry says otherwise), else up to float rounding.
+    """
+    case = case_for(name)
+    model, x = make_model(flavour), make_images(flavour)
     with torch.no_grad():
         ref = model(x)
-        tokvis.patch(model, method, r=0)
-        assert torch.equal(model(x), ref)
-        tokvis.patch(model, method, keep_rate=1.0)
-        torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=0)
+    for kw in ({"keep_rate": 1.0}, {"r": 0}):
+        conv = next(iter(kw))
+        method, _ = method_for(name)
+        if conv not in case.conventions:
+            with pytest.raises(TokvisError, match="keep_rate"):
+                tokvis.patch(model, method, **kw)
+            continue
+        tokvis.patch(model, method, **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing is reduced: no warning either
+            with torch.no_grad():
+                out, trace = tokvis.run_with_trace(model, x)
+        if conv == "r" or case.exact_at_keep_rate_one:
+            assert torch.equal(out, ref), f"{name} {kw}: output differs from the unpatched model"
+        else:
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+        for d in trace.decisions:
+            assert d.n_out == trace.num_patches, f"{name} {kw}: block {d.layer} reduced"
+        tokvis.unpatch(model)
+    # and the same model does reduce at a lower keep rate / positive r (the check can fail)
+    method, _ = method_for(name)
+    tokvis.patch(model, method, keep_rate=0.6)  # every method takes keep_rate; every grid here has room for it
+    with torch.no_grad():
+        assert not torch.allclose(model(x), ref, atol=1e-5)
+    tokvis.unpatch(model)
 
 
 def block_token_counts(model, x) -> list[int]:
@@ -41,6 +185,9 @@ def block_token_counts(model, x) -> list[int]:
 
 
 def expected_counts(method, kw, n, depth):
+    """Patch tokens leaving each block under schedule ``kw``, from the schedule's definition alone
+    (upper bounds for adaptive methods)."""
+    case = case_for(method)
     counts, cur = [], n
     if "keep_rate" in kw:
         locs = kw.get("locations", default_locations(depth))
@@ -48,7 +195,7 @@ def expected_counts(method, kw, n, depth):
             if layer in locs:
                 s = locs.index(layer) + 1
                 budget = math.floor(n * kw["keep_rate"] ** s + 1e-9)
-                cur = budget + (1 if method == "evit" and budget < cur else 0)
+                cur = budget + (1 if case.fused_token and budget < cur else 0)
             counts.append(cur)
         return counts
     r = kw["r"]
@@ -57,10 +204,12 @@ def expected_counts(method, kw, n, depth):
     )
     for layer in range(depth):
         rr = per[layer]
-        if method == "tome":
+        if isinstance(rr, float) and 0 < rr < 1:  # a fraction of the tokens entering the block
+            rr = math.floor(rr * cur)
+        if case.r_capped_at_half:
             rr = min(rr, cur // 2)
         if rr:
-            cur = cur - rr + (1 if method == "evit" else 0)
+            cur = cur - rr + (1 if case.fused_token else 0)
         counts.append(cur)
     return counts
 
@@ -80,7 +229,8 @@ def dense_labels(trace, layer):
 def check_composition_kept_depth(flavour, method, kw):
     """Composition equals the dense product; each patch in one token or dropped; kept/depth consistent."""
     model, x = make_model(flavour), make_images(flavour, n=4)
-    tokvis.patch(model, method, **kw)
+    obj, sched = method_for(method, kw)
+    tokvis.patch(model, obj, **sched)
     _, trace = tokvis.run_with_trace(model, x)
     assert trace.layers, "a reducing schedule records decisions"
     depth = trace.depth()
@@ -106,14 +256,30 @@ def check_composition_kept_depth(flavour, method, kw):
 
 
 def check_batch_items_independent(method, kw):
-    """A trace of a batch equals the traces of its images one by one (float64 model)."""
+    """Each image of a batch gets the partition it gets alone, and the same output up to float rounding
+    (float64 model; never bit for bit across batch sizes: BLAS kernels depend on the batch size)."""
     model, x = make_model("registers", dtype=torch.float64), make_images("registers", n=3, dtype=torch.float64)
-    tokvis.patch(model, method, **kw)
-    _, batch = tokvis.run_with_trace(model, x)
+    obj, sched = method_for(method, kw)
+    tokvis.patch(model, obj, **sched)
+    with torch.no_grad():
+        out, batch = tokvis.run_with_trace(model, x)
     for i in range(3):
-        _, single = tokvis.run_with_trace(model, x[i : i + 1])
+        with torch.no_grad():
+            single_out, single = tokvis.run_with_trace(model, x[i : i + 1])
+        torch.testing.assert_close(single_out[0], out[i], atol=1e-9, rtol=1e-7)
         assert single.layers == batch.layers
         for layer in batch.layers:
+            one, many = single.decision(layer), batch.decision(layer)
+            if many.soft is not None:
+                # soft assignments: the weights agree; their arg-max (dst) only where it is not a tie
+                # (late blocks of a random tiny model have exact ties, decided by float rounding)
+                torch.testing.assert_close(one.soft[0], many.soft[i], atol=1e-9, rtol=1e-7)
+                top2 = many.soft[i].topk(2, dim=0).values
+                clear = (top2[0] - top2[1]) > 1e-9
+                assert torch.equal(one.dst[0][clear], many.dst[i][clear])
+                continue
+            # identical partitions (integer labels: exact comparison is right here)
             assert torch.equal(single.labels(layer)[0], batch.labels(layer)[i])
             assert torch.equal(single.kept(layer)[0], batch.kept(layer)[i])
-            assert torch.equal(single.decision(layer).dst[0], batch.decision(layer).dst[i])
+            if not case_for(method).adaptive:  # adaptive methods pad a batch to its largest count
+                assert torch.equal(one.dst[0], many.dst[i])

@@ -17,6 +17,66 @@ from tokvis.errors import TokvisError
 DEFAULT_MODEL = "dinov2_small_offline"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``tokvis demo: error: ... (see tokvis demo --help)``, exit code 2.
+
+    Sub-command parsers are made by the same class (``add_subparsers`` uses the parent's class).
+    """
+
+    def error(self, message: str):  # noqa: D401 - argparse's signature
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _arg(check):
+    """An argparse ``type=`` from a :mod:`tokvis.validate` style check of the parsed value."""
+
+    def parse(text: str):
+        try:
+            return check(text)
+        except (ValueError, TypeError) as e:  # TokvisErrors derive from ValueError/TypeError too
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = getattr(check, "__name__", "value")  # argparse names the type in some messages
+    return parse
+
+
+def _number(text: str, kind: type):
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{'an integer' if kind is int else 'a number'} is needed: got {text!r}") from None
+
+
+def int_at_least(minimum: int):
+    """``type=`` for integer options: ``int_at_least(1)`` refuses 0 and negatives with one clear line."""
+    from tokvis.validate import check_int
+
+    return _arg(lambda text: check_int("the value", _number(text, int), minimum=minimum))
+
+
+def _keep_rate(text: str) -> float:
+    from tokvis.validate import check_float
+
+    return check_float("a keep rate", _number(text, float), low=0.0, high=1.0, low_open=True)
+
+
+def _method(text: str) -> str:
+    from tokvis.methods import get_method_class
+
+    get_method_class(text)  # UnknownMethodError with close matches and the registered names
+    return text
+
+
+def _check_out_dir(path: str) -> Path:
+    """``--out`` folders: refuse an existing file before any work is done."""
+    from tokvis.errors import DataError
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {path} is an existing file, not a folder: pass a folder (it is created if missing)")
+    return out
+
+
 def _schedule_label(method: str, keep_rate: float | None = None, r: int | None = None) -> str:
     return f"{method}_keep{keep_rate:g}" if keep_rate is not None else f"{method}_r{r}"
 
@@ -32,14 +92,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tokvis import data, zoo
     from tokvis.plotting.overlay import save_figure, trace_overlays
 
+    # every argument is checked before the model is loaded (argparse types check each value)
+    out_dir = _check_out_dir(args.out)
+    if args.images:
+        for name in args.images:
+            if name not in data.sample_names():
+                data.load_sample(name)  # DataError naming the available samples
     torch.set_grad_enabled(False)
     t0 = time.perf_counter()
     print(f"loading {args.model} ...", flush=True)
-    model = zoo.create(args.model)
+    model = zoo.create(args.model, **({"pretrained": False} if args.no_pretrained else {}))
     images, ids = data.load_images(model, args.images or None)
     shown = data.denormalize(images, model)
     print(f"{len(ids)} images ({', '.join(map(str, ids))}), input {tuple(images.shape[-2:])}", flush=True)
-    out_dir = Path(args.out)
     written = []
     runs = [(m, {"keep_rate": k}) for m in args.methods for k in args.keep_rates]
     runs += [(m, {"r": r}) for m in args.methods if m == "tome" for r in args.r]
@@ -73,7 +138,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = zoo.create(args.model)
+    model = zoo.create(args.model, **({"pretrained": False} if args.no_pretrained else {}))
     imgs, _ = data.load_images(model)
     reps = -(-args.batch_size // imgs.shape[0])
     images = imgs.repeat(reps, 1, 1, 1)[: args.batch_size]
@@ -99,25 +164,30 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tokvis", description="See and measure token reduction in Vision Transformers.")
+    p = _Parser(prog="tokvis", description="See and measure token reduction in Vision Transformers.")
     sub = p.add_subparsers(dest="command", required=True)
+    pos = int_at_least(1)
 
     d = sub.add_parser("demo", help="patch, record and draw merge/keep overlays per layer (offline)")
     d.add_argument("--model", default=DEFAULT_MODEL, help=f"timm name, checkpoint or {DEFAULT_MODEL} (default)")
-    d.add_argument("--methods", nargs="+", default=["tome", "topk", "evit"])
-    d.add_argument("--keep-rates", nargs="+", type=float, default=[0.7, 0.5])
-    d.add_argument("--r", nargs="*", type=int, default=[16], help="ToMe r values also drawn (default 16)")
+    d.add_argument("--no-pretrained", action="store_true", help="random weights (timm names: no download)")
+    d.add_argument("--methods", nargs="+", type=_arg(_method), default=["tome", "topk", "evit"])
+    d.add_argument("--keep-rates", nargs="+", type=_arg(_keep_rate), default=[0.7, 0.5], help="each in (0, 1]")
+    d.add_argument(
+        "--r", nargs="*", type=int_at_least(0), default=[16], help="ToMe r values also drawn (default 16; >= 0)"
+    )
     d.add_argument("--images", nargs="*", default=None, help="bundled sample names (default: all)")
     d.add_argument("--out", default="figures", help="output folder (default figures/)")
-    d.add_argument("--max-columns", type=int, default=4, help="most blocks drawn per figure (default 4)")
+    d.add_argument("--max-columns", type=pos, default=4, help="most blocks drawn per figure (default 4; >= 1)")
     d.add_argument("--save-traces", action="store_true", help="also save the traces next to the figures")
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="images/s, FLOPs and recording overhead (prints figures)")
     b.add_argument("--model", default=DEFAULT_MODEL)
-    b.add_argument("--batch-size", type=int, default=16)
-    b.add_argument("--repeats", type=int, default=5)
-    b.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    b.add_argument("--no-pretrained", action="store_true", help="random weights (timm names: no download)")
+    b.add_argument("--batch-size", type=pos, default=16, help="images per forward (default 16; >= 1)")
+    b.add_argument("--repeats", type=pos, default=5, help="timed repeats (default 5; >= 1)")
+    b.add_argument("--threads", type=int_at_least(0), default=0, help="torch threads (default 0: torch's choice)")
     b.set_defaults(func=cmd_bench)
 
     m = sub.add_parser("methods", help="list the registered reduction methods")
@@ -133,13 +203,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``tokvis`` command; a user error is one line on stderr and exit code 2, never a traceback.
+
+    Caught: every :class:`~tokvis.errors.TokvisError` (its ``cli_message`` when it has one: the same error
+    worded with flags instead of Python keywords), and ``OSError`` (a file that cannot be read or
+    written, a full disk: the message names the path).  Anything else is a bug and keeps its traceback.
+    """
     args = build_parser().parse_args(argv)
+    prog = f"tokvis {args.command}"
     try:
         return int(args.func(args) or 0)
     except TokvisError as e:
-        print(f"tokvis {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {_one_line(getattr(e, 'cli_message', None) or e)}", file=sys.stderr)
         return 2
+    except OSError as e:
+        where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        what = e.strerror or str(e) or type(e).__name__
+        hint = "check the path and its permissions, or the free disk space"
+        print(f"{prog}: error: {_one_line(f'{where}: {what}' if where else what)} ({hint})", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

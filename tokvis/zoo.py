@@ -56,6 +56,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tokvis.data import data_config  # the one data config; zoo.data_config is the same function (public name)
 from tokvis.errors import UnsupportedModelError, WeightsError
 
 __all__ = [
@@ -166,27 +167,6 @@ def list_offline() -> list[str]:
         first, converting, load) to be installed.
     """
     return list(OFFLINE_MODELS)
-
-
-def data_config(model: torch.nn.Module) -> dict:
-    """Preprocessing a model expects, as timm resolves it.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        A timm model, e.g. from :func:`create`.
-
-    Returns
-    -------
-    dict
-        ``timm.data.resolve_data_config({}, model=model)``: ``input_size`` ``(C, H, W)``,
-        ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``.  For
-        ``"dinov2_small_offline"`` this is ``(3, 224, 224)`` (or the ``img_size`` it was built
-        with), bicubic, ImageNet mean/std, ``crop_pct=1.0``.
-    """
-    import timm.data
-
-    return timm.data.resolve_data_config({}, model=model)
 
 
 def cache_dir() -> Path:
@@ -604,6 +584,118 @@ def _download_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+#: Seconds the one connection attempt to the Hugging Face Hub may take before it counts as unreachable.
+HUB_PROBE_TIMEOUT = 3.0
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+_hub_probe: dict[str, bool] = {}  # endpoint -> reachable, once per process
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
+    """Whether the Hugging Face Hub endpoint accepts a TCP connection within ``timeout`` seconds.
+
+    One attempt, no retries, remembered for the process.  Without it, a machine without internet
+    spends about a minute in huggingface_hub's retries (5 per file, two files) before any error.
+    ``True`` (nothing is probed) when ``HF_HUB_OFFLINE`` is set (huggingface_hub then fails fast
+    itself) or a proxy is configured (only the proxy knows what is reachable).
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - timm depends on huggingface_hub
+        return True
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in _PROXY_VARS):
+        return True
+    endpoint = constants.ENDPOINT
+    if endpoint not in _hub_probe:
+        url = urlsplit(endpoint)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            with socket.create_connection((url.hostname or "", port), timeout=timeout):
+                _hub_probe[endpoint] = True
+        except OSError:
+            _hub_probe[endpoint] = False
+    return _hub_probe[endpoint]
+
+
+class _HubOffline:
+    """huggingface_hub's offline mode for the duration of a ``with`` block (cached files only, no requests)."""
+
+    def __init__(self, active: bool) -> None:
+        self.active = active
+
+    def __enter__(self):
+        if self.active:
+            from huggingface_hub import constants
+
+            self._before = constants.HF_HUB_OFFLINE
+            constants.HF_HUB_OFFLINE = True  # read at each request (constants.is_offline_mode)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            from huggingface_hub import constants
+
+            constants.HF_HUB_OFFLINE = self._before
+
+
+def _weights_error(name: str, err: BaseException, *, unreachable: bool) -> WeightsError:
+    """The error for weights that could not be fetched, worded for Python (``str``) and the command line
+    (``.cli_message``, which ``tokvis`` prints instead: flags, not keyword arguments)."""
+    arch = name.split(".", 1)[0]
+    if unreachable:
+        from huggingface_hub import constants
+
+        why = (
+            f"they are not in the local cache and the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached "
+            f"(one {HUB_PROBE_TIMEOUT:g} s connection attempt, no retries)"
+        )
+    else:
+        why = f"{type(err).__name__}: {err}"
+    head = f"The pretrained weights of {name!r} could not be fetched ({why})."
+    error = WeightsError(
+        f"{head} Check the internet connection, or use pretrained=False (random weights), a local checkpoint "
+        f"(create('path/to/ckpt.pth', arch={arch!r})), or the offline model 'dinov2_small_offline'."
+    )
+    error.cli_message = (
+        f"{head} Check the internet connection, or pass --no-pretrained (random weights), or use "
+        "--model dinov2_small_offline (offline weights)."
+    )
+    return error
+
+
+def _weights_cached(name: str) -> bool | None:
+    """Whether timm would find ``name``'s pretrained weights in a local cache; ``None`` when unsure."""
+    try:
+        import huggingface_hub
+        import timm.models
+
+        if name.startswith(_HUB_PREFIXES):
+            if not name.startswith(("hf-hub:", "hf_hub:")):
+                return None  # local-dir: read from disk, nothing to fetch
+            repo = name.split(":", 1)[1]
+            filename = None
+        else:
+            cfg = timm.models.get_pretrained_cfg(name)
+            if cfg is None or cfg.file:
+                return None
+            if not cfg.hf_hub_id:
+                if not cfg.url:
+                    return None
+                return (Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name).is_file()
+            repo, filename = cfg.hf_hub_id, cfg.hf_hub_filename
+        repo, _, revision = repo.partition("@")
+        names = [filename] if filename else ["model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin"]
+        for f in names:
+            found = huggingface_hub.try_to_load_from_cache(repo, f, revision=revision or None)
+            if isinstance(found, str):
+                return True
+        return False
+    except Exception:  # noqa: BLE001 - an unknown timm/hub layout: let timm itself try (and fail) as before
+        return None
+
+
 def _create_timm(name: str, **kwargs: Any) -> torch.nn.Module:
     import timm
 
@@ -614,17 +706,17 @@ def _create_timm(name: str, **kwargs: Any) -> torch.nn.Module:
     is_hub = name.startswith(_HUB_PREFIXES)
     if not is_hub and not timm.is_model(name):
         raise _unknown_model(name)
+    # fail fast offline: with the Hub unreachable, read the local cache only instead of retrying for a minute
+    unreachable = bool(pretrained) and not hub_reachable()
+    if unreachable and _weights_cached(name) is False:  # and do not build a model that cannot get its weights
+        raise _weights_error(name, FileNotFoundError(name), unreachable=True)
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        with _HubOffline(unreachable):
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
     except _download_errors() as err:
         if not pretrained:
             raise
-        raise WeightsError(
-            f"The pretrained weights of {name!r} could not be fetched ({type(err).__name__}: {err}). "
-            "Check the internet connection, or use pretrained=False, a local checkpoint "
-            f"(create('path/to/ckpt.pth', arch={name.split('.', 1)[0]!r})), or the offline "
-            "model 'dinov2_small_offline'."
-        ) from err
+        raise _weights_error(name, err, unreachable=unreachable) from err
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from tokvis.trace import LayerDecision, Trace, TraceMeta
 
 
 def _trace(dst, *, kind="prune", keep=None, method="m", keep_rate=0.5, backbone="vit", ids=("x", "y"), grid=(2, 2),
-           layer=1, dataset="d"):  # fmt: skip
+           layer=1, dataset="d", r=None):  # fmt: skip
     dst = torch.tensor(dst, dtype=torch.int64)
     if keep is None:
         keep = dst >= 0
@@ -24,7 +24,7 @@ def _trace(dst, *, kind="prune", keep=None, method="m", keep_rate=0.5, backbone=
     n_out = int(dst.max()) + 1
     d = LayerDecision(layer=layer, kind=kind, dst=dst, keep=keep, n_out=n_out)
     meta = TraceMeta(grid_size=grid, num_prefix_tokens=1, depth=3, backbone=backbone, method=method,
-                     keep_rate=keep_rate, dataset=dataset, image_ids=list(ids))  # fmt: skip
+                     keep_rate=keep_rate, r=r, dataset=dataset, image_ids=list(ids))  # fmt: skip
     return Trace([d], meta)
 
 
@@ -143,7 +143,7 @@ def test_comparability_errors(tiny_traces):
     with pytest.raises(TraceMismatchError, match=r"blocks \[1\].*\[2\]"):
         compare([_trace([[0, 1, 2, -1]] * 2, keep_rate=0.9, layer=1),
                  _trace([[0, 1, 2, -1]] * 2, keep_rate=0.5, layer=2)], by="keep_rate")  # fmt: skip
-    with pytest.raises(TraceMismatchError, match="same metadata"):
+    with pytest.raises(TraceMismatchError, match="have the same"):
         compare([a, a], by="keep_rate")
     with pytest.raises(ValueError, match="by must be one of"):
         compare([a, b], by="rate")
@@ -165,6 +165,49 @@ def test_explicit_layers_compare_any_blocks():
 def test_empty_when_nothing_to_pair(tiny_traces):
     df = compare(tiny_traces[:1], by="keep_rate")
     assert df.empty and "value" in df.columns
+
+
+def test_traces_differing_in_another_field_raise_naming_it():
+    """ToMe by r against Top-K by keep rate, by="method": no pair, and the error says why (was: an empty table)."""
+    tome = _trace([[0, 0, 1, 1]] * 2, kind="merge", method="tome", keep_rate=None, r=8)
+    topk = _trace([[0, 1, 2, -1]] * 2, method="topk", keep_rate=0.7)
+    with pytest.raises(TraceMismatchError, match=r"also differ in keep_rate, r") as e:
+        compare([tome, topk], by="method")
+    msg = str(e.value)
+    assert "trace 0: None, trace 1: 0.7" in msg and "trace 0: 8, trace 1: None" in msg
+    assert "schedule convention" in msg
+    # another field (backbone) differing is named with its values, too
+    small = _trace([[0, 1, 2, -1]] * 2, method="topk", backbone="vit_s")
+    big = _trace([[0, 1, 2, -1]] * 2, method="evit", backbone="vit_b")
+    expect = r"also differ in backbone \(backbone: trace 0: 'vit_s', trace 1: 'vit_b'\)"
+    with pytest.raises(TraceMismatchError, match=expect):
+        compare([small, big], by="method")
+
+
+def test_a_trace_without_partner_is_named_in_a_warning():
+    a = _trace([[0, 1, 2, -1]] * 2, method="topk", keep_rate=0.5)
+    b = _trace([[0, 1, -1, 2]] * 2, method="evit", keep_rate=0.5)
+    c = _trace([[0, 1, 2, -1]] * 2, method="tome", keep_rate=0.7)
+    with pytest.warns(UserWarning, match=r"trace 2 \(vit/tome/d, keep_rate=0.7\) has no partner"):
+        df = compare([a, b, c], by="method")
+    assert set(zip(df.method_a, df.method_b, strict=True)) == {("evit", "topk")}
+
+
+def test_same_metadata_says_what_differs():
+    """Traces equal in metadata but not in grid or images get a precise message, not 'concatenate batches'."""
+    a = _trace([[0, 1, 2, -1]] * 2, grid=(2, 2))
+    b = _trace([[0, 1, 2, -1]] * 2, grid=(1, 4))
+    with pytest.raises(TraceMismatchError, match=r"differ in patch grid: \(2, 2\) vs \(1, 4\)") as e:
+        compare([a, b], by="keep_rate")
+    assert "concatenate" not in str(e.value) and "input size" in str(e.value)
+    c = _trace([[0, 1, 2, -1]] * 2, ids=("z", "w"))
+    with pytest.raises(TraceMismatchError, match=r"different images .*only in trace 0: \['x', 'y'\].*Trace.concat"):
+        compare([a, c], by="keep_rate")
+    d = _trace([[0, 1, 2, -1]] * 2, ids=("y", "x"))
+    with pytest.raises(TraceMismatchError, match="same images in a different order"):
+        compare([a, d], by="keep_rate")
+    with pytest.raises(TraceMismatchError, match="same recording twice"):
+        compare([a, a], by="keep_rate")
 
 
 def test_global_maps_and_compare_maps(tiny_traces):

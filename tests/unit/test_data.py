@@ -221,3 +221,13 @@ def test_denormalize_round_trip(tiny_vit):
 def test_denormalize_rejects_bad_shape(tiny_vit):
     with pytest.raises(DataError, match="shape"):
         data.denormalize(torch.zeros(2, 4, 8, 8), tiny_vit)
+
+
+def test_one_data_config_under_both_names():
+    """zoo.data_config and data.data_config are one function: the size the model was built with wins
+    (timm's resolve_data_config alone reports the pretrained 224 for a vit_tiny built at 64)."""
+    from tokvis import zoo
+
+    assert zoo.data_config is data.data_config
+    model = zoo.create("vit_tiny_patch16_224", pretrained=False, img_size=64)
+    assert zoo.data_config(model)["input_size"] == data.data_config(model)["input_size"] == (3, 64, 64)

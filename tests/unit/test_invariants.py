@@ -1,4 +1,10 @@
-"""Invariants of every method and schedule: token counts, composition, kept/depth, batch independence."""
+"""The method test matrix: every invariant for every registered method (``tokvis.list_methods()``).
+
+Token counts follow the schedule, composition equals the dense product, kept/depth are consistent,
+each image of a batch is reduced as if alone, and no reduction leaves the unpatched model's output.
+The facts each method needs (conventions, class token, learned, ...) are in ``tests.invariants.METHOD_MATRIX``;
+a guard fails when a method is registered without an entry.
+"""
 
 from __future__ import annotations
 
@@ -7,52 +13,132 @@ import torch
 
 import tokvis
 from tests.invariants import (
+    MATRIX_SCHEDULES,
     block_token_counts,
+    case_for,
     check_batch_items_independent,
     check_composition_kept_depth,
+    check_no_reduction,
     expected_counts,
+    matrix_gaps,
+    method_for,
+    schedule_id,
 )
-from tests.models import make_images, make_model
+from tests.models import FLAVOURS, make_images, make_model
+from tokvis.errors import UnsupportedModelError
+from tokvis.methods import get_method_class, register_method
+from tokvis.methods.base import Method
 
-CASES = [
-    ("tome", {"r": 5}),
-    ("tome", {"r": 20}),  # capped at half the tokens per block
-    ("tome", {"r": [0, 8, 0, 30, 2, 1]}),
-    ("tome", {"keep_rate": 0.7}),
-    ("tome", {"keep_rate": 0.3}),  # needs several matching rounds per block
-    ("topk", {"keep_rate": 0.7}),
-    ("topk", {"keep_rate": 0.5, "locations": [0, 2, 5]}),
-    ("topk", {"r": 6}),
-    ("evit", {"keep_rate": 0.7}),
-    ("evit", {"keep_rate": 0.25}),
-    ("evit", {"r": 4, "locations": [1, 4]}),
-]
-FLAVOURS = ["cls", "registers", "distilled"]
+METHODS = tokvis.list_methods()  # the registry, not the matrix: a method without entry fails here too
+IDS = [f"{m}-{schedule_id(kw)}" for m, kw in MATRIX_SCHEDULES]
+NO_REDUCTION_FLAVOURS = list(FLAVOURS)
 
 
-@pytest.mark.parametrize("flavour", FLAVOURS)
-@pytest.mark.parametrize("method,kw", CASES)
+# -- the guard ---------------------------------------------------------------------------------
+def test_matrix_covers_exactly_the_registered_methods():
+    missing, extra = matrix_gaps()
+    assert not missing, f"registered methods without an entry in tests/invariants.py METHOD_MATRIX: {missing}"
+    assert not extra, f"METHOD_MATRIX entries for methods that are not registered: {extra}"
+
+
+def test_guard_catches_a_method_registered_without_an_entry():
+    from tokvis.methods import registry
+
+    @register_method("_matrix_dummy")
+    class Dummy(Method):
+        pass
+
+    try:
+        assert "_matrix_dummy" in tokvis.list_methods()
+        missing, _ = matrix_gaps()
+        assert missing == ["_matrix_dummy"]
+    finally:
+        del registry._REGISTRY["_matrix_dummy"]
+    assert matrix_gaps() == ([], [])
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_matrix_entry_states_the_methods_facts(name):
+    """The matrix's facts agree with the class (so an invariant is never skipped by a wrong entry)."""
+    case, cls = case_for(name), get_method_class(name)
+    method, _ = method_for(name)
+    assert tuple(case.conventions) == tuple(cls.conventions)
+    assert case.needs_class_token == method.requires_class_token
+    assert case.learned == hasattr(method, "mark_fitted")
+    assert {next(k for k in ("keep_rate", "r") if k in kw) for kw in case.schedules} == set(case.conventions), (
+        "every supported convention has a reducing schedule in the matrix"
+    )
+
+
+# -- the invariants ----------------------------------------------------------------------------
+@pytest.mark.parametrize("flavour", NO_REDUCTION_FLAVOURS)
+@pytest.mark.parametrize("name", METHODS)
+def test_no_reduction_equals_unpatched(name, flavour):
+    if flavour == "avgpool" and case_for(name).needs_class_token:
+        model = make_model(flavour)
+        with pytest.raises(UnsupportedModelError, match="no class token"):
+            tokvis.patch(model, method_for(name)[0], keep_rate=1.0)
+        return
+    check_no_reduction(name, flavour)
+
+
+@pytest.mark.parametrize("flavour", ["cls", "registers"])
+@pytest.mark.parametrize("method,kw", MATRIX_SCHEDULES, ids=IDS)
 def test_token_counts_follow_schedule(flavour, method, kw):
     model, x = make_model(flavour), make_images(flavour)
-    tokvis.patch(model, method, **kw)
+    obj, sched = method_for(method, kw)
+    tokvis.patch(model, obj, **sched)
     counts = block_token_counts(model, x)
-    assert counts == expected_counts(method, kw, 64, 6)
+    expect = expected_counts(method, kw, 64, 6)
     _, trace = tokvis.run_with_trace(model, x)
+    if case_for(method).adaptive:
+        assert all(c <= e for c, e in zip(counts, expect, strict=True)), (counts, expect)
+        for layer in trace.layers:
+            assert bool((trace.token_counts(layer) <= expect[layer]).all())
+            assert trace.decision(layer).n_out == int(trace.token_counts(layer).max())
+        return
+    assert counts == expect
     for layer in trace.layers:
-        assert trace.decision(layer).n_out == counts[layer]
+        d = trace.decision(layer)
+        assert d.n_out == counts[layer]
+        assert d.kind == obj.kind
+        if d.kind != "soft":  # a soft slot may be nobody's arg-max: it holds no patch of its own
+            assert trace.token_counts(layer).tolist() == [counts[layer]] * 3
 
 
-@pytest.mark.parametrize("flavour", FLAVOURS)
-@pytest.mark.parametrize("method,kw", CASES)
-def test_composition_kept_depth(flavour, method, kw):
-    check_composition_kept_depth(flavour, method, kw)
+@pytest.mark.parametrize("method,kw", MATRIX_SCHEDULES, ids=IDS)
+def test_composition_kept_depth(method, kw):
+    for flavour in case_for(method).flavours:
+        check_composition_kept_depth(flavour, method, kw)
 
 
-@pytest.mark.parametrize("method,kw", CASES)
+@pytest.mark.parametrize("method,kw", MATRIX_SCHEDULES, ids=IDS)
 def test_batch_items_independent(method, kw):
     check_batch_items_independent(method, kw)
 
 
+@pytest.mark.parametrize("method,kw", MATRIX_SCHEDULES, ids=IDS)
+def test_same_input_same_decisions(method, kw):
+    """Deterministic methods: a second forward of the same batch (same shapes) repeats it bit for bit;
+    a fresh method object with the same options too (learned ones are seeded)."""
+    if not case_for(method).deterministic:
+        pytest.skip("the matrix marks this method as stochastic")
+    model, x = make_model("registers"), make_images("registers")
+    runs = []
+    for _ in range(2):
+        obj, sched = method_for(method, kw)
+        tokvis.patch(model, obj, **sched)
+        with torch.no_grad():
+            runs.append(tokvis.run_with_trace(model, x))
+    (out_a, tr_a), (out_b, tr_b) = runs
+    assert torch.equal(out_a, out_b)
+    assert tr_a.layers == tr_b.layers
+    for layer in tr_a.layers:
+        assert torch.equal(tr_a.decision(layer).dst, tr_b.decision(layer).dst)
+        assert torch.equal(tr_a.labels(layer), tr_b.labels(layer))
+
+
+# -- method-specific -----------------------------------------------------------------------------
 def test_pruning_keeps_highest_cls_attention():
     """Top-K keeps exactly the tokens with the largest recorded score."""
     model, x = make_model(), make_images()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 
 import numpy as np
@@ -11,7 +10,6 @@ import pytest
 import torch
 
 import tokvis
-from tests.invariants import block_token_counts
 from tests.models import make_images, make_model
 from tokvis import fitting
 from tokvis.errors import MethodOptionError, WeightsError
@@ -27,42 +25,6 @@ def _quiet(method):
     """A method marked fitted, so that tests not about the warning see none."""
     method.mark_fitted(True)
     return method
-
-
-@pytest.mark.parametrize("flavour", ["cls", "registers", "avgpool"])
-@pytest.mark.parametrize("name", LEARNED)
-def test_keep_rate_one_equals_unpatched(name, flavour):
-    model, x = make_model(flavour), make_images(flavour)
-    with torch.no_grad():
-        ref = model(x)
-        tokvis.patch(model, name, keep_rate=1.0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # nothing is reduced: no warning either
-            out = model(x)
-    assert torch.equal(out, ref)
-    _, trace = tokvis.run_with_trace(model, x)
-    assert all(d.kind == "prune" and d.n_out == d.n_in for d in trace.decisions)
-
-
-@pytest.mark.parametrize("name", LEARNED)
-@pytest.mark.parametrize("kw", [{"keep_rate": 0.7}, {"keep_rate": 0.5, "locations": [0, 2, 5]}, {"r": 6}])
-def test_token_counts_follow_schedule(name, kw):
-    model, x = make_model("registers"), make_images("registers")
-    tokvis.patch(model, _quiet(create_method(name)), **kw)
-    counts = block_token_counts(model, x)
-    expect, cur = [], 64
-    locs = kw.get("locations", [1, 3, 4])
-    for layer in range(6):
-        if "keep_rate" in kw and layer in locs:
-            cur = math.floor(64 * kw["keep_rate"] ** (locs.index(layer) + 1) + 1e-9)
-        elif "r" in kw:
-            cur -= kw["r"]
-        expect.append(cur)
-    assert counts == expect
-    _, trace = tokvis.run_with_trace(model, x)
-    for d in trace.decisions:
-        assert d.n_out == counts[d.layer]
-        assert d.kind == ("prune" if name == "dynamicvit" else "soft")
 
 
 @pytest.mark.parametrize("name", SOFT)

@@ -8,9 +8,6 @@ import torch
 import tokvis
 from tests.invariants import (
     block_token_counts,
-    check_batch_items_independent,
-    check_composition_kept_depth,
-    check_no_reduction,
 )
 from tests.models import make_images, make_model
 from tokvis.errors import MethodOptionError
@@ -62,10 +59,6 @@ def test_mixing_matrix_matches_loop_reference():
             expect[row, j] = 1.0
         expect = expect / expect.sum(1, keepdim=True)
         torch.testing.assert_close(soft[b], expect)
-
-
-def test_r_zero_equals_plain_model():
-    check_no_reduction("vomix")
 
 
 @pytest.mark.parametrize(
@@ -148,17 +141,6 @@ def test_residual_drop_keeps_retained_residual():
     assert d.kind == "prune" and torch.equal(d.keep, m.keep)
     assert bool((d.dst[~d.keep] == -1).all()) and d.n_out == m.n_out == 54
     assert bool(((tr_drop.labels(5) == -1).sum(1) == 10).all()) and bool((tr_mix.labels(5) >= 0).all())
-
-
-@pytest.mark.parametrize("kw", [{"r": 6}, {"keep_rate": 0.4}, {"r": 0.3, "residual": "drop"}])
-@pytest.mark.parametrize("flavour", ["cls", "registers"])
-def test_invariants(flavour, kw):
-    check_composition_kept_depth(flavour, "vomix", kw)
-
-
-@pytest.mark.parametrize("kw", [{"r": 9}, {"keep_rate": 0.5, "votes": 2}])
-def test_batch_independence(kw):
-    check_batch_items_independent("vomix", kw)
 
 
 @pytest.mark.parametrize(

@@ -202,6 +202,7 @@ def test_download_failure_is_a_weights_error(monkeypatch):
         raise OSError("Name or service not known")
 
     monkeypatch.setattr(timm, "create_model", offline)
+    monkeypatch.setattr(zoo, "hub_reachable", lambda: True)  # the hub answers, the download fails later
     with pytest.raises(WeightsError, match="could not be fetched") as info:
         zoo.create("vit_small_patch16_224")
     message = str(info.value)
@@ -558,3 +559,53 @@ def test_cls_attention_looks_trained(dinov2, cached):
     assert random_entropy > uniform - 0.05
     assert random_top < 0.16
     assert (uniform - trained_entropy) > 10 * (uniform - random_entropy)
+
+
+# -- offline hub: fail fast, worded for Python ------------------------------------------------------
+def test_hub_probe_one_attempt(unreachable_hub, monkeypatch):
+    import socket
+
+    assert zoo.hub_reachable() is False
+    with socket.socket() as server:  # a listening endpoint counts as reachable (online users keep timm's path)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        from huggingface_hub import constants
+
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert zoo.hub_reachable() is True
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # huggingface_hub's own offline mode: no probe
+    monkeypatch.setattr(zoo, "_hub_probe", {})
+    assert zoo.hub_reachable() is True
+
+
+def test_offline_hub_fails_fast_worded_for_python(unreachable_hub):
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(WeightsError, match="cannot be reached") as e:
+        zoo.create("vit_small_patch16_224")
+    assert time.perf_counter() - t0 < 10
+    assert "pretrained=False" in str(e.value) and "--no-pretrained" not in str(e.value)
+    assert "--no-pretrained" in e.value.cli_message  # what the tokvis command prints instead
+    model = zoo.create("vit_tiny_patch16_224", pretrained=False, img_size=32)  # random weights need no hub
+    assert model.patch_embed.grid_size == (2, 2)
+
+
+def test_offline_hub_still_loads_cached_weights(unreachable_hub, tmp_path):
+    """No internet but the weights in the Hugging Face cache: they load, without any request."""
+    import timm
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+
+    repo = timm.models.get_pretrained_cfg("vit_tiny_patch16_224").hf_hub_id
+    src = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    entry = Path(constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--"))
+    commit = "0" * 40
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text(commit)
+    snapshot = entry / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, snapshot / "model.safetensors")
+    model = zoo.create("vit_tiny_patch16_224")
+    assert torch.equal(model.pos_embed, src.pos_embed) and torch.equal(model.head.weight, src.head.weight)
+    assert constants.HF_HUB_OFFLINE is False, "the offline mode is only for the call"

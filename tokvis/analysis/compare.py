@@ -45,6 +45,7 @@ order of backbone / method / dataset name.
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -192,6 +193,64 @@ def _layers_for(a, b, ia: int, ib: int, layers) -> list[int]:
     return out
 
 
+def _same_metadata_error(traces: Sequence, i: int, j: int, by: str) -> TraceMismatchError:
+    """Two traces agree on every field :func:`compare` pairs by: say what (else) differs and what to do."""
+    a, b = traces[i], traces[j]
+    what = ", ".join(f"{f}={_field(a, f)!r}" for f in _FIELDS if _field(a, f) is not None)
+    head = f"traces {i} and {j} have the same {what or 'metadata'}, so compare(by={by!r}) cannot tell them apart"
+    if tuple(a.grid_size) != tuple(b.grid_size):
+        return TraceMismatchError(
+            f"{head}; they differ in patch grid: {tuple(a.grid_size)} vs {tuple(b.grid_size)} (different input "
+            "sizes). Record both at one input size to compare them per image, or compare their global maps with "
+            "compare_maps after resizing to one grid"
+        )
+    ids_a, ids_b = list(a.image_ids), list(b.image_ids)
+    if ids_a != ids_b:
+        set_a, set_b = set(ids_a), set(ids_b)
+        only_a = [k for k in ids_a if k not in set_b]
+        only_b = [k for k in ids_b if k not in set_a]
+        if not only_a and not only_b:
+            diff = "the same images in a different order"
+            todo = "if they are two recordings of one run, keep one"
+        else:
+            diff = (
+                f"different images ({len(ids_a)} vs {len(ids_b)}; only in trace {i}: {only_a[:5]}, "
+                f"only in trace {j}: {only_b[:5]})"
+            )
+            todo = (
+                "if they are batches of one recording, join them with Trace.concat first; if they are two "
+                "datasets, give them distinct meta.dataset names and compare with by='dataset' on the same images "
+                "or with compare_maps"
+            )
+        return TraceMismatchError(f"{head}; they hold {diff}: {todo}")
+    return TraceMismatchError(
+        f"{head}; they also hold the same images ({len(ids_a)}) on the same grid: the same recording twice? "
+        "Pass each recording once"
+    )
+
+
+def _unpaired_error(traces: Sequence, by: str) -> TraceMismatchError:
+    """No two traces differ only in ``by``: name the other fields that differ, with their values."""
+    varying = _VARYING[by]
+    fixed = [f for f in _FIELDS if f not in varying]
+    differ = {}
+    for f in fixed:
+        values = [_field(t, f) for t in traces]
+        if len(set(map(repr, values))) > 1:
+            differ[f] = values
+    detail = "; ".join(
+        f"{f}: " + ", ".join(f"trace {i}: {v!r}" for i, v in enumerate(vals)) for f, vals in differ.items()
+    )
+    hint = ""
+    if set(differ) <= {"keep_rate", "r"}:
+        hint = " (one is scheduled by keep_rate and another by r: record them under one schedule convention)"
+    return TraceMismatchError(
+        f"compare(by={by!r}) pairs traces that differ only in {'/'.join(varying)}, but these {len(traces)} traces "
+        f"also differ in {', '.join(differ)} ({detail}){hint}: no pair to compare. Pass traces that agree on "
+        f"{', '.join(differ)}, or compare along one of those fields with by=..."
+    )
+
+
 def _pairs(traces: Sequence, by: str) -> list[tuple[int, int]]:
     varying = _VARYING[by]
     fixed = [f for f in _FIELDS if f not in varying]
@@ -204,16 +263,25 @@ def _pairs(traces: Sequence, by: str) -> list[tuple[int, int]]:
         for i in members:
             key = tuple(_field(traces[i], f) for f in varying)
             if key in seen:
-                raise TraceMismatchError(
-                    f"{_describe(traces[seen[key]], seen[key])} and {_describe(traces[i], i)} have the same "
-                    f"metadata; concatenate batches of one recording with Trace.concat before comparing"
-                )
+                raise _same_metadata_error(traces, seen[key], i, by)
             seen[key] = i
         if by == "keep_rate":
             order = sorted(members, key=lambda i: -_schedule_rank(traces[i]))
         else:
             order = sorted(members, key=lambda i: str(_field(traces[i], by)))
         pairs.extend(itertools.combinations(order, 2))
+    if len(traces) > 1:
+        if not pairs:
+            raise _unpaired_error(traces, by)
+        alone = sorted(set(range(len(traces))) - {i for p in pairs for i in p})
+        if alone:
+            warnings.warn(
+                f"compare(by={by!r}): {', '.join(_describe(traces[i], i) for i in alone)} "
+                f"{'has' if len(alone) == 1 else 'have'} no partner differing only in {'/'.join(varying)} "
+                "and is left out of the table",
+                UserWarning,
+                stacklevel=3,
+            )
     return pairs
 
 
@@ -250,14 +318,17 @@ def compare(traces: Iterable, *, by: str, metric=None, layers=None, dropped: str
         ``method``, ``dataset``, ``keep_rate``, ``r``), the varied ones as ``<field>_a`` and
         ``<field>_b``, then ``family`` (``"prune"``/``"merge"``), ``layer`` (block index),
         ``stage`` (0-based position among the compared blocks), ``image_id``, ``metric`` and
-        ``value`` (float).  No pairs give an empty table with these columns.
+        ``value`` (float).  A single trace (nothing to pair) gives an empty table with these columns;
+        a trace with no partner among several is left out with a ``UserWarning`` naming it.
 
     Raises
     ------
     TraceMismatchError
         When two traces of a pair differ in images, patch grid or reduction blocks (the message names
-        the difference), when two traces have the same metadata, or when no pair can be measured
-        with the requested metrics.
+        the difference), when two traces agree on every field (the message says whether they differ in
+        grid or images, and what to do), when several traces give no pair at all because they also
+        differ in a field other than ``by`` (the message names those fields and their values), or when
+        no pair can be measured with the requested metrics.
     """
     import pandas as pd
 
@@ -277,7 +348,8 @@ def compare(traces: Iterable, *, by: str, metric=None, layers=None, dropped: str
 
     chunks: list[dict[str, Any]] = []
     skipped_mixed = 0
-    for ia, ib in _pairs(traces, by):
+    pairs = _pairs(traces, by)
+    for ia, ib in pairs:
         a, b = traces[ia], traces[ib]
         order = _align(a, b, ia, ib)
         compared = _layers_for(a, b, ia, ib, layers)
@@ -311,7 +383,7 @@ def compare(traces: Iterable, *, by: str, metric=None, layers=None, dropped: str
                     }  # fmt: skip
                 )
     if not chunks:
-        if requested is not None and traces and _pairs(traces, by):
+        if requested is not None and pairs:
             raise TraceMismatchError(
                 f"none of the metrics {list(requested)} applies to the compared pairs: IoU/IoA need pruning "
                 f"patterns (kind prune/fuse) on both sides, merge metrics merging patterns (merge/soft)"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from tokvis.cli import _arg, _keep_rate, _method, int_at_least
+
 
 def _option(text: str) -> tuple[str, object]:
     from tokvis.errors import MethodOptionError
@@ -15,6 +17,13 @@ def _option(text: str) -> tuple[str, object]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _learning_rate(text: str) -> float:
+    from tokvis.cli import _number
+    from tokvis.validate import check_float
+
+    return check_float("a learning rate", _number(text, float), low=0.0, low_open=True, high_open=True)
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     import time
 
@@ -22,14 +31,21 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     from tokvis import fitting, zoo
     from tokvis.errors import MethodOptionError
+    from tokvis.methods import get_method_class, list_methods
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    # every argument is checked before the model is loaded (argparse types check each value)
     if (args.keep_rate is None) == (args.r is None):
         raise MethodOptionError("pass one of --keep-rate (fraction kept per stage) or --r (tokens removed per block)")
+    if not hasattr(get_method_class(args.method), "mark_fitted"):
+        raise MethodOptionError(
+            f"--method {args.method} has no learned parameters to fit; learned methods: "
+            + ", ".join(m for m in list_methods() if hasattr(get_method_class(m), "mark_fitted"))
+        )
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     print(f"loading {args.model} ...", flush=True)
-    model = zoo.create(args.model)
+    model = zoo.create(args.model, **({"pretrained": False} if args.no_pretrained else {}))
     images = fitting.augmented_images(model, args.images, seed=args.seed)
     held_out = fitting.augmented_images(model, args.held_out, seed=args.seed + 1) if args.held_out else None
     schedule = dict(keep_rate=args.keep_rate, r=args.r, locations=args.locations)
@@ -58,17 +74,20 @@ def register(subparsers) -> None:
         "fit", help="fit a learned method (dynamicvit, sit, patchmerger, sinkhorn) by distillation on a frozen model"
     )
     p.add_argument("--model", default="dinov2_small_offline", help="timm name, checkpoint or dinov2_small_offline")
-    p.add_argument("--method", required=True, help="learned method name")
-    p.add_argument("--keep-rate", type=float, default=None, help="per-stage keep rate the method is fitted for")
-    p.add_argument("--r", type=int, default=None, help="tokens removed per block (instead of --keep-rate)")
-    p.add_argument("--locations", type=int, nargs="+", default=None, help="reducing blocks (default: 1/4, 1/2, 3/4)")
-    p.add_argument("--images", type=int, default=256, help="training images: random crops/flips of the bundled photos")
-    p.add_argument("--held-out", type=int, default=32, help="held-out images to report the loss on (0: none)")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the method's own)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-pretrained", action="store_true", help="random backbone weights (timm names: no download)")
+    p.add_argument("--method", required=True, type=_arg(_method), help="learned method name")
+    p.add_argument("--keep-rate", type=_arg(_keep_rate), default=None, help="per-stage keep rate, in (0, 1]")
+    p.add_argument("--r", type=int_at_least(0), default=None, help="tokens removed per block (instead of --keep-rate)")
+    p.add_argument(
+        "--locations", type=int_at_least(0), nargs="+", default=None, help="reducing blocks (default: 1/4, 1/2, 3/4)"
+    )
+    p.add_argument("--images", type=int_at_least(1), default=256, help="training images: crops/flips of the photos")
+    p.add_argument("--held-out", type=int_at_least(0), default=32, help="held-out images for the loss (0: none)")
+    p.add_argument("--epochs", type=int_at_least(1), default=3)
+    p.add_argument("--lr", type=_arg(_learning_rate), default=None, help="Adam learning rate (default: the method's)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=16)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
+    p.add_argument("--threads", type=int_at_least(0), default=0, help="torch threads (default 0: torch's choice)")
     p.add_argument("--option", type=_option, action="append", help="method option KEY=VALUE (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="output .safetensors file")

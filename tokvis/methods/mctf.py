@@ -272,6 +272,11 @@ class MCTF(Method):
                 f"from {n} to {ctx.target} tokens at block {ctx.layer}; use keep_rate >= 0.5 or the r convention"
             )
         size = ctx.patch_size
+        if r == 0:  # nothing to fuse (e.g. a single token left): the identity, no matching of an empty set
+            B = size.shape[0]
+            dst = torch.arange(n, device=size.device).expand(B, n).clone()
+            keep = torch.ones(B, n, dtype=torch.bool, device=size.device)
+            return LayerDecision(ctx.layer, "merge", dst, keep, n_out=n, weight=size)
         received = self.attention_received(ctx)
         if self.metric == "tokens":
             metric = ctx.x[:, p:]
