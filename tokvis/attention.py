@@ -26,13 +26,13 @@ import torch
 from torch import nn
 
 from tokvis.errors import MethodOptionError, TokvisError
+from tokvis.model import check_images, grid_for_input, is_patched, model_info
+from tokvis.patching import attention_forward
 
 __all__ = ["attention_maps", "attention_rollout"]
 
 
 def _check_model(model: nn.Module, images: torch.Tensor):
-    from tokvis.patching import check_images, is_patched, model_info
-
     info = model_info(model)
     if is_patched(model):
         raise TokvisError(
@@ -76,8 +76,6 @@ def attention_maps(
 @torch.no_grad()
 def _maps(model: nn.Module, images: torch.Tensor, blocks: Sequence[int], heads: str) -> dict[int, torch.Tensor]:
     """:func:`attention_maps` for a checked model, images and block list."""
-    from tokvis.patching import attention_forward
-
     out: dict[int, torch.Tensor] = {}
 
     def hook(index: int):
@@ -119,8 +117,6 @@ def attention_rollout(model: nn.Module, images: torch.Tensor, *, start: int = 0,
     Tensor [B, num_patches]
         Non-negative; together with the prefix tokens' share each image's values sum to 1.
     """
-    from tokvis.patching import grid_for_input
-
     info = _check_model(model, images)
     depth = info.depth
     if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= depth:
