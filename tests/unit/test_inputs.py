@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import pytest
 import torch
+from PIL import Image
 
 import tokvis
 import tokvis.model
@@ -84,3 +86,32 @@ def test_autocast_accepts_other_float_images():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, trace = tokvis.run_with_trace(model, x.to(torch.bfloat16))
     assert trace.num_images == 3 and torch.isfinite(out.float()).all()
+
+
+def _save(path, size):
+    Image.new("RGB", size, (120, 30, 200)).save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "size,what",
+    [((1, 1), "short side is only 1 px"), ((4000, 3), "aspect ratio"), ((3, 4000), "aspect ratio"), ((8, 300), "8 px")],
+)
+def test_extreme_images_warn_when_read(tmp_path, size, what):
+    from tokvis.datasets import open_dataset
+
+    _save(tmp_path / "odd.png", size)
+    with pytest.warns(UserWarning, match=what) as record:
+        image = open_dataset(tmp_path).load(0)  # the path `tokvis record` reads images through
+    assert image.size == size
+    assert "odd.png" in str(record[0].message) and f"{size[0]}x{size[1]}" in str(record[0].message)
+
+
+@pytest.mark.parametrize("size", [(224, 224), (28, 28), (640, 200), (256, 384)])
+def test_ordinary_images_read_without_warning(tmp_path, size):
+    from tokvis.data import read_image
+
+    _save(tmp_path / "ok.png", size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_image(tmp_path / "ok.png").size == size
