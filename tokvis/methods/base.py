@@ -14,7 +14,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from tokvis.errors import MethodOptionError, UnsupportedModelError
+from tokvis.errors import UnsupportedModelError
 from tokvis.model import ModelInfo  # noqa: F401  (re-exported: methods import it from here)
 from tokvis.trace import LayerDecision
 
@@ -211,9 +211,3 @@ class Method(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options().items())
-
-
-def check_choice(name: str, value: Any, choices) -> Any:
-    if value not in choices:
-        raise MethodOptionError(f"{name} must be one of {list(choices)}: got {value!r}")
-    return value
