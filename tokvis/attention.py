@@ -26,13 +26,14 @@ import torch
 from torch import nn
 
 from tokvis.errors import MethodOptionError, TokvisError
+from tokvis.model import check_images, grid_for_input, is_patched, model_info
+from tokvis.patching import attention_forward
+from tokvis.validate import check_choice, check_float, check_int
 
 __all__ = ["attention_maps", "attention_rollout"]
 
 
 def _check_model(model: nn.Module, images: torch.Tensor):
-    from tokvis.patching import check_images, is_patched, model_info
-
     info = model_info(model)
     if is_patched(model):
         raise TokvisError(
@@ -64,20 +65,16 @@ def attention_maps(
         Block index -> probabilities over all ``T`` tokens (prefix first), rows summing to 1.
     """
     info = _check_model(model, images)
-    if heads not in ("mean", "all"):
-        raise MethodOptionError(f"heads must be 'mean' or 'all': got {heads!r}")
+    check_choice("heads", heads, ("mean", "all"), error=MethodOptionError)
     wanted = list(range(info.depth) if blocks is None else blocks)
     for b in wanted:
-        if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < info.depth:
-            raise IndexError(f"blocks must be ints in [0, {info.depth - 1}] (the model has {info.depth}): got {b!r}")
+        check_int(f"blocks (the model has {info.depth})", b, minimum=0, maximum=info.depth - 1, error=IndexError)
     return _maps(model, images, wanted, heads)
 
 
 @torch.no_grad()
 def _maps(model: nn.Module, images: torch.Tensor, blocks: Sequence[int], heads: str) -> dict[int, torch.Tensor]:
     """:func:`attention_maps` for a checked model, images and block list."""
-    from tokvis.patching import attention_forward
-
     out: dict[int, torch.Tensor] = {}
 
     def hook(index: int):
@@ -119,14 +116,10 @@ def attention_rollout(model: nn.Module, images: torch.Tensor, *, start: int = 0,
     Tensor [B, num_patches]
         Non-negative; together with the prefix tokens' share each image's values sum to 1.
     """
-    from tokvis.patching import grid_for_input
-
     info = _check_model(model, images)
     depth = info.depth
-    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= depth:
-        raise MethodOptionError(f"start must be an int in [0, {depth}] (the model has {depth} blocks): got {start!r}")
-    if isinstance(residual, bool) or not isinstance(residual, (int, float)) or not 0.0 <= residual <= 1.0:
-        raise MethodOptionError(f"residual must be a number in [0, 1]: got {residual!r}")
+    start = check_int(f"start (the model has {depth} blocks)", start, minimum=0, maximum=depth, error=MethodOptionError)
+    residual = check_float("residual", residual, low=0.0, high=1.0, error=MethodOptionError)
     p = info.num_prefix_tokens
     gh, gw = grid_for_input(model, tuple(images.shape[-2:]))
     T = p + gh * gw

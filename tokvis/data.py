@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.resources
 import importlib.util
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,11 @@ __all__ = [
 ]
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+#: below this short side (pixels) or above this aspect ratio, reading an image warns: the model's
+#: transform (resize the short side, crop the centre) would upscale it extremely or keep a sliver of it
+_MIN_SIDE = 16
+_MAX_ASPECT = 10.0
 
 #: Sample sets shipped in foolbox's ``data`` folder (file prefix, exactly as foolbox spells it).
 FOOLBOX_KINDS: tuple[str, ...] = ("imagenet", "cifar10", "cifar100", "mnist", "fashionMNIST")
@@ -86,13 +92,34 @@ def read_image(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
+            rgb = im.convert("RGB")
     except FileNotFoundError as exc:
         raise DataError(f"image file not found: {path}") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         # Pillow raises UnidentifiedImageError for non-images and OSError / ValueError /
         # SyntaxError for truncated or corrupt data, depending on the format plugin.
         raise DataError(f"cannot read image file {path}: {exc}") from exc
+    _warn_extreme_geometry(path, rgb.size)
+    return rgb
+
+
+def _warn_extreme_geometry(path: Path, size: tuple[int, int]) -> None:
+    """Warn (``UserWarning``) about an image the model's transform would upscale extremely or crop to a sliver."""
+    w, h = size
+    short, long = min(w, h), max(w, h)
+    problems = []
+    if short < _MIN_SIDE:
+        problems.append(f"its short side is only {short} px, so the model's transform will upscale it extremely")
+    if long > _MAX_ASPECT * short:
+        problems.append(f"its aspect ratio ({long / short:.0f}:1) means the centre crop keeps only a sliver of it")
+    if problems:
+        warnings.warn(
+            f"image {path} is {w}x{h} pixels: "
+            + "; ".join(problems)
+            + ". Its recorded patterns say little about the image; leave it out or resize it yourself",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -46,3 +46,7 @@ class WeightsError(TokvisError, RuntimeError):
 
 class DataError(TokvisError, ValueError):
     """An input image or dataset could not be read."""
+
+
+class ImageValueError(ImageSizeError):
+    """Input images hold NaN or infinite pixel values (a kind of :class:`ImageSizeError`: a bad image)."""

@@ -24,124 +24,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokvis.errors import ImageSizeError, TokvisError, UnsupportedModelError
-from tokvis.methods.base import Method, ModelInfo, ReductionContext
+from tokvis.errors import TokvisError
+from tokvis.methods.base import Method, ReductionContext
 from tokvis.methods.ops import apply_decision
+from tokvis.methods.registry import create_method
+from tokvis.model import (  # noqa: F401  (model_info, check_images, ... stay importable from here)
+    ModelInfo,
+    attn_dim,
+    backbone_name,
+    check_images,
+    grid_for_input,
+    is_patched,
+    model_info,
+    patch_state,
+)
+from tokvis.recording import report
 from tokvis.schedule import Schedule, make_schedule
 from tokvis.trace import LayerDecision
 
 __all__ = ["patch", "unpatch", "is_patched", "model_info", "attention_forward", "check_images"]
-
-
-def _timm_classes():
-    from timm.layers.attention import Attention
-    from timm.models.vision_transformer import Block, VisionTransformer
-
-    return VisionTransformer, Block, Attention
-
-
-# --------------------------------------------------------------------------------------------------
-# model inspection
-
-
-def model_info(model: nn.Module) -> ModelInfo:
-    """Check that ``model`` is a supported timm ViT and describe it.
-
-    Raises
-    ------
-    UnsupportedModelError
-        Not a timm ``VisionTransformer``, or a block / attention layer of a kind
-        tokvis cannot patch; the message names the unsupported part.
-    """
-    VisionTransformer, Block, Attention = _timm_classes()
-    if not isinstance(model, VisionTransformer):
-        raise UnsupportedModelError(
-            f"tokvis patches timm VisionTransformer models (ViT, DeiT, DeiT-III, DINOv2, ...); got "
-            f"{type(model).__module__}.{type(model).__name__}. Hierarchical or convolutional models "
-            "(ResNet, Swin, ConvNeXt, ...) have no flat token sequence to reduce"
-        )
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
-        raise UnsupportedModelError("the model has no nn.Sequential of blocks (model.blocks)")
-    for i, blk in enumerate(blocks):
-        base = getattr(type(blk), "_tokvis_original_class", type(blk))
-        if base is not Block:
-            raise UnsupportedModelError(
-                f"block {i} is a {base.__module__}.{base.__name__}; tokvis supports timm's standard "
-                "pre-norm Block only (not ResPostBlock, ParallelScalingBlock, ...)"
-            )
-        if type(blk.attn) is not Attention:
-            a = type(blk.attn)
-            raise UnsupportedModelError(
-                f"block {i} uses attention {a.__module__}.{a.__name__}; tokvis supports timm's standard "
-                "Attention (qk-norm, scale-norm and gating included), not rotary / differential / other variants"
-            )
-    attn = blocks[0].attn
-    pe = model.patch_embed
-    return ModelInfo(
-        depth=len(blocks),
-        num_prefix_tokens=int(model.num_prefix_tokens),
-        has_class_token=model.cls_token is not None,
-        embed_dim=int(model.embed_dim),
-        num_heads=int(attn.num_heads),
-        grid_size=tuple(int(v) for v in pe.grid_size),  # type: ignore[arg-type]
-        dynamic_img_size=bool(getattr(model, "dynamic_img_size", False)),
-        gated_attention=any(getattr(b.attn, "gate", None) is not None for b in blocks),
-    )
-
-
-def backbone_name(model: nn.Module) -> str:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return str(getattr(model, "_tokvis_name", None) or cfg.get("architecture") or type(model).__name__)
-
-
-def grid_for_input(model: nn.Module, hw: tuple[int, int]) -> tuple[int, int]:
-    """Patch grid the model produces for an input of size ``hw``."""
-    pe = model.patch_embed
-    if getattr(model, "dynamic_img_size", False):
-        return tuple(int(v) for v in pe.dynamic_feat_size(hw))  # type: ignore[return-value]
-    return tuple(int(v) for v in pe.grid_size)  # type: ignore[return-value]
-
-
-def check_images(model: nn.Module, images: Any) -> None:
-    """Raise :class:`ImageSizeError` if ``images`` cannot go through ``model``.
-
-    Checks: a float tensor ``[B, C, H, W]`` with the model's channel count, and
-    either the model's fixed input size, or (``dynamic_img_size=True``) sides
-    divisible by the patch size (unless the model pads dynamically).
-    """
-    if not isinstance(images, torch.Tensor):
-        raise ImageSizeError(f"images must be a float tensor [B, 3, H, W]: got {type(images).__name__}")
-    if images.dim() != 4:
-        raise ImageSizeError(
-            f"images must be 4-D [B, C, H, W]: shape is {tuple(images.shape)}"
-            + ("; add a batch dimension with images.unsqueeze(0)" if images.dim() == 3 else "")
-        )
-    if not images.is_floating_point():
-        raise ImageSizeError(
-            f"images must be a float tensor (normalised with the model's transform): dtype is {images.dtype}; "
-            "use tokvis.data.transform_for(model)"
-        )
-    pe = model.patch_embed
-    chans = getattr(pe.proj, "in_channels", None)
-    if chans is not None and images.shape[1] != chans:
-        raise ImageSizeError(f"the model takes {chans}-channel images: got {images.shape[1]} channels")
-    H, W = images.shape[-2:]
-    ph, pw = pe.patch_size
-    if getattr(model, "dynamic_img_size", False):
-        if not getattr(pe, "dynamic_img_pad", False) and (H % ph or W % pw):
-            raise ImageSizeError(
-                f"image size {H}x{W} is not divisible by the patch size {ph}x{pw}; resize or crop to a "
-                f"multiple, e.g. {H // ph * ph}x{W // pw * pw}"
-            )
-    elif getattr(pe, "strict_img_size", True) and (H, W) != tuple(pe.img_size):
-        h, w = pe.img_size
-        raise ImageSizeError(
-            f"the model expects {h}x{w} images: got {H}x{W}. Resize the images (tokvis.data.transform_for) "
-            "or create the model with dynamic_img_size=True for other sizes"
-        )
-    elif H % ph or W % pw:
-        raise ImageSizeError(f"image size {H}x{W} is not divisible by the patch size {ph}x{pw}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -220,8 +121,10 @@ def _probs(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor
 def _attention_output(attn: nn.Module, out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
     """Heads ``[B, H, T, d]`` -> tokens ``[B, T, C]`` through the module's norm, gate and projection."""
     B, _, T, _ = out.shape
-    out = out.transpose(1, 2).reshape(B, T, attn.attn_dim)
-    out = attn.norm(out)
+    out = out.transpose(1, 2).reshape(B, T, attn_dim(attn))
+    norm = getattr(attn, "norm", None)  # scale-norm (timm >= 1.0.16)
+    if norm is not None:
+        out = norm(out)
     if gate is not None:
         out = out * gate
     return attn.proj_drop(attn.proj(out))
@@ -325,8 +228,6 @@ def _context(st: PatchState, layer: int, x: torch.Tensor, target: int, **extras)
 
 def _decide_and_apply(block: nn.Module, st: PatchState, ctx: ReductionContext) -> tuple[torch.Tensor, LayerDecision]:
     """Ask the method, announce the decision to recorders, apply it to the tokens and their sizes."""
-    from tokvis.recording import report
-
     decision = st.method.decide(ctx)
     _check_decision(decision, ctx.layer, ctx.x.shape[0], ctx.n_in, st.method)
     report(block, decision)
@@ -359,10 +260,6 @@ def _patched_class(cls: type) -> type:
 
 # --------------------------------------------------------------------------------------------------
 # public API
-
-
-def is_patched(model: nn.Module) -> bool:
-    return getattr(model, "_tokvis", None) is not None
 
 
 def patch(
@@ -398,8 +295,6 @@ def patch(
     ------
     UnsupportedModelError, ScheduleError, UnknownMethodError, MethodOptionError
     """
-    from tokvis.methods import create_method
-
     info = model_info(model)
     if isinstance(method, str):
         method_obj = create_method(method, **options)
@@ -456,7 +351,3 @@ def unpatch(model: nn.Module) -> nn.Module:
         del model._modules["tokvis_method"]
     del model._tokvis
     return model
-
-
-def patch_state(model: nn.Module) -> PatchState | None:
-    return getattr(model, "_tokvis", None)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from tokvis.errors import TraceMismatchError
+from tokvis.model import backbone_name, check_images, grid_for_input, is_patched, model_info, patch_state
 from tokvis.trace import LayerDecision, Trace, TraceMeta
 
 # module id -> recorders listening to it (patched models: every block; third-party: any submodule)
@@ -48,8 +49,6 @@ class Recorder:
         dataset: str | None = None,
         store_scores: bool = True,
     ) -> None:
-        from tokvis.patching import model_info
-
         self.model = model
         self.info = model_info(model)
         self.dataset = dataset
@@ -102,8 +101,6 @@ class Recorder:
 
     # -- hooks ----------------------------------------------------------------------------------
     def _pre_hook(self, model: nn.Module, args: tuple) -> None:
-        from tokvis.patching import grid_for_input
-
         self._flush()
         self._current = []
         if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
@@ -133,8 +130,6 @@ class Recorder:
         self._trace = None
 
     def _meta(self, grid: tuple[int, int], start: int, n: int) -> TraceMeta:
-        from tokvis.patching import backbone_name, patch_state
-
         st = patch_state(self.model)
         kw: dict[str, Any] = {}
         if st is not None:
@@ -228,9 +223,8 @@ def run_with_trace(
     grad : bool
         Keep autograd on (default off: runs under ``torch.no_grad()``).
     """
-    from tokvis.patching import check_images
-
-    check_images(model, images)
+    if not is_patched(model):  # a patched model checks its input in its own forward pre-hook: once per forward
+        check_images(model, images)
     with record(model, image_ids=image_ids, dataset=dataset) as rec, torch.set_grad_enabled(grad):
         out = model(images)
     return out, rec.trace

@@ -20,10 +20,12 @@ Two conventions are supported, mutually exclusive:
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from tokvis.errors import ScheduleError
+from tokvis.validate import check_float, check_int
 
 _EPS = 1e-9
 
@@ -127,22 +129,23 @@ def removal(r: int | float, n_in: int) -> int:
     return int(r)
 
 
-def _check_r_value(v) -> int | float:
-    if isinstance(v, bool):
-        raise ScheduleError(f"r must be an int, a fraction in (0, 1), or a list of them: got {v!r}")
-    if isinstance(v, float):
+_R_KINDS = "an int >= 0 (tokens removed per block), a fraction in (0, 1), or a list of them with one entry per block"
+
+
+def _what(v) -> str:
+    """How a wrong value is named in a message: strings are called strings (``'4'`` looks like 4)."""
+    return f"the string {v!r}" if isinstance(v, (str, bytes)) else f"{v!r} ({type(v).__name__})"
+
+
+def _check_r_value(v, where: str = "r") -> int | float:
+    """One block's ``r``: an int >= 0 or a fraction in (0, 1) (``0.0`` means 0)."""
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+        return check_int(where, v, minimum=0, error=ScheduleError)
+    if isinstance(v, numbers.Real) and not isinstance(v, bool):
         if v == 0.0:
             return 0
-        if not 0.0 < v < 1.0:  # also rejects nan
-            raise ScheduleError(
-                f"a float r is a fraction of the tokens removed per block and must be in (0, 1): got {v}; "
-                "pass an int for a number of tokens"
-            )
-        return v
-    try:
-        return int(v)
-    except (TypeError, ValueError):
-        raise ScheduleError(f"r must be an int, a fraction in (0, 1), or a list of them: got {v!r}") from None
+        return check_float(where, v, low=0.0, high=1.0, low_open=True, high_open=True, error=ScheduleError)
+    raise ScheduleError(f"{where} must be {_R_KINDS}: got {_what(v)}")
 
 
 def keep_rate_budget(n_patches: int, keep_rate: float, stage: int) -> int:
@@ -172,36 +175,26 @@ def make_schedule(
     if locations is not None:
         locs = _check_locations(locations, depth)
     if keep_rate is not None:
-        if isinstance(keep_rate, bool) or not isinstance(keep_rate, (int, float)):
-            raise ScheduleError(f"keep_rate must be a number in (0, 1]: got {keep_rate!r}")
-        keep_rate = float(keep_rate)
-        if not (0.0 < keep_rate <= 1.0) or math.isnan(keep_rate):
-            raise ScheduleError(f"keep_rate must be in (0, 1]: got {keep_rate}")
+        keep_rate = check_float("keep_rate", keep_rate, low=0.0, high=1.0, low_open=True, error=ScheduleError)
         if locations is None:
             locs = default_locations(depth)
         return Schedule(depth=depth, keep_rate=keep_rate, r=None, locations=tuple(locs))
 
     # r convention
-    if isinstance(r, bool):
-        raise ScheduleError(f"r must be an int or a list of ints: got {r!r}")
-    if isinstance(r, float):
+    if isinstance(r, (str, bytes)):  # a string is a sequence, but never a list of r values
+        raise ScheduleError(f"r must be {_R_KINDS}: got {_what(r)}")
+    if isinstance(r, numbers.Real) or isinstance(r, bool):
         r = _check_r_value(r)
-    if isinstance(r, (int, float)):
-        if r < 0:
-            raise ScheduleError(f"r must be >= 0 (tokens removed per block): got {r}")
         if locations is None:
             locs = list(range(depth))
         per_block = [r if i in locs else 0 for i in range(depth)]
-        r_arg: int | list[int] = r
+        r_arg: int | float | list[int | float] = r
     else:
-        try:
-            per_block = [_check_r_value(v) for v in r]  # type: ignore[union-attr]
-        except TypeError:
-            raise ScheduleError(f"r must be an int or a list of ints: got {r!r}") from None
+        if not isinstance(r, Sequence) and not hasattr(r, "__iter__"):
+            raise ScheduleError(f"r must be {_R_KINDS}: got {_what(r)}")
+        per_block = [_check_r_value(v, f"r[{i}]") for i, v in enumerate(r)]  # type: ignore[union-attr]
         if len(per_block) != depth:
             raise ScheduleError(f"an r list needs one entry per block ({depth}): got {len(per_block)}")
-        if any(v < 0 for v in per_block):
-            raise ScheduleError(f"r must be >= 0 at every block: got {per_block}")
         if locations is not None:
             off = [i for i, v in enumerate(per_block) if v and i not in locs]
             if off:
@@ -213,10 +206,13 @@ def make_schedule(
 
 
 def _check_locations(locations: Sequence[int], depth: int) -> list[int]:
-    try:
-        locs = [int(v) for v in locations]
-    except (TypeError, ValueError):
-        raise ScheduleError(f"locations must be a list of block indices: got {locations!r}") from None
+    if isinstance(locations, (str, bytes)) or not hasattr(locations, "__iter__"):
+        raise ScheduleError(f"locations must be a list of block indices (ints): got {_what(locations)}")
+    locs = list(locations)
+    for v in locs:  # 2.5 or True are not block indices (int() would turn them into blocks 2 and 1)
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool):
+            raise ScheduleError(f"locations must be a list of block indices (ints): got {_what(v)} in {locs!r}")
+    locs = [int(v) for v in locs]
     if not locs:
         raise ScheduleError("locations is empty: give at least one block index")
     bad = [v for v in locs if not 0 <= v < depth]

@@ -84,11 +84,11 @@ def test_rollout_edges():
 
 def test_bad_inputs():
     model, images = make_model("cls"), make_images("cls", n=1)
-    with pytest.raises(MethodOptionError, match="start must be an int in"):
+    with pytest.raises(MethodOptionError, match=r"start \(the model has 6 blocks\) must be an integer in \[0, 6\]"):
         attention_rollout(model, images, start=7)
     with pytest.raises(MethodOptionError, match="residual must be"):
         attention_rollout(model, images, residual=1.5)
-    with pytest.raises(IndexError, match="blocks must be ints"):
+    with pytest.raises(IndexError, match=r"blocks \(the model has 6\) must be an integer in \[0, 5\]"):
         attention_maps(model, images, blocks=[6])
     with pytest.raises(MethodOptionError, match="heads"):
         attention_maps(model, images, heads="max")

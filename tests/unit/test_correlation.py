@@ -118,7 +118,7 @@ def test_perfect_and_symmetric():
         ({"x": ["a", "b"], "y": [1, 2]}, ValueError, r"x must be numeric"),
         ({"x": [1, 2], "y": [1, 2], "method": "kendal"}, ValueError, r"method must be one of"),
         ({"x": [1, 2], "y": [1, 2], "n_boot": -1}, ValueError, r"n_boot"),
-        ({"x": [1, 2], "y": [1, 2], "ci": 95}, ValueError, r"ci must be in"),
+        ({"x": [1, 2], "y": [1, 2], "ci": 95}, ValueError, r"ci must be a number in"),
     ],
 )
 def test_validation(kwargs, error, message):

@@ -85,9 +85,9 @@ def test_bad_inputs():
     a, b = _pair()
     with pytest.raises(TraceMismatchError, match="same images and patches"):
         importance_agreement(a, b[:, :-1], k=3)
-    with pytest.raises(ValueError, match="k must be an int in"):
+    with pytest.raises(ValueError, match="k must be an integer in"):
         importance_agreement(a, b, k=0)
-    with pytest.raises(ValueError, match="k must be an int in"):
+    with pytest.raises(ValueError, match="k must be an integer in"):
         top_k_mask(a, a.shape[1] + 1)
     with pytest.raises(ValueError, match="n_random"):
         importance_agreement(a, b, k=3, n_random=0)

@@ -22,6 +22,7 @@ import numpy as np
 from scipy import stats
 
 from tokvis.errors import TraceMismatchError
+from tokvis.validate import check_choice, check_float, check_int
 
 __all__ = ["METHODS", "correlate", "correlation_table"]
 
@@ -126,12 +127,9 @@ def correlate(
         (int, pairs used) and ``method`` (str).  See the module docstring for missing values and
         undefined cases (NaN).
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}: got {method!r}")
-    if isinstance(n_boot, bool) or int(n_boot) != n_boot or n_boot < 0:
-        raise ValueError(f"n_boot must be a non-negative integer: got {n_boot!r}")
-    if not (0 < ci < 1):
-        raise ValueError(f"ci must be in (0, 1): got {ci!r}")
+    check_choice("method", method, METHODS)
+    n_boot = check_int("n_boot", n_boot, minimum=0)
+    check_float("ci", ci, low=0.0, high=1.0, low_open=True, high_open=True)
     x, y = _vector(x, "x"), _vector(y, "y")
     if x.shape != y.shape:
         raise TraceMismatchError(f"x and y must be paired (same length): {x.size} vs {y.size}")
@@ -206,8 +204,7 @@ def correlation_table(
     if not methods:
         raise ValueError("method must name at least one correlation method")
     for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}: got {m!r}")
+        check_choice("method", m, METHODS)
     reserved = [k for k in keys if k in _TABLE_COLUMNS]
     if reserved:
         raise ValueError(f"by columns {reserved} clash with the output columns {_TABLE_COLUMNS}; rename them first")

@@ -34,6 +34,7 @@ import warnings
 import numpy as np
 
 from tokvis.errors import TraceMismatchError
+from tokvis.validate import check_float, check_int
 
 __all__ = [
     "cca_coefficients",
@@ -138,12 +139,10 @@ def _basis(a: np.ndarray, n_components: int | None, tol: float | None):
 
 def _cca(X, Y, n_components, tol):
     """Canonical correlations [k] (descending) and X's canonical variates [n, k] (orthonormal)."""
-    if n_components is not None and (
-        isinstance(n_components, bool) or int(n_components) != n_components or n_components < 1
-    ):
-        raise ValueError(f"n_components must be a positive integer or None: got {n_components!r}")
-    if tol is not None and not (np.isfinite(tol) and 0 <= tol < 1):
-        raise ValueError(f"tol must be in [0, 1) or None: got {tol!r}")
+    if n_components is not None:
+        n_components = check_int("n_components (or None)", n_components, minimum=1)
+    if tol is not None:
+        check_float("tol (or None)", tol, low=0.0, high=1.0, high_open=True)
     a, b = _pair(X, Y)
     qa, _ = _basis(a, n_components, tol)
     qb, _ = _basis(b, n_components, tol)

@@ -28,6 +28,7 @@ from scipy import stats
 
 from tokvis.analysis.correlation import _pearson_rows, _statistic_rows
 from tokvis.errors import TraceMismatchError
+from tokvis.validate import check_int
 
 __all__ = ["importance_agreement", "rank_correlation", "top_k_mask"]
 
@@ -58,8 +59,7 @@ def top_k_mask(scores, k: int) -> np.ndarray:
     """Boolean mask ``[num_images, num_patches]`` of each image's ``k`` highest scores (ties: lower index)."""
     s = _scores(scores, "scores")
     n = s.shape[1]
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
-        raise ValueError(f"k must be an int in [1, {n}] (the number of patches): got {k!r}")
+    k = check_int("k", k, minimum=1, maximum=n)
     order = np.argsort(-s, axis=1, kind="stable")[:, :k]
     mask = np.zeros(s.shape, dtype=bool)
     np.put_along_axis(mask, order, True, axis=1)
@@ -102,8 +102,7 @@ def importance_agreement(scores, reference, *, k: int, n_random: int = 1000, see
         random k-subsets, from the hypergeometric distribution); ``k``, ``n_random``.
     """
     a, b = _pair(scores, reference)
-    if isinstance(n_random, bool) or not isinstance(n_random, (int, np.integer)) or n_random < 1:
-        raise ValueError(f"n_random must be an int >= 1: got {n_random!r}")
+    n_random = check_int("n_random", n_random, minimum=1)
     ma, mb = top_k_mask(a, k), top_k_mask(b, k)
     ra, rb = stats.rankdata(a, axis=1), stats.rankdata(b, axis=1)  # average ranks, as scipy's spearmanr
     N, n = a.shape

@@ -33,6 +33,7 @@ from scipy import optimize, sparse, special, stats
 
 from tokvis.analysis.patterns import _as_batch, _dense_rows
 from tokvis.errors import TraceMismatchError
+from tokvis.validate import check_float
 
 __all__ = [
     "depth_map",
@@ -234,8 +235,7 @@ def kl_divergence(p, q, *, eps: float = 1e-12) -> float:
         In [0, inf); 0 iff the normalised maps are equal.  Not symmetric (see :func:`kl_both`).
     """
     a, b = _distributions(p, q)
-    if not (np.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite number >= 0: got {eps!r}")
+    check_float("eps", eps, low=0.0, high=np.inf, high_open=True)
     if eps:
         a = (a + eps) / (1 + a.size * eps)
         b = (b + eps) / (1 + b.size * eps)

@@ -56,6 +56,7 @@ import numpy as np
 from scipy.special import gammaln
 
 from tokvis.errors import TraceMismatchError
+from tokvis.validate import check_choice, check_float
 
 __all__ = [
     "MERGE_METRICS",
@@ -122,11 +123,6 @@ def _as_pair(a, b, names: tuple[str, str], *, kind: str) -> tuple[np.ndarray, np
     if one:
         a, b = a[None, :], b[None, :]
     return a, b, one
-
-
-def _check_choice(value, name: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}: got {value!r}")
 
 
 def _out(values: np.ndarray, one: bool):
@@ -530,13 +526,12 @@ def merge_scores(
     ``(n, group size, group size)`` triple of the batch.
     """
     a, b, one = _as_pair(labels_true, labels_pred, ("labels_true", "labels_pred"), kind="labels")
-    _check_choice(dropped, "dropped", _DROPPED_MODES)
-    _check_choice(average_method, "average_method", _AVERAGE_METHODS)
+    check_choice("dropped", dropped, _DROPPED_MODES)
+    check_choice("average_method", average_method, _AVERAGE_METHODS)
     metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
     for name in metrics:
-        _check_choice(name, "each metric", MERGE_METRICS)
-    if not (np.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta must be a positive finite number: got {beta!r}")
+        check_choice("each metric", name, MERGE_METRICS)
+    check_float("beta", beta, low=0.0, high=np.inf, low_open=True, high_open=True)
     if a.shape[0] == 0:
         return {name: np.zeros(0) for name in metrics}
     if a.shape[1] == 0:
@@ -685,7 +680,7 @@ def contingency(labels_true, labels_pred, *, dropped: str = "exclude") -> Contin
         compared label ``label_pred[c]``.  A 1-D input is one image.
     """
     a, b, _ = _as_pair(labels_true, labels_pred, ("labels_true", "labels_pred"), kind="labels")
-    _check_choice(dropped, "dropped", _DROPPED_MODES)
+    check_choice("dropped", dropped, _DROPPED_MODES)
     m = a.shape[0]
     if a.size == 0:
         empty = np.zeros(0, dtype=np.int64)

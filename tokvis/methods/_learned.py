@@ -25,23 +25,7 @@ from torch import nn
 from tokvis.errors import MethodOptionError, TokvisError
 from tokvis.methods.base import Method, ReductionContext
 from tokvis.trace import LayerDecision
-
-
-def check_int(name: str, value: Any, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise MethodOptionError(f"{name} must be an int >= {minimum}: got {value!r}")
-    return int(value)
-
-
-def check_float(name: str, value: Any, *, low: float, high: float = float("inf"), low_open: bool = True) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        v = float(value)
-        ok = (v > low if low_open else v >= low) and v <= high
-    if not ok:
-        lo = "(" if low_open else "["
-        raise MethodOptionError(f"{name} must be a number in {lo}{low}, {high}]: got {value!r}")
-    return float(value)
+from tokvis.validate import check_int
 
 
 def init_linear(lin: nn.Linear, g: torch.Generator, std: float = 0.02) -> None:
@@ -100,7 +84,7 @@ class LearnedMethod(Method):
 
     def __init__(self, *, seed: int = 0) -> None:
         super().__init__()
-        self.seed = check_int("seed", seed, minimum=0)
+        self.seed = check_int("seed", seed, minimum=0, error=MethodOptionError)
         self.reducers = nn.ModuleDict()
         self.register_buffer("fitted", torch.tensor(False))
         self._warned = False

@@ -14,29 +14,12 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from tokvis.errors import MethodOptionError, UnsupportedModelError
+from tokvis.errors import UnsupportedModelError
+from tokvis.model import ModelInfo  # noqa: F401  (re-exported: methods import it from here)
 from tokvis.trace import LayerDecision
 
 NEEDS = frozenset({"keys", "cls_attn", "attn"})
 STAGES = ("before_block", "after_attn", "in_attention")
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a method may want to know about the model it is applied to."""
-
-    depth: int
-    num_prefix_tokens: int
-    has_class_token: bool
-    embed_dim: int
-    num_heads: int
-    grid_size: tuple[int, int]
-    dynamic_img_size: bool
-    gated_attention: bool = False
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size[0] * self.grid_size[1]
 
 
 @dataclass
@@ -228,9 +211,3 @@ class Method(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options().items())
-
-
-def check_choice(name: str, value: Any, choices) -> Any:
-    if value not in choices:
-        raise MethodOptionError(f"{name} must be one of {list(choices)}: got {value!r}")
-    return value

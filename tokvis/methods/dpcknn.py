@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from tokvis.errors import MethodOptionError, UnsupportedModelError
-from tokvis.methods.base import Method, ModelInfo, ReductionContext, check_choice
+from tokvis.methods.base import Method, ModelInfo, ReductionContext
 from tokvis.methods.ops import slots_from_keep
 from tokvis.methods.registry import register_method
 from tokvis.trace import LayerDecision
+from tokvis.validate import check_choice, check_int
 
 MERGES = ("average", "learned")
 
@@ -117,15 +118,11 @@ class DPCKNN(Method):
 
     def __init__(self, *, k: int = 5, merge: str = "average", seed: int = 0, dim: int | None = None) -> None:
         super().__init__()
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise MethodOptionError(f"k must be an int >= 1 (neighbours for the density): got {k!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise MethodOptionError(f"seed must be an int: got {seed!r}")
-        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
-            raise MethodOptionError(f"dim must be a positive int (the model's embed_dim): got {dim!r}")
-        self.k = k
-        self.merge = check_choice("merge", merge, MERGES)
-        self.seed = seed
+        self.k = check_int("k (neighbours for the density)", k, minimum=1, error=MethodOptionError)
+        self.seed = check_int("seed", seed, error=MethodOptionError)
+        if dim is not None:
+            dim = check_int("dim (the model's embed_dim)", dim, minimum=1, error=MethodOptionError)
+        self.merge = check_choice("merge", merge, MERGES, error=MethodOptionError)
         self.score_layer: nn.Linear | None = None
         self._warned = False
         if merge == "learned" and dim is not None:

@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokvis.errors import MethodOptionError
-from tokvis.methods._learned import LearnedMethod, check_float, init_linear
+from tokvis.methods._learned import LearnedMethod, init_linear
 from tokvis.methods.base import ModelInfo, ReductionContext
 from tokvis.methods.ops import rank_keep
 from tokvis.methods.registry import register_method
 from tokvis.trace import LayerDecision
+from tokvis.validate import check_float
 
 
 class ScorePredictor(nn.Module):
@@ -109,8 +110,8 @@ class DynamicViT(LearnedMethod):
 
     def __init__(self, *, seed: int = 0, ratio_weight: float = 2.0, tau: float = 1.0) -> None:
         super().__init__(seed=seed)
-        self.ratio_weight = check_float("ratio_weight", ratio_weight, low=0.0, low_open=False)
-        self.tau = check_float("tau", tau, low=0.0)
+        self.ratio_weight = check_float("ratio_weight", ratio_weight, low=0.0, error=MethodOptionError)
+        self.tau = check_float("tau", tau, low=0.0, low_open=True, error=MethodOptionError)
         self._ratio_terms: dict[int, torch.Tensor] = {}
         self._noise: torch.Generator | None = None
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from tokvis.errors import MethodOptionError
-from tokvis.methods.base import Method, ReductionContext, check_choice
+from tokvis.methods.base import Method, ReductionContext
 from tokvis.methods.ops import slots_from_keep
 from tokvis.methods.registry import register_method
 from tokvis.trace import LayerDecision
+from tokvis.validate import check_choice, check_int
 
 METRICS = ("euclidean", "cosine")
 
@@ -127,10 +128,8 @@ class KMedoids(Method):
 
     def __init__(self, *, iterations: int = 3, metric: str = "euclidean") -> None:
         super().__init__()
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-            raise MethodOptionError(f"iterations must be an int >= 1: got {iterations!r}")
-        self.iterations = iterations
-        self.metric = check_choice("metric", metric, METRICS)
+        self.iterations = check_int("iterations", iterations, minimum=1, error=MethodOptionError)
+        self.metric = check_choice("metric", metric, METRICS, error=MethodOptionError)
 
     def options(self) -> dict:
         return {"iterations": self.iterations, "metric": self.metric}

@@ -7,10 +7,11 @@ import math
 import torch
 
 from tokvis.errors import MethodOptionError, ScheduleError
-from tokvis.methods.base import Method, ReductionContext, check_choice
+from tokvis.methods.base import Method, ReductionContext
 from tokvis.methods.ops import apply_decision, merge_mean, slots_from_keep
 from tokvis.methods.registry import register_method
 from tokvis.trace import LayerDecision
+from tokvis.validate import check_choice, check_float
 
 CRITERIA = ("similarity", "informativeness", "size")
 
@@ -216,9 +217,11 @@ class MCTF(Method):
         metric: str = "tokens",
         prop_attn: bool = True,
     ) -> None:
-        self.one_step_ahead = bool(check_choice("one_step_ahead", one_step_ahead, (True, False)))
+        self.one_step_ahead = bool(
+            check_choice("one_step_ahead", one_step_ahead, (True, False), error=MethodOptionError)
+        )
         self.stage = "in_attention" if self.one_step_ahead else "after_attn"
-        self.metric = check_choice("metric", metric, ("tokens", "keys"))
+        self.metric = check_choice("metric", metric, ("tokens", "keys"), error=MethodOptionError)
         self.needs = frozenset({"attn"} | ({"keys"} if self.metric == "keys" else set()))
         super().__init__()
         if isinstance(criteria, str):
@@ -235,12 +238,12 @@ class MCTF(Method):
         self.criteria = tuple(c for c in CRITERIA if c in crit)
         self.taus = {}
         for name, tau in (("tau_sim", tau_sim), ("tau_info", tau_info), ("tau_size", tau_size)):
-            if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (0 < tau < math.inf):
-                raise MethodOptionError(f"{name} must be a positive finite number: got {tau!r}")
-            self.taus[name] = float(tau)
-        self.bidirectional = bool(check_choice("bidirectional", bidirectional, (True, False)))
-        self.pooling = check_choice("pooling", pooling, ("attn_size", "size"))
-        self.proportional_attention = bool(check_choice("prop_attn", prop_attn, (True, False)))
+            self.taus[name] = check_float(
+                name, tau, low=0.0, high=math.inf, low_open=True, high_open=True, error=MethodOptionError
+            )
+        self.bidirectional = bool(check_choice("bidirectional", bidirectional, (True, False), error=MethodOptionError))
+        self.pooling = check_choice("pooling", pooling, ("attn_size", "size"), error=MethodOptionError)
+        self.proportional_attention = bool(check_choice("prop_attn", prop_attn, (True, False), error=MethodOptionError))
 
     def options(self) -> dict:
         return {

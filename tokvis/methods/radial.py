@@ -6,11 +6,12 @@ import math
 
 import torch
 
-from tokvis.errors import UnsupportedModelError
-from tokvis.methods.base import Method, ModelInfo, ReductionContext, check_choice
+from tokvis.errors import MethodOptionError, UnsupportedModelError
+from tokvis.methods.base import Method, ModelInfo, ReductionContext
 from tokvis.methods.ops import slots_from_keep
 from tokvis.methods.registry import register_method
 from tokvis.trace import LayerDecision
+from tokvis.validate import check_choice
 
 NORMS = ("l1", "l2", "linf")
 
@@ -102,7 +103,7 @@ class Radial(Method):
 
     def __init__(self, *, norm: str = "l2") -> None:
         super().__init__()
-        self.norm = check_choice("norm", norm, NORMS)
+        self.norm = check_choice("norm", norm, NORMS, error=MethodOptionError)
         self._info: ModelInfo | None = None
         self._cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 

@@ -8,10 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokvis.methods._learned import LearnedMethod, check_float, check_int, soft_decision
+from tokvis.errors import MethodOptionError
+from tokvis.methods._learned import LearnedMethod, soft_decision
 from tokvis.methods.base import ReductionContext
 from tokvis.methods.registry import register_method
 from tokvis.trace import LayerDecision
+from tokvis.validate import check_float, check_int
 
 
 def log_sinkhorn(scores: torch.Tensor, *, eps: float, iters: int) -> torch.Tensor:
@@ -106,8 +108,8 @@ class Sinkhorn(LearnedMethod):
 
     def __init__(self, *, eps: float = 1.0, iters: int = 3, seed: int = 0) -> None:
         super().__init__(seed=seed)
-        self.eps = check_float("eps", eps, low=0.0)
-        self.iters = check_int("iters", iters, minimum=1)
+        self.eps = check_float("eps", eps, low=0.0, low_open=True, error=MethodOptionError)
+        self.iters = check_int("iters", iters, minimum=1, error=MethodOptionError)
 
     def options(self) -> dict:
         return {"eps": self.eps, "iters": self.iters, "seed": self.seed}

@@ -8,10 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokvis.methods._learned import LearnedMethod, check_float, init_linear, soft_decision
+from tokvis.errors import MethodOptionError
+from tokvis.methods._learned import LearnedMethod, init_linear, soft_decision
 from tokvis.methods.base import ReductionContext
 from tokvis.methods.registry import register_method
 from tokvis.trace import LayerDecision
+from tokvis.validate import check_float
 
 
 class SlotMLP(nn.Module):
@@ -70,7 +72,9 @@ class SiT(LearnedMethod):
 
     def __init__(self, *, hidden_ratio: float = 0.5, seed: int = 0) -> None:
         super().__init__(seed=seed)
-        self.hidden_ratio = check_float("hidden_ratio", hidden_ratio, low=0.0, high=4.0)
+        self.hidden_ratio = check_float(
+            "hidden_ratio", hidden_ratio, low=0.0, high=4.0, low_open=True, error=MethodOptionError
+        )
 
     def options(self) -> dict:
         return {"hidden_ratio": self.hidden_ratio, "seed": self.seed}

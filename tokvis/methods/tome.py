@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from tokvis.methods.base import Method, ReductionContext, check_choice
+from tokvis.errors import MethodOptionError
+from tokvis.methods.base import Method, ReductionContext
 from tokvis.methods.ops import bipartite_matching, compose, merge_mean
 from tokvis.methods.registry import register_method
 from tokvis.trace import LayerDecision
+from tokvis.validate import check_choice
 
 
 @register_method("tome")
@@ -40,7 +42,7 @@ class ToMe(Method):
 
     def __init__(self, *, prop_attn: bool = True) -> None:
         super().__init__()
-        self.proportional_attention = bool(check_choice("prop_attn", prop_attn, (True, False)))
+        self.proportional_attention = bool(check_choice("prop_attn", prop_attn, (True, False), error=MethodOptionError))
 
     def options(self) -> dict:
         return {"prop_attn": self.proportional_attention}

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from tokvis.methods.base import Method, ReductionContext, check_choice
+from tokvis.errors import MethodOptionError
+from tokvis.methods.base import Method, ReductionContext
 from tokvis.methods.ops import rank_keep
 from tokvis.methods.registry import register_method
 from tokvis.trace import LayerDecision
+from tokvis.validate import check_choice
 
 
 def attention_score(ctx: ReductionContext, mode: str) -> torch.Tensor:
@@ -30,7 +32,7 @@ class _AttentionRanked(Method):
 
     def __init__(self, *, score: str = "cls") -> None:
         super().__init__()
-        self.score = check_choice("score", score, ("cls", "mean"))
+        self.score = check_choice("score", score, ("cls", "mean"), error=MethodOptionError)
         self.needs = frozenset({"cls_attn"} if score == "cls" else {"attn"})
         self.requires_class_token = score == "cls"
         self.no_class_token_hint = (

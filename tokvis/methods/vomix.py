@@ -7,10 +7,11 @@ import math
 import torch
 
 from tokvis.errors import MethodOptionError
-from tokvis.methods.base import Method, ReductionContext, check_choice
+from tokvis.methods.base import Method, ReductionContext
 from tokvis.methods.ops import slots_from_keep
 from tokvis.methods.registry import register_method
 from tokvis.trace import LayerDecision
+from tokvis.validate import check_choice, check_float, check_int
 
 
 def key_similarity(keys: torch.Tensor) -> torch.Tensor:
@@ -118,14 +119,11 @@ class VoMix(Method):
 
     def __init__(self, *, votes: int = 1, vote_weight: str = "count", tau: float = 0.1, residual: str = "mix") -> None:
         super().__init__()
-        if isinstance(votes, bool) or not isinstance(votes, int) or votes < 1:
-            raise MethodOptionError(f"votes must be an int >= 1 (votes cast per token): got {votes!r}")
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (0 < tau < math.inf):
-            raise MethodOptionError(f"tau must be a positive finite number: got {tau!r}")
-        self.votes = votes
-        self.vote_weight = check_choice("vote_weight", vote_weight, ("count", "similarity"))
+        self.votes = check_int("votes (votes cast per token)", votes, minimum=1, error=MethodOptionError)
+        tau = check_float("tau", tau, low=0.0, high=math.inf, low_open=True, high_open=True, error=MethodOptionError)
+        self.vote_weight = check_choice("vote_weight", vote_weight, ("count", "similarity"), error=MethodOptionError)
         self.tau = float(tau)
-        self.residual = check_choice("residual", residual, ("mix", "drop"))
+        self.residual = check_choice("residual", residual, ("mix", "drop"), error=MethodOptionError)
         self.kind = "soft" if residual == "mix" else "prune"
 
     def options(self) -> dict:

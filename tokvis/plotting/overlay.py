@@ -33,6 +33,7 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 
 from tokvis.errors import ImageSizeError, TraceMismatchError
+from tokvis.validate import check_choice, check_float
 
 __all__ = ["keep_mask", "merge_overlay", "save_figure", "trace_overlays"]
 
@@ -214,10 +215,8 @@ def merge_overlay(
     TraceMismatchError
         ``labels`` / ``kept`` do not have ``h * w`` entries.
     """
-    if mode not in ("mean", "image"):
-        raise ValueError(f"mode must be 'mean' or 'image': got {mode!r}")
-    if not 0.0 <= float(dim) <= 1.0:
-        raise ValueError(f"dim must be in [0, 1]: got {dim}")
+    check_choice("mode", mode, ("mean", "image"))
+    dim = check_float("dim", dim, low=0.0, high=1.0)
     grid = _grid(grid_size)
     img = _fit_to_grid(_as_image(image), grid)
     label_vec = _patch_vector(labels, grid, "labels", int)

@@ -1,0 +1,217 @@
+"""What tokvis needs to know about a timm ViT: prefix tokens, grid, image checks (no patching).
+
+The one low module that :mod:`tokvis.patching` and :mod:`tokvis.recording` both import (and
+neither of them is imported here), so that patching and recording do not depend on each other
+in a circle:
+
+``tokvis.model``  <-  ``tokvis.recording``  <-  ``tokvis.patching``
+
+The patch state of a patched model lives in ``model._tokvis`` (set by :func:`tokvis.patch`,
+removed by :func:`tokvis.unpatch`); :func:`patch_state` and :func:`is_patched` read it here so
+that recording can describe a patched model without importing the patching code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokvis.errors import ImageSizeError, ImageValueError, UnsupportedModelError
+
+__all__ = [
+    "ModelInfo",
+    "model_info",
+    "backbone_name",
+    "grid_for_input",
+    "check_images",
+    "is_patched",
+    "patch_state",
+    "timm_classes",
+    "attn_dim",
+]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a method may want to know about the model it is applied to."""
+
+    depth: int
+    num_prefix_tokens: int
+    has_class_token: bool
+    embed_dim: int
+    num_heads: int
+    grid_size: tuple[int, int]
+    dynamic_img_size: bool
+    gated_attention: bool = False
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+
+def timm_classes() -> tuple[type, type, type]:
+    """timm's ``VisionTransformer``, ``Block`` and ``Attention`` classes.
+
+    ``Attention`` moved from ``timm.models.vision_transformer`` to ``timm.layers.attention`` in
+    timm 1.0.21; the model module still re-exports it, so it is imported from there first.
+    """
+    from timm.models import vision_transformer as vt
+
+    attention = getattr(vt, "Attention", None)
+    if attention is None:  # pragma: no cover - a timm without the re-export
+        from timm.layers.attention import Attention as attention
+    return vt.VisionTransformer, vt.Block, attention
+
+
+def attn_dim(attn: nn.Module) -> int:
+    """Width of the attention heads concatenated (``num_heads * head_dim``) of a timm ``Attention``.
+
+    ``attn.attn_dim`` exists from timm 1.0.23; older versions have ``qkv`` of width ``3 * attn_dim``.
+    """
+    dim = getattr(attn, "attn_dim", None)
+    return int(dim) if dim is not None else int(attn.qkv.out_features) // 3
+
+
+def model_info(model: nn.Module) -> ModelInfo:
+    """Check that ``model`` is a supported timm ViT and describe it.
+
+    Raises
+    ------
+    UnsupportedModelError
+        Not a timm ``VisionTransformer``, or a block / attention layer of a kind
+        tokvis cannot patch; the message names the unsupported part.
+    """
+    VisionTransformer, Block, Attention = timm_classes()
+    if not isinstance(model, VisionTransformer):
+        raise UnsupportedModelError(
+            f"tokvis patches timm VisionTransformer models (ViT, DeiT, DeiT-III, DINOv2, ...); got "
+            f"{type(model).__module__}.{type(model).__name__}. Hierarchical or convolutional models "
+            "(ResNet, Swin, ConvNeXt, ...) have no flat token sequence to reduce"
+        )
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
+        raise UnsupportedModelError("the model has no nn.Sequential of blocks (model.blocks)")
+    for i, blk in enumerate(blocks):
+        base = getattr(type(blk), "_tokvis_original_class", type(blk))
+        if base is not Block:
+            raise UnsupportedModelError(
+                f"block {i} is a {base.__module__}.{base.__name__}; tokvis supports timm's standard "
+                "pre-norm Block only (not ResPostBlock, ParallelScalingBlock, ...)"
+            )
+        if type(blk.attn) is not Attention:
+            a = type(blk.attn)
+            raise UnsupportedModelError(
+                f"block {i} uses attention {a.__module__}.{a.__name__}; tokvis supports timm's standard "
+                "Attention (qk-norm, scale-norm and gating included), not rotary / differential / other variants"
+            )
+    attn = blocks[0].attn
+    pe = model.patch_embed
+    return ModelInfo(
+        depth=len(blocks),
+        num_prefix_tokens=int(model.num_prefix_tokens),
+        has_class_token=model.cls_token is not None,
+        embed_dim=int(model.embed_dim),
+        num_heads=int(attn.num_heads),
+        grid_size=tuple(int(v) for v in pe.grid_size),  # type: ignore[arg-type]
+        dynamic_img_size=bool(getattr(model, "dynamic_img_size", False)),
+        gated_attention=any(getattr(b.attn, "gate", None) is not None for b in blocks),
+    )
+
+
+def backbone_name(model: nn.Module) -> str:
+    """The name traces record for the model (the zoo's label, timm's architecture, or the class name)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return str(getattr(model, "_tokvis_name", None) or cfg.get("architecture") or type(model).__name__)
+
+
+def grid_for_input(model: nn.Module, hw: tuple[int, int]) -> tuple[int, int]:
+    """Patch grid the model produces for an input of size ``hw``."""
+    pe = model.patch_embed
+    if getattr(model, "dynamic_img_size", False):
+        return tuple(int(v) for v in pe.dynamic_feat_size(hw))  # type: ignore[return-value]
+    return tuple(int(v) for v in pe.grid_size)  # type: ignore[return-value]
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype | None:
+    weight = getattr(getattr(model.patch_embed, "proj", None), "weight", None)
+    return weight.dtype if isinstance(weight, torch.Tensor) else None
+
+
+def check_images(model: nn.Module, images: Any) -> None:
+    """Raise :class:`ImageSizeError` if ``images`` cannot go through ``model``.
+
+    Checks: a float tensor ``[B, C, H, W]`` with the model's channel count and floating dtype
+    (under ``torch.autocast`` any float dtype passes: autocast casts), finite pixel values, and
+    either the model's fixed input size, or (``dynamic_img_size=True``) sides divisible by the
+    patch size (unless the model pads dynamically).
+
+    Images are never converted silently: a float16 / float64 batch for a float32 model raises
+    with the conversion to make (``images.to(torch.float32)``).  The finiteness check reads one
+    boolean back from the images' device (one synchronisation per forward, before the model runs).
+
+    Raises
+    ------
+    ImageSizeError
+        Wrong type, number of dimensions, dtype, channels or size.
+    ImageValueError
+        Some images hold NaN or infinite pixels (a subclass of ``ImageSizeError``); the message
+        names how many and which batch positions.
+    """
+    if not isinstance(images, torch.Tensor):
+        raise ImageSizeError(f"images must be a float tensor [B, 3, H, W]: got {type(images).__name__}")
+    if images.dim() != 4:
+        raise ImageSizeError(
+            f"images must be 4-D [B, C, H, W]: shape is {tuple(images.shape)}"
+            + ("; add a batch dimension with images.unsqueeze(0)" if images.dim() == 3 else "")
+        )
+    if not images.is_floating_point():
+        raise ImageSizeError(
+            f"images must be a float tensor (normalised with the model's transform): dtype is {images.dtype}; "
+            "use tokvis.data.transform_for(model)"
+        )
+    dtype = _model_dtype(model)
+    if dtype is not None and images.dtype != dtype and not torch.is_autocast_enabled(images.device.type):
+        raise ImageSizeError(
+            f"images are {images.dtype} but the model's weights are {dtype}: convert the images with "
+            f"images.to({dtype}) (or the model with model.to({images.dtype}))"
+        )
+    pe = model.patch_embed
+    chans = getattr(pe.proj, "in_channels", None)
+    if chans is not None and images.shape[1] != chans:
+        raise ImageSizeError(f"the model takes {chans}-channel images: got {images.shape[1]} channels")
+    H, W = images.shape[-2:]
+    ph, pw = pe.patch_size
+    if getattr(model, "dynamic_img_size", False):
+        if not getattr(pe, "dynamic_img_pad", False) and (H % ph or W % pw):
+            raise ImageSizeError(
+                f"image size {H}x{W} is not divisible by the patch size {ph}x{pw}; resize or crop to a "
+                f"multiple, e.g. {H // ph * ph}x{W // pw * pw}"
+            )
+    elif getattr(pe, "strict_img_size", True) and (H, W) != tuple(pe.img_size):
+        h, w = pe.img_size
+        raise ImageSizeError(
+            f"the model expects {h}x{w} images: got {H}x{W}. Resize the images (tokvis.data.transform_for) "
+            "or create the model with dynamic_img_size=True for other sizes"
+        )
+    elif H % ph or W % pw:
+        raise ImageSizeError(f"image size {H}x{W} is not divisible by the patch size {ph}x{pw}")
+    if images.numel() and not bool(torch.isfinite(images).all()):
+        bad = (~torch.isfinite(images.detach())).flatten(1).any(1).nonzero().flatten().tolist()
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+        raise ImageValueError(
+            f"{len(bad)} of {images.shape[0]} images hold NaN or infinite pixels (batch positions {shown}); "
+            "the model would return NaN and a meaningless trace. Check how the images were read and normalised"
+        )
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether :func:`tokvis.patch` has patched ``model`` (and :func:`tokvis.unpatch` has not undone it)."""
+    return getattr(model, "_tokvis", None) is not None
+
+
+def patch_state(model: nn.Module) -> Any:
+    """The patch state :func:`tokvis.patch` attached to ``model`` (method, schedule, ...), or ``None``."""
+    return getattr(model, "_tokvis", None)
