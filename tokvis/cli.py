@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -207,6 +208,15 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+def _warning_printer(prog: str):
+    """Warnings as one line each (``tokvis record: warning: ...``), without Python's source line."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"{prog}: warning: {_one_line(message)}", file=file or sys.stderr)
+
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``tokvis`` command; a user error is one line on stderr and exit code 2, never a traceback.
 
@@ -217,7 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prog = f"tokvis {args.command}"
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_printer(prog)
+            return int(args.func(args) or 0)
     except TokvisError as e:
         print(f"{prog}: error: {_one_line(getattr(e, 'cli_message', None) or e)}", file=sys.stderr)
         return 2

@@ -159,6 +159,23 @@ def test_os_errors_are_one_line_naming_the_path_but_bugs_keep_their_traceback(mo
         cli("bench", capsys=capsys)
 
 
+def test_warnings_are_one_line_each(monkeypatch, capsys):
+    import warnings
+
+    from tokvis import zoo
+
+    def warn_then_fail(*a, **k):
+        warnings.warn("image x.png is 1x1 pixels:\nit will be upscaled", UserWarning, stacklevel=1)
+        raise OSError(2, "No such file or directory", "x.png")
+
+    monkeypatch.setattr(zoo, "create", warn_then_fail)
+    code, err = cli("bench", capsys=capsys)
+    lines = err.splitlines()
+    assert code == 2 and len(lines) == 2, err
+    assert lines[0] == "tokvis bench: warning: image x.png is 1x1 pixels: it will be upscaled"
+    assert "UserWarning" not in err and ".py:" not in err  # no Python source line
+
+
 @pytest.mark.parametrize("command", ["demo", "bench"])
 def test_offline_hub_fails_fast_with_the_cli_flag(command, unreachable_hub, capsys, tmp_path):
     import time
