@@ -287,11 +287,20 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], header: dict[str, Any
     from safetensors.numpy import save
 
     arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
-    if header.get("version", STORE_VERSION) >= 2:
-        probe = save(arrays, metadata={"tokvis": "{}"})  # the data section does not depend on the header
+    if header.get("version", STORE_VERSION) < 2:
+        blob = save(arrays, metadata={"tokvis": json.dumps(header, sort_keys=True)})
+    else:
+        # serialise once; the data section does not depend on the header, so its digest goes into
+        # the header afterwards (re-padded to 8 bytes, as safetensors does)
+        probe = save(arrays)
         (n,) = struct.unpack("<Q", probe[:8])
-        header = {**header, "data_sha256": hashlib.sha256(memoryview(probe)[8 + n :]).hexdigest()}
-    blob = save(arrays, metadata={"tokvis": json.dumps(header, sort_keys=True)})
+        data = memoryview(probe)[8 + n :]
+        st_header = json.loads(probe[8 : 8 + n])
+        info = {**header, "data_sha256": hashlib.sha256(data).hexdigest()}
+        st_header["__metadata__"] = {"tokvis": json.dumps(info, sort_keys=True)}
+        text = json.dumps(st_header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        blob = b"".join([struct.pack("<Q", len(text)), text, data])
     atomic_write(path, blob)
     return hashlib.sha256(blob).hexdigest(), len(blob)
 
