@@ -515,12 +515,14 @@ def test_store_files_follow_the_umask(tmp_path, umask):
         assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, p.name
 
 
-def _hold_lock(run_dir, ready, release):
+def _hold_lock(run_dir, ready):
+    import time
+
     from tokvis.store import RunLock
 
     with RunLock(run_dir, log=lambda *a: None):
         ready.set()
-        release.wait(30)
+        time.sleep(120)  # killed by the test (never wait on a shared Condition here: a killed waiter deadlocks it)
 
 
 def test_second_writer_gets_a_clear_lock_error_and_a_dead_holder_is_taken_over(tmp_path):
@@ -530,8 +532,8 @@ def test_second_writer_gets_a_clear_lock_error_and_a_dead_holder_is_taken_over(t
 
     run_dir = tmp_path / "run"
     ctx = mp.get_context("spawn")
-    ready, release = ctx.Event(), ctx.Event()
-    holder = ctx.Process(target=_hold_lock, args=(run_dir, ready, release))
+    ready = ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(run_dir, ready))
     holder.start()
     try:
         assert ready.wait(60)
@@ -545,9 +547,9 @@ def test_second_writer_gets_a_clear_lock_error_and_a_dead_holder_is_taken_over(t
             assert any(f"pid {holder.pid}" in line and "took over" in line for line in logs)
         assert not (run_dir / ".tokvis.lock").exists()
     finally:
-        release.set()
         if holder.is_alive():
             holder.kill()
+            holder.join(30)
 
 
 def test_record_into_a_locked_run_changes_nothing(tmp_path):
