@@ -561,4 +561,5 @@ def test_record_into_a_locked_run_changes_nothing(tmp_path):
     with RunLock(res.path, log=lambda *a: None):
         with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
             _record(tmp_path)
+        assert any(f'"pid": {os.getpid()}' in n for n in verify_run(res.path).notes)  # verify names the holder
         assert {p.name: p.read_bytes() for p in res.path.iterdir() if p.name != ".tokvis.lock"} == files

@@ -64,6 +64,7 @@ SHARD_FORMAT = "tokvis-shard"
 STORE_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
+LOCK_FILE = ".tokvis.lock"
 SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors$")
 _ST_DTYPES = {"I16": np.int16, "BOOL": np.bool_, "F32": np.float32, "I64": np.int64, "F16": np.float16, "U8": np.uint8}
 _INT16_MAX = np.iinfo(np.int16).max

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tokvis.store.format import (
+    LOCK_FILE,
     MANIFEST,
     SHARD_RE,
     STORE_VERSION,
@@ -77,6 +78,9 @@ def inspect_run(path: str | os.PathLike, *, checksums: bool = True) -> tuple[Run
                 rep.problems.append(f"uncommitted shard: {err}")
         elif p.name.endswith(".tmp"):
             rep.notes.append(f"{p.name}: leftover temporary file of an interrupted write (safe to remove)")
+        elif p.name == LOCK_FILE:
+            holder = p.read_text(errors="replace").strip() or "holder unknown"
+            rep.notes.append(f"{LOCK_FILE}: being recorded now, or a writer was killed ({holder}); rerun to finish")
         elif p.name.endswith(SET_ASIDE) or p.name == MANIFEST + ".damaged":
             rep.notes.append(f"{p.name}: set aside by a repair, kept for inspection (safe to remove)")
     if rep.problems:

@@ -32,6 +32,7 @@ import numpy as np
 
 from tokvis.errors import TokvisError
 from tokvis.store.format import (
+    LOCK_FILE,
     MANIFEST,
     RUN_FORMAT,
     SHARD_FORMAT,
@@ -63,7 +64,6 @@ from tokvis.validate import check_int
 #: Environment variable read by :func:`record_run`: seconds to sleep after each committed
 #: shard.  Only for tests that interrupt a recording at a known point; never set it otherwise.
 DELAY_ENV = "TOKVIS_RECORD_SHARD_DELAY"
-LOCK_FILE = ".tokvis.lock"
 
 
 class RunLockedError(TokvisError, RuntimeError):
