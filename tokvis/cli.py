@@ -200,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     import tokvis.commands
 
     for info in sorted(pkgutil.iter_modules(tokvis.commands.__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):  # private helpers (tokvis.commands._run), not commands
+            continue
         importlib.import_module(f"tokvis.commands.{info.name}").register(sub)
     return p
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -357,17 +356,18 @@ def save_method(method, path: str | os.PathLike) -> Path:
     The header metadata holds JSON: format, version, method name, options (to
     rebuild it with :func:`tokvis.create_method`) and ``fit_info`` (the schedule
     it was fitted for, when fitted with :func:`fit`).  Written to a temporary
-    file and renamed.
+    file and renamed (:func:`tokvis.fileio.atomic_write`: the user's umask).
 
     Returns
     -------
     Path
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from tokvis.fileio import atomic_write
 
     method = _learned(method)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
     meta = {
         "format": METHOD_FORMAT,
@@ -376,15 +376,7 @@ def save_method(method, path: str | os.PathLike) -> Path:
         "options": json.dumps(method.options()),
         "fit_info": json.dumps(getattr(method, "fit_info", None)),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_write(path, save(tensors, metadata=meta))
 
 
 def load_method(path: str | os.PathLike):

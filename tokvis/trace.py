@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -23,10 +22,13 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from tokvis.errors import TraceFileError, TraceMismatchError
+from tokvis.fileio import atomic_write
 
 KINDS = ("prune", "merge", "fuse", "soft")
 TRACE_FORMAT = "tokvis-trace"
-TRACE_VERSION = 1
+#: Version 2 adds ``header_sha256`` (the metadata is checksummed too); version 1 files are still read.
+TRACE_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 
 _OPTIONAL = ("weight", "soft", "score", "size_scale")
 
@@ -365,8 +367,10 @@ class Trace:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the trace losslessly to ``path`` (safetensors with JSON metadata and checksums).
 
-        The file is written to a temporary name and renamed, so an interrupted save
-        never leaves a half-written file under ``path``.
+        The file is written to a temporary name and renamed (:func:`tokvis.fileio.atomic_write`,
+        with the user's umask), so an interrupted save never leaves a half-written file under
+        ``path``.  The header holds a SHA-256 of the tensors and one of the header itself
+        (``header_sha256``), so an edited ``grid_size``, kind or method is caught on load.
         """
         from safetensors.torch import save as st_save
 
@@ -389,21 +393,9 @@ class Trace:
             "num_images": self.num_images,
             "sha256": _digest(tensors),
         }
+        header["header_sha256"] = _header_digest(header)
         blob = st_save(tensors, metadata={"tokvis": json.dumps(header)})
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        return atomic_write(path, blob)
 
 
 def check_block_index(layer: int, depth: int) -> int:
@@ -423,6 +415,12 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def _header_digest(header: dict[str, Any]) -> str:
+    """SHA-256 of a trace header's canonical JSON, without its own ``header_sha256`` field."""
+    body = {k: v for k, v in header.items() if k != "header_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _pad(t: torch.Tensor | None, n: int, fill) -> torch.Tensor | None:
@@ -489,10 +487,22 @@ def load_trace(path: str | os.PathLike) -> Trace:
         raise TraceFileError(f"{path}: trace metadata is not valid JSON ({e})") from e
     if header.get("format") != TRACE_FORMAT:
         raise TraceFileError(f"{path}: unknown format {header.get('format')!r}")
-    if header.get("version") != TRACE_VERSION:
+    version = header.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
         raise TraceFileError(
-            f"{path}: trace format version {header.get('version')} is not supported "
-            f"(this tokvis reads version {TRACE_VERSION}); upgrade tokvis"
+            f"{path}: the trace header's version is {version!r} ({type(version).__name__}), not an integer; "
+            "the header was edited or written by another program. Save the trace again with Trace.save"
+        )
+    if version not in _READABLE_VERSIONS:
+        raise TraceFileError(
+            f"{path}: trace format version {version} is not supported "
+            f"(this tokvis reads versions {', '.join(map(str, _READABLE_VERSIONS))}); "
+            + ("upgrade tokvis" if version > TRACE_VERSION else "save the trace again with this tokvis")
+        )
+    if version >= 2 and header.get("header_sha256") != _header_digest(header):
+        raise TraceFileError(
+            f"{path}: the trace header (metadata, layer kinds, method ...) does not match its checksum; "
+            "it was edited or is corrupt. Record the trace again"
         )
     if _digest(tensors) != header.get("sha256"):
         raise TraceFileError(f"{path}: checksum mismatch, the file is corrupt")

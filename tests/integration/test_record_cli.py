@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tokvis.commands.record import load_sweep
-from tokvis.store import DELAY_ENV, RunConfigError, load_run, verify_run, verify_tree
+from tokvis.store import DELAY_ENV, RunConfigError, load_run, shard_file, verify_run, verify_tree
 
 pytestmark = pytest.mark.slow
 
@@ -137,3 +137,65 @@ def test_example_sweep_file_is_valid():
     assert len(specs) == 3 * 3 * 2
     assert {s.method for s in specs} == {"topk", "evit", "tome"}
     assert opts["out"] == path.parent / "runs"
+
+
+def test_two_writers_one_clear_lock_error_and_a_complete_store(tmp_path):
+    """Two `tokvis record` processes on one run directory (the second with other options)."""
+    out = tmp_path / "runs"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "tokvis", *RECORD, "--out", str(out)],
+        env=_env(**{DELAY_ENV: "3"}), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lock = out / RUN_NAME / ".tokvis.lock"
+    deadline = time.time() + 120
+    while not (lock.exists() and lock.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert lock.exists(), "the first writer never took the lock"
+    second = _tokvis(*RECORD, "--no-scores", "--out", str(out), check=False)
+    stdout, stderr = first.communicate(timeout=240)
+    assert first.returncode == 0, stdout + stderr
+    assert second.returncode == 2
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in second.stderr
+    assert f"is being recorded by another process (pid {first.pid} on host {socket.gethostname()}" in lines[0]
+    assert verify_run(out / RUN_NAME).status == "complete"
+    assert not lock.exists()
+    assert load_run(out / RUN_NAME).config["scores"] is True  # the first writer's run, whole
+
+
+def test_kill_9_holder_lock_is_taken_over(tmp_path, reference):
+    out = tmp_path / "runs"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokvis", *RECORD, "--out", str(out)],
+        env=_env(**{DELAY_ENV: "1"}), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    lock = out / RUN_NAME / ".tokvis.lock"
+    deadline = time.time() + 120
+    try:
+        while not (lock.exists() and lock.read_text().strip()) and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert json.loads(lock.read_text())["pid"] == proc.pid  # left behind by the dead writer
+    res = _tokvis(*RECORD, "--out", str(out))
+    assert f"took over the lock left by pid {proc.pid}" in res.stdout
+    assert verify_run(out / RUN_NAME).status == "complete" and not lock.exists()
+    assert _store_bytes(out / RUN_NAME) == _store_bytes(reference)
+
+
+def test_damaged_complete_run_is_repaired_by_rerunning(tmp_path, reference):
+    out = tmp_path / "runs"
+    _tokvis(*RECORD, "--out", str(out))
+    run = out / RUN_NAME
+    blob = bytearray((run / "shard-00002.safetensors").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (run / "shard-00002.safetensors").write_bytes(bytes(blob))
+    (run / "shard-00004.safetensors").unlink()
+    assert _tokvis("verify", str(run), check=False).returncode == 1
+    res = _tokvis(*RECORD, "--out", str(out))
+    assert "nothing to do" not in res.stdout and "repaired" in res.stdout
+    assert "shard 2:" in res.stdout and "shard 4:" in res.stdout
+    assert _tokvis("verify", str(run)).returncode == 0
+    for name in [shard_file(k) for k in range(6)] + ["manifest.json"]:
+        assert (run / name).read_bytes() == (reference / name).read_bytes(), name

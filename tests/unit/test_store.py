@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import stat
 
 import numpy as np
 import pytest
@@ -24,6 +27,7 @@ from tokvis.store import (
     verify_run,
     verify_tree,
 )
+from tokvis.store.format import write_manifest
 
 N_IMAGES, SHARD, BATCH = 10, 4, 2
 
@@ -43,7 +47,7 @@ def _spec(**kw):
     return RunSpec(**{**base, **kw})
 
 
-def _record(tmp_path, method="topk", *, dataset=None, **kw):
+def _record(tmp_path, method="topk", *, dataset=None, log=lambda *a: None, hash_inputs=False, **kw):
     model = make_model("cls")
     kr = kw.pop("keep_rate", 0.7)
     tokvis.patch(model, method, keep_rate=kr)
@@ -55,7 +59,8 @@ def _record(tmp_path, method="topk", *, dataset=None, **kw):
             tmp_path,
             batch_size=BATCH,
             progress=False,
-            log=lambda *a: None,
+            log=log,
+            hash_inputs=hash_inputs,
         ), model
     finally:
         tokvis.unpatch(model)
@@ -138,8 +143,7 @@ def test_resume_adopts_uncommitted_shard_and_completes_identically(tmp_path):
     # simulate a kill: shard 1 renamed into place but the manifest not yet updated; shard 2 never written
     m = json.loads((res.path / "manifest.json").read_text())
     m["shards"] = m["shards"][:1]
-    m["complete"] = False
-    (res.path / "manifest.json").write_text(json.dumps(m))
+    write_manifest(res.path, m)  # as the writer would have (checksummed), before committing shard 1
     (res.path / "shard-00002.safetensors").unlink()
     (res.path / "shard-00003.safetensors.abc.tmp").write_bytes(b"half")  # leftover of an interrupted write
     rep = verify_run(res.path)
@@ -217,12 +221,25 @@ def test_corrupt_truncated_missing_and_mismatch(tmp_path):
     assert {d.name: _files(d) for d in root.iterdir()} == before  # nothing deleted
 
 
-def test_missing_manifest_is_not_overwritten(tmp_path):
+def test_missing_manifest_is_rebuilt_from_the_shards_of_this_configuration(tmp_path):
+    res, _ = _record(tmp_path)
+    before = (res.path / "manifest.json").read_bytes()
+    (res.path / "manifest.json").unlink()
+    logs = []
+    again, _ = _record(tmp_path, log=logs.append)
+    assert again.status == "repaired" and again.shards_recorded == 0
+    assert any("rebuilt" in line for line in logs)
+    assert (res.path / "manifest.json").read_bytes() == before
+    assert verify_run(res.path).status == "complete"
+
+
+def test_shards_of_another_configuration_without_manifest_are_refused(tmp_path):
     res, _ = _record(tmp_path)
     (res.path / "manifest.json").rename(tmp_path / "saved.json")
-    with pytest.raises(StoreError, match="refusing to overwrite"):
-        _record(tmp_path)
-    assert not (res.path / "manifest.json").exists()
+    files = {p.name: p.read_bytes() for p in res.path.iterdir()}
+    with pytest.raises(StoreError, match="another configuration; refusing to overwrite"):
+        _record(tmp_path, scores=False)
+    assert {p.name: p.read_bytes() for p in res.path.iterdir()} == files  # nothing changed
 
 
 def test_amp_on_cpu_is_a_clear_error(tmp_path):
@@ -317,3 +334,232 @@ def test_compare_accepts_lazy_runs(tmp_path, method):
         assert "v_measure" in set(lazy.metric) and "iou" not in set(lazy.metric)
     np.testing.assert_allclose(lazy.value.to_numpy(), eager.value.to_numpy())
     assert list(lazy.image_id) == list(eager.image_id)
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 9: repair, metadata checksums, input fingerprints, umask, the lock
+# ----------------------------------------------------------------------------------------------
+
+
+def _flip_byte(path, offset=-3):
+    blob = bytearray(path.read_bytes())
+    blob[offset] ^= 0xFF
+    path.write_bytes(bytes(blob))
+
+
+def test_rerun_repairs_exactly_the_damaged_and_missing_shards(tmp_path):
+    ref, _ = _record(tmp_path / "ref")
+    res, _ = _record(tmp_path / "bad")
+    _flip_byte(res.path / "shard-00001.safetensors")
+    (res.path / "shard-00002.safetensors").unlink()
+    untouched = (res.path / "shard-00000.safetensors").stat().st_mtime_ns
+    assert verify_run(res.path).status == "corrupt"
+    logs = []
+    again, _ = _record(tmp_path / "bad", log=logs.append)
+    assert again.status == "repaired" and again.shards_recorded == 2
+    text = "\n".join(logs)
+    assert "shard 1: " in text and "checksum" in text and "shard 2: " in text and "missing" in text
+    assert "nothing to do" not in text
+    assert (res.path / "shard-00001.safetensors.damaged").exists()  # set aside, not deleted
+    assert (res.path / "shard-00000.safetensors").stat().st_mtime_ns == untouched  # not rewritten
+    for name in ("manifest.json", "shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"):
+        assert (res.path / name).read_bytes() == (ref.path / name).read_bytes(), name
+    rep = verify_run(res.path)
+    assert rep.status == "complete" and any("set aside" in n for n in rep.notes)
+    third, _ = _record(tmp_path / "bad")
+    assert third.status == "already complete"
+
+
+def _edit_manifest(path, edit):
+    m = json.loads((path / "manifest.json").read_text())
+    edit(m)
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+_MANIFEST_EDITS = {
+    "config.keep_rate": lambda m: m["config"].update(keep_rate=0.5),
+    "meta.method": lambda m: m["meta"].update(method="tome"),
+    "meta.grid_size": lambda m: m["meta"].update(grid_size=[m["meta"]["grid_size"][0] + 1, 1]),
+    "duplicate entry": lambda m: m["shards"].__setitem__(1, dict(m["shards"][0])),
+    "deleted entry, complete kept": lambda m: m["shards"].pop(1),
+    "image ids": lambda m: m["shards"][0]["image_ids"].reverse(),
+}
+
+
+@pytest.mark.parametrize("edit", list(_MANIFEST_EDITS))
+def test_manifest_edits_are_corrupt_for_verify_and_load_run(tmp_path, edit):
+    res, _ = _record(tmp_path)
+    _edit_manifest(res.path, _MANIFEST_EDITS[edit])
+    rep = verify_run(res.path)
+    assert rep.status == "corrupt" and rep.problems
+    with pytest.raises(StoreError, match="manifest"):
+        load_run(res.path)
+
+
+@pytest.mark.parametrize("edit", ["config.keep_rate", "duplicate entry"])
+def test_manifest_edits_are_corrupt_even_with_a_recomputed_checksum(tmp_path, edit):
+    """Consistency checks beyond the checksum: the config hash, unique entries."""
+    res, _ = _record(tmp_path)
+    m = json.loads((res.path / "manifest.json").read_text())
+    _MANIFEST_EDITS[edit](m)
+    write_manifest(res.path, m)
+    assert verify_run(res.path).status == "corrupt"
+    with pytest.raises(StoreError):
+        load_run(res.path)
+
+
+def test_rerun_rebuilds_an_edited_manifest(tmp_path):
+    res, _ = _record(tmp_path)
+    before = (res.path / "manifest.json").read_bytes()
+    _edit_manifest(res.path, _MANIFEST_EDITS["meta.method"])
+    again, _ = _record(tmp_path)
+    assert again.status == "repaired" and again.shards_recorded == 0
+    assert (res.path / "manifest.json").read_bytes() == before
+    assert (res.path / "manifest.json.damaged").exists()
+    assert load_run(res.path).meta.method == "topk"
+
+
+def test_edited_shard_header_is_corrupt(tmp_path):
+    """A shard's header (metadata, layer kinds) is checked against the manifest at open, not only by checksum."""
+    from safetensors.numpy import load_file, save_file
+
+    res, _ = _record(tmp_path)
+    path = res.path / "shard-00001.safetensors"
+    from tokvis.store.format import read_shard_index
+
+    info = read_shard_index(path)[0]
+    info["meta"]["grid_size"] = [1, info["meta"]["grid_size"][0] * info["meta"]["grid_size"][1]]
+    save_file(load_file(str(path)), str(path), metadata={"tokvis": json.dumps(info, sort_keys=True)})
+    assert verify_run(res.path).status == "corrupt"
+    with pytest.raises(StoreError):
+        load_run(res.path, check=False)  # even without checksums
+
+
+def test_old_version_1_store_is_still_read(tmp_path):
+    res, _ = _record(tmp_path)
+    m = json.loads((res.path / "manifest.json").read_text())
+    m["version"] = 1
+    del m["manifest_sha256"]
+    (res.path / "manifest.json").write_text(json.dumps(m))
+    rep = verify_run(res.path)
+    assert rep.status == "complete" and any("older tokvis" in n for n in rep.notes)
+    assert load_run(res.path).num_images == N_IMAGES
+
+
+def _png_folder(root, n=N_IMAGES, seed=0):
+    root.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(_pil_images(n, seed=seed)):
+        im.save(root / f"img{i:02d}.png")
+    return root
+
+
+def test_changed_input_is_recorded_again_and_named(tmp_path):
+    folder = _png_folder(tmp_path / "images")
+    res, _ = _record(tmp_path / "runs", dataset=open_dataset(folder))
+    old = load_run(res.path).labels(5)
+    target = folder / "img05.png"  # shard 1 (shard size 4)
+    _pil_images(1, seed=42, size=72)[0].save(target)
+    logs = []
+    again, _ = _record(tmp_path / "runs", dataset=open_dataset(folder), log=logs.append)
+    assert again.status == "repaired" and again.shards_recorded == 1
+    assert any("img05.png" in line and "changed" in line for line in logs)
+    assert (res.path / "shard-00001.safetensors.stale").exists()
+    # the new pixels are recorded: equal to a fresh recording of the changed folder
+    fresh, _ = _record(tmp_path / "fresh", dataset=open_dataset(folder))
+    new = load_run(res.path)
+    np.testing.assert_array_equal(new.labels(5), load_run(fresh.path).labels(5))
+    assert not np.array_equal(new.labels(5)[5], old[5]) or not np.array_equal(new.depth()[5], old[5])
+
+
+def test_changed_input_after_an_interruption_is_recorded_again(tmp_path):
+    """kill after shard 1, overwrite an image of shard 0, resume: shard 0 is recorded again too."""
+    folder = _png_folder(tmp_path / "images")
+    res, _ = _record(tmp_path / "runs", dataset=open_dataset(folder))
+    m = json.loads((res.path / "manifest.json").read_text())
+    m["shards"] = m["shards"][:2]
+    write_manifest(res.path, m)
+    (res.path / "shard-00002.safetensors").unlink()
+    _pil_images(1, seed=7)[0].save(folder / "img01.png")
+    logs = []
+    again, _ = _record(tmp_path / "runs", dataset=open_dataset(folder), log=logs.append)
+    assert again.shards_recorded == 2 and any("img01.png" in line for line in logs)
+    fresh, _ = _record(tmp_path / "fresh", dataset=open_dataset(folder))
+    np.testing.assert_array_equal(load_run(res.path).depth(), load_run(fresh.path).depth())
+
+
+def test_content_hash_ignores_a_touch_but_not_a_change(tmp_path):
+    folder = _png_folder(tmp_path / "images")
+    res, _ = _record(tmp_path / "runs", dataset=open_dataset(folder), hash_inputs=True)
+    target = folder / "img02.png"
+    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 10**9))
+    again, _ = _record(tmp_path / "runs", dataset=open_dataset(folder))
+    assert again.status == "already complete"
+    blob = target.read_bytes()
+    _pil_images(1, seed=9)[0].save(target)
+    assert target.read_bytes() != blob
+    logs = []
+    third, _ = _record(tmp_path / "runs", dataset=open_dataset(folder), log=logs.append)
+    assert third.shards_recorded == 1 and any("img02.png" in line and "content" in line for line in logs)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_store_files_follow_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        res, _ = _record(tmp_path)
+    finally:
+        os.umask(old)
+    files = list(res.path.iterdir())
+    assert files
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, p.name
+
+
+def _hold_lock(run_dir, ready):
+    import time
+
+    from tokvis.store import RunLock
+
+    with RunLock(run_dir, log=lambda *a: None):
+        ready.set()
+        time.sleep(120)  # killed by the test (never wait on a shared Condition here: a killed waiter deadlocks it)
+
+
+def test_second_writer_gets_a_clear_lock_error_and_a_dead_holder_is_taken_over(tmp_path):
+    import multiprocessing as mp
+
+    from tokvis.store import RunLock, RunLockedError
+
+    run_dir = tmp_path / "run"
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(run_dir, ready))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        with pytest.raises(RunLockedError, match=rf"pid {holder.pid} on host .*since"):
+            RunLock(run_dir).acquire()
+        os.kill(holder.pid, signal.SIGKILL)  # dies holding the lock: its lock file stays behind
+        holder.join(30)
+        assert (run_dir / ".tokvis.lock").exists()
+        logs = []
+        with RunLock(run_dir, log=logs.append):
+            assert any(f"pid {holder.pid}" in line and "took over" in line for line in logs)
+        assert not (run_dir / ".tokvis.lock").exists()
+    finally:
+        if holder.is_alive():
+            holder.kill()
+            holder.join(30)
+
+
+def test_record_into_a_locked_run_changes_nothing(tmp_path):
+    from tokvis.store import RunLock, RunLockedError
+
+    res, _ = _record(tmp_path)
+    _flip_byte(res.path / "shard-00001.safetensors")  # would be repaired by a writer holding the lock
+    files = {p.name: p.read_bytes() for p in res.path.iterdir()}
+    with RunLock(res.path, log=lambda *a: None):
+        with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
+            _record(tmp_path)
+        assert any(f'"pid": {os.getpid()}' in n for n in verify_run(res.path).notes)  # verify names the holder
+        assert {p.name: p.read_bytes() for p in res.path.iterdir() if p.name != ".tokvis.lock"} == files

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -147,3 +149,67 @@ def test_unknown_layer_errors(traces):
         t.decision(0)
     with pytest.raises(IndexError, match="layer must be in"):
         t.labels(6)
+
+
+def _rewrite_header(path, edit):
+    """Rewrite a saved trace with its JSON header changed by ``edit`` (tensors untouched)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads(f.metadata()["tokvis"])
+    edit(header)
+    save_file(load_file(str(path)), str(path), metadata={"tokvis": json.dumps(header)})
+
+
+def _set_grid(h):
+    h["meta"]["grid_size"] = [h["meta"]["grid_size"][1] + 1, h["meta"]["grid_size"][0]]
+
+
+def _set_kind(h):
+    h["layers"][0]["kind"] = "merge" if h["layers"][0]["kind"] != "merge" else "prune"
+
+
+def _set_method(h):
+    h["meta"]["method"] = "evit"
+
+
+@pytest.mark.parametrize("edit", [_set_grid, _set_kind, _set_method], ids=["grid_size", "kind", "method"])
+def test_edited_header_is_refused(tmp_path, traces, edit):
+    path = traces["topk"].save(tmp_path / "t.trace")
+    tokvis.load_trace(path)  # intact: loads
+    _rewrite_header(path, edit)
+    with pytest.raises(TraceFileError, match="header .* does not match its checksum"):
+        tokvis.load_trace(path)
+
+
+def test_string_version_gets_a_sensible_message(tmp_path, traces):
+    path = traces["tome"].save(tmp_path / "t.trace")
+    _rewrite_header(path, lambda h: h.update(version="1"))
+    with pytest.raises(TraceFileError) as info:
+        tokvis.load_trace(path)
+    msg = str(info.value)
+    assert "'1' (str), not an integer" in msg
+    assert "reads version 1" not in msg
+
+
+def test_version_1_files_are_still_read(tmp_path, traces):
+    """Files of the previous format (no header checksum) load unchanged."""
+    path = traces["evit"].save(tmp_path / "t.trace")
+
+    def to_v1(h):
+        h["version"] = 1
+        del h["header_sha256"]
+
+    _rewrite_header(path, to_v1)
+    _assert_same(traces["evit"], tokvis.load_trace(path))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_trace_file_mode_follows_umask(tmp_path, traces, umask):
+    old = os.umask(umask)
+    try:
+        path = traces["tome"].save(tmp_path / f"u{umask:o}.trace")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask

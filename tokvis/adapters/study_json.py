@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from tokvis.errors import TraceFileError
+from tokvis.fileio import atomic_write
 
 __all__ = ["read_study_json", "write_study_json", "STUDY_MODEL_KEYS"]
 
@@ -394,13 +395,7 @@ def write_study_json(trace, path, *, model: str | None = None, accuracy: Mapping
                 }
     for name, entry in zip(ids, per_image, strict=True):
         out[name] = entry
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(out, f)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, json.dumps(out))
 
 
 def _entering(trace, d, i: int) -> int:

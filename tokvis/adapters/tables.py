@@ -20,13 +20,13 @@ they are and read back with :func:`read_table`.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tokvis.errors import TraceFileError, TraceMismatchError
+from tokvis.fileio import atomic_write
 
 __all__ = ["read_table", "read_trace", "to_csv", "to_parquet", "trace_table"]
 
@@ -113,10 +113,7 @@ def to_parquet(obj, path) -> Path:
         table = pa.Table.from_pandas(obj, preserve_index=False)
     else:
         raise TypeError(f"obj must be a Trace or a pandas DataFrame: got {type(obj).__name__}")
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def to_csv(obj, path) -> Path:
@@ -125,17 +122,21 @@ def to_csv(obj, path) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     if _is_trace(obj):
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(_CSV_PREFIX + json.dumps(_header(obj)) + "\n")
-            trace_table(obj).to_csv(f, index=False)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", encoding="utf-8", newline="") as f:
+                f.write(_CSV_PREFIX + json.dumps(_header(obj)) + "\n")
+                trace_table(obj).to_csv(f, index=False)
+
     elif isinstance(obj, pd.DataFrame):
-        obj.to_csv(tmp, index=False)
+
+        def write(tmp: Path) -> None:
+            obj.to_csv(tmp, index=False)
+
     else:
         raise TypeError(f"obj must be a Trace or a pandas DataFrame: got {type(obj).__name__}")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, write)
 
 
 def _read(path) -> tuple[Any, dict | None]:

@@ -7,6 +7,12 @@
     tokvis sweep sweep.toml                               # methods x keep rates / r x backbones x datasets
     tokvis verify runs/                                   # complete / incomplete / corrupt per run
 
+Rerunning a record command resumes an interrupted run and repairs a damaged one (shards that
+fail their checksum, are missing, or whose input files changed are recorded again; what was
+repaired is printed).  One writer per run directory: a second one gets a clear error naming
+the first (pid, host, since when).  ``tokvis verify`` exits 0 when every run found is complete
+and valid, 1 when one is incomplete or corrupt, 2 when nothing was found or an argument is bad.
+
 Tests and quick trials use a tiny random timm model::
 
     tokvis record --model vit_tiny_patch16_224 --no-pretrained --model-kwargs '{"img_size": 32}' ...
@@ -16,11 +22,17 @@ A sweep file (TOML)::
     out = "runs"
     backbones = ["dinov2_small_offline"]
     methods = ["tome", "topk"]
-    keep_rates = [0.7, 0.5]        # and / or
+    keep_rates = [0.7, 0.5]        # and / or (a single number is read as a list of one)
     r = [8]
     datasets = ["samples", "digits", "/data/imagenet/val"]
     batch_size = 32                # optional: shard_size, device, amp, skip_bad, scores, cls, soft,
-                                   # pretrained, model_kwargs, method_options, locations, limit, seed, workers
+                                   # pretrained, model_kwargs, method_options, locations, limit, seed, workers,
+                                   # threads, hash_inputs
+    [method_options.tome]          # options per method: a table named after one of `methods`
+    prop_attn = false
+
+Every run of a sweep is checked (methods and their options, keep rates in (0, 1], r, model
+names, datasets) before the first one is recorded.
 """
 
 from __future__ import annotations
@@ -34,7 +46,7 @@ from typing import Any
 _SWEEP_KEYS = {
     "out", "backbones", "methods", "keep_rates", "r", "datasets", "batch_size", "shard_size", "device", "amp",
     "skip_bad", "scores", "cls", "soft", "pretrained", "model_kwargs", "method_options", "locations", "limit",
-    "seed", "workers", "threads",
+    "seed", "workers", "threads", "hash_inputs",
 }  # fmt: skip
 
 
@@ -55,6 +67,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (default: torch's choice)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed) instead of stopping")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--hash-inputs", action="store_true",
+        help="fingerprint input files by content (SHA-256) too, not only size and modification time",
+    )  # fmt: skip
 
 
 def register(subparsers) -> None:
@@ -85,7 +101,12 @@ def register(subparsers) -> None:
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_sweep)
 
-    v = subparsers.add_parser("verify", help="check run stores: complete, incomplete or corrupt (changes nothing)")
+    v = subparsers.add_parser(
+        "verify",
+        help="check run stores: complete, incomplete or corrupt (changes nothing)",
+        description="Exit status: 0 every run found is complete and valid; 1 a run is incomplete or corrupt; "
+        "2 nothing found or a bad argument.",
+    )
     v.add_argument("paths", nargs="+", help="run directories or folders holding them")
     v.set_defaults(func=cmd_verify)
 
@@ -108,40 +129,11 @@ def _specs(args) -> list:
     return specs
 
 
-def _run_all(specs, *, out, batch_size, device, skip_bad, workers, threads, progress) -> int:
-    import time
+def _run_all(specs, **opts) -> int:
+    from tokvis.commands._run import run_all
 
-    import torch
-    from tqdm import tqdm
-
-    from tokvis import distributed as D
-    from tokvis.store import _resolve_device, build_model, execute
-
-    if threads:
-        torch.set_num_threads(threads)
-    ctx = D.setup(device=_resolve_device(device, None))
-    log = print if ctx.is_main else (lambda *a, **k: None)
-    rows = []
-    try:
-        models: dict[str, Any] = {}
-        bar = tqdm(specs, desc="runs", unit="run", disable=not progress or not ctx.is_main or len(specs) < 2)
-        for spec in bar:
-            key = json.dumps([spec.backbone, spec.pretrained, spec.model_kwargs, spec.seed], sort_keys=True)
-            if key not in models:
-                models.clear()  # one backbone in memory at a time
-                models[key] = build_model(spec)
-            t0 = time.perf_counter()
-            res = execute(
-                spec, out, model=models[key], batch_size=batch_size, device=device, skip_bad=skip_bad,
-                workers=workers, progress=progress, ctx=ctx, log=log,
-            )  # fmt: skip
-            if res.status != "already complete":
-                log(f"{res.path}: {res.status}, {res.num_images} images in {res.num_shards} shards "
-                    f"({res.shards_recorded} written by this process, {time.perf_counter() - t0:.1f} s)")  # fmt: skip
-            rows.append(res)
-    finally:
-        D.teardown(ctx)
-    if ctx.is_main and len(rows) > 1:
+    rows = run_all(specs, **opts)
+    if len(rows) > 1:
         print(_summary(rows))
     return 0
 
@@ -161,7 +153,7 @@ def _summary(rows) -> str:
 def cmd_record(args: argparse.Namespace) -> int:
     return _run_all(
         _specs(args), out=args.out, batch_size=args.batch_size, device=args.device, skip_bad=args.skip_bad,
-        workers=args.workers, threads=args.threads, progress=not args.no_progress,
+        workers=args.workers, threads=args.threads, progress=not args.no_progress, hash_inputs=args.hash_inputs,
     )  # fmt: skip
 
 
@@ -170,6 +162,7 @@ def load_sweep(path: str | Path) -> tuple[list, dict[str, Any]]:
     import tomllib
 
     from tokvis.store import RunConfigError, RunSpec
+    from tokvis.validate import check_float, check_int
 
     path = Path(path)
     try:
@@ -184,39 +177,61 @@ def load_sweep(path: str | Path) -> tuple[list, dict[str, Any]]:
     for key in ("backbones", "methods", "datasets"):
         if not isinstance(cfg.get(key), list) or not cfg[key]:
             raise RunConfigError(f"{path}: {key!r} must be a non-empty list")
-    keep_rates, rs = cfg.get("keep_rates", []), cfg.get("r", [])
+    keep_rates, rs = _as_list(cfg.get("keep_rates", [])), _as_list(cfg.get("r", []))
     if not keep_rates and not rs:
         raise RunConfigError(f"{path}: give keep_rates and/or r")
+    for k in keep_rates:
+        check_float(f"{path}: keep_rates entry", k, low=0, high=1, low_open=True, error=RunConfigError)
+    for v in rs:
+        if not isinstance(v, list):
+            check_int(f"{path}: r entry", v, minimum=0, error=RunConfigError)
     method_options = cfg.get("method_options", {})
+    if not isinstance(method_options, dict):
+        raise RunConfigError(f"{path}: method_options must be a table of tables, one per method: [method_options.tome]")
+    for name, opts in method_options.items():
+        if name not in cfg["methods"]:
+            raise RunConfigError(
+                f"{path}: method_options must be keyed by a method of the sweep ({', '.join(cfg['methods'])}): "
+                f"got {name!r}. Write the options under [method_options.<method>], e.g. [method_options.tome]"
+            )
+        if not isinstance(opts, dict):
+            raise RunConfigError(f"{path}: method_options.{name} must be a table of options: got {opts!r}")
+    for key in ("batch_size", "workers", "threads", "shard_size", "seed"):
+        if key in cfg:
+            check_int(f"{path}: {key}", cfg[key], minimum=None if key == "seed" else 0, error=RunConfigError)
     specs = []
     for backbone in cfg["backbones"]:
         for dataset in cfg["datasets"]:
             for method in cfg["methods"]:
                 common = dict(
                     backbone=backbone, dataset=str(dataset), method=method,
-                    pretrained=bool(cfg.get("pretrained", True)), model_kwargs=dict(cfg.get("model_kwargs", {})),
-                    seed=int(cfg.get("seed", 0)), locations=cfg.get("locations"),
+                    pretrained=bool(cfg.get("pretrained", True)), model_kwargs=cfg.get("model_kwargs", {}),
+                    seed=cfg.get("seed", 0), locations=cfg.get("locations"),
                     method_options=dict(method_options.get(method, {})), limit=cfg.get("limit"),
-                    shard_size=int(cfg.get("shard_size", 256)), scores=bool(cfg.get("scores", True)),
+                    shard_size=cfg.get("shard_size", 256), scores=bool(cfg.get("scores", True)),
                     cls=bool(cfg.get("cls", False)), soft=bool(cfg.get("soft", False)), amp=bool(cfg.get("amp", False)),
                 )  # fmt: skip
-                specs += [RunSpec(keep_rate=float(k), **common) for k in keep_rates]
+                specs += [RunSpec(keep_rate=k, **common) for k in keep_rates]
                 specs += [RunSpec(r=v, **common) for v in rs]
     out = Path(cfg.get("out", "runs"))
     if not out.is_absolute():
         out = path.parent / out
     opts = dict(
-        out=out, batch_size=int(cfg.get("batch_size", 32)), device=str(cfg.get("device", "auto")),
-        skip_bad=bool(cfg.get("skip_bad", False)), workers=int(cfg.get("workers", 0)),
-        threads=int(cfg.get("threads", 0)),
+        out=out, batch_size=cfg.get("batch_size", 32), device=str(cfg.get("device", "auto")),
+        skip_bad=bool(cfg.get("skip_bad", False)), workers=cfg.get("workers", 0), threads=cfg.get("threads", 0),
+        hash_inputs=bool(cfg.get("hash_inputs", False)),
     )  # fmt: skip
     return specs, opts
 
 
+def _as_list(value) -> list:
+    """A sweep value given as one item (``keep_rates = 0.5``) is a list of one."""
+    return value if isinstance(value, list) else [value]
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     specs, opts = load_sweep(args.file)
-    code = _run_all(specs, progress=not args.no_progress, **opts)
-    return code
+    return _run_all(specs, progress=not args.no_progress, **opts)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -230,7 +245,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"tokvis verify: error: {e}", file=sys.stderr)
             return 2
         if not found:
-            print(f"{p}: no run directories found")
+            print(f"tokvis verify: error: {p}: no run directories found", file=sys.stderr)
+            return 2
         reports += found
     for rep in reports:
         print(
@@ -242,4 +258,4 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"    note: {msg}")
     counts = {s: sum(r.status == s for r in reports) for s in ("complete", "incomplete", "corrupt")}
     print(f"{counts['complete']} complete, {counts['incomplete']} incomplete, {counts['corrupt']} corrupt")
-    return 1 if counts["corrupt"] else 0
+    return 0 if counts["complete"] == len(reports) else 1
