@@ -148,7 +148,7 @@ def official_forward(model, image: torch.Tensor, r_per_block: list[int], prop_at
     return logits[0], slots
 
 
-FLAVOURS = ["cls", "distilled", "avgpool", "registers", "qknorm", "layerscale"]
+FLAVOURS = ["cls", "distilled", "avgpool", "registers"]
 
 
 CASES = [(f, 6, True) for f in FLAVOURS] + [
