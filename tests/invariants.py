@@ -199,9 +199,9 @@ def expected_counts(method, kw, n, depth):
             counts.append(cur)
         return counts
     r = kw["r"]
-    per = (
-        r if isinstance(r, list) else [r if layer in kw.get("locations", range(depth)) else 0 for layer in range(depth)]
-    )
+    # without locations: every block, unless the method's reference code says otherwise (MCTF skips block 0)
+    locs = kw.get("locations") or tokvis.create_method(method).default_locations(depth, r=r) or range(depth)
+    per = r if isinstance(r, list) else [r if layer in locs else 0 for layer in range(depth)]
     for layer in range(depth):
         rr = per[layer]
         if isinstance(rr, float) and 0 < rr < 1:  # a fraction of the tokens entering the block

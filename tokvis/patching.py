@@ -202,10 +202,15 @@ def _patched_block_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None
             need_attn="attn" in needs,
         )
         x = x + self.drop_path1(self.ls1(out))
-        if target is not None:
+        if target is not None and method.stage == "after_attn":
             ctx = _context(st, layer, x, target, keys=extras.keys, cls_attn=extras.cls_attn, attn=extras.attn)
             x, _ = _decide_and_apply(self, st, ctx)
     x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+    if target is not None and method.stage == "after_block":  # on the block's output (MCTF without one-step-ahead)
+        ctx = _context(
+            st, layer, x, target, stage="after_block", keys=extras.keys, cls_attn=extras.cls_attn, attn=extras.attn
+        )
+        x, _ = _decide_and_apply(self, st, ctx)
     return x
 
 
@@ -304,6 +309,8 @@ def patch(
         method_obj = method
     else:
         raise TypeError(f"method must be a registered name or a tokvis Method: got {type(method).__name__}")
+    if locations is None:  # a method may follow its reference code's default locations (MCTF)
+        locations = method_obj.default_locations(info.depth, keep_rate=keep_rate, r=r)
     schedule = make_schedule(info.depth, keep_rate=keep_rate, r=r, locations=locations)
     conv = "keep_rate" if keep_rate is not None else "r"
     if conv not in method_obj.conventions:

@@ -93,7 +93,7 @@ def test_weights_match_loop_reference(n):
 def test_matching_matches_loop_reference(n, r, bidirectional):
     g = torch.Generator().manual_seed(n * 10 + r)
     w = torch.rand(3, (n + 1) // 2, n // 2, generator=g, dtype=torch.float64)
-    dst, keep, score = bidirectional_matching(w, n, r, bidirectional=bidirectional)
+    dst, keep, score = bidirectional_matching(w, n, r, bidirectional=bidirectional, order="original")
     assert _groups(dst) == _loop_matching(w, n, r, bidirectional)
     assert int(dst.max()) == n - r - 1 and bool((keep.sum(1) == n - r).all())
     # the survivor of each group is its kept token; kept tokens keep their order
@@ -130,21 +130,21 @@ def test_model_decisions_reduce_to_tome(one_step_ahead):
     """In the model, similarity-only one-direction MCTF partitions the tokens as ToMe's matching does."""
     model, x = make_model("registers"), make_images("registers")
     spy = _Spy(criteria=("similarity",), bidirectional=False, one_step_ahead=one_step_ahead)
-    tokvis.patch(model, spy, r=6)
+    tokvis.patch(model, spy, r=6, locations=list(range(6)))
     with torch.no_grad():
         model(x)
     assert len(spy.seen) == 6
     for metric, d in spy.seen:
-        d_ref, k_ref = bipartite_matching(metric, 6)
+        d_ref, k_ref = bipartite_matching(metric, 6, num_prefix=model.num_prefix_tokens)
         assert torch.equal(d.keep, k_ref) and torch.equal(d.dst, d_ref)
 
 
 @pytest.mark.parametrize(
     "kw,expect",
     [
-        ({"r": 5}, [59, 54, 49, 44, 39, 34]),
-        ({"r": 20}, [44, 24, 12, 6, 3, 2]),  # capped at half the tokens
-        ({"r": 0.25}, [48, 36, 27, 21, 16, 12]),  # a fraction of the tokens entering each block
+        ({"r": 5}, [64, 59, 54, 49, 44, 39]),  # a count: blocks 1.. (the authors' scripts)
+        ({"r": 20}, [64, 44, 24, 12, 6, 3]),  # capped at half the tokens
+        ({"r": 0.25}, [64, 48, 48, 36, 27, 27]),  # a fraction of the tokens entering blocks [1, 3, 4]
         ({"keep_rate": 0.7}, [64, 44, 44, 31, 21, 21]),  # default locations [1, 3, 4]
     ],
 )
@@ -197,7 +197,7 @@ def test_one_step_ahead_block_matches_dense_reference():
 def test_pooling_weights_are_attention_times_size():
     model, x = make_model(), make_images()
     spy = _Spy()
-    tokvis.patch(model, spy, r=8)
+    tokvis.patch(model, spy, r=8, locations=list(range(6)))
     with torch.no_grad():
         _, trace = tokvis.run_with_trace(model, x)
     assert trace.decision(1).weight is not None
@@ -282,8 +282,9 @@ def test_real_backbone():
 def test_down_to_one_token_then_nothing_to_fuse():
     """r capped at half reaches a single patch token: later blocks leave it alone (was an IndexError)."""
     model, x = make_model("patch14"), make_images("patch14")  # 16 patches
-    tokvis.patch(model, "mctf", r=5)
+    every = list(range(model.depth if hasattr(model, "depth") else len(model.blocks)))
+    tokvis.patch(model, "mctf", r=5, locations=every)  # MCTF's own default skips block 0
     counts = block_token_counts(model, x)
     assert counts[-2:] == [1, 1]
-    tokvis.patch(model, "tome", r=5)
+    tokvis.patch(model, "tome", r=5, locations=every)
     assert block_token_counts(model, x) == counts  # as ToMe does

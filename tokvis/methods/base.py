@@ -19,7 +19,7 @@ from tokvis.model import ModelInfo  # noqa: F401  (re-exported: methods import i
 from tokvis.trace import LayerDecision
 
 NEEDS = frozenset({"keys", "cls_attn", "attn"})
-STAGES = ("before_block", "after_attn", "in_attention")
+STAGES = ("before_block", "after_attn", "in_attention", "after_block")
 
 
 @dataclass
@@ -121,6 +121,9 @@ class Method(nn.Module):
             the residual stream, and the attention output for the reduced set
             comes from :meth:`reduced_attention` (default: the queries reduced
             by the same decision, attending to the full keys and values).
+        ``"after_block"`` (MCTF without one-step-ahead attention)
+            on the block's output, after the MLP; the context holds the output
+            tokens and what ``needs`` asked of the block's attention.
     """
 
     name: ClassVar[str] = ""
@@ -197,6 +200,14 @@ class Method(nn.Module):
         A method that returns a tensor here computes it while fitting (e.g.
         DynamicViT's keep-ratio loss) and clears it when read, so each forward
         contributes once.
+        """
+        return None
+
+    def default_locations(self, depth: int, *, keep_rate=None, r=None) -> list[int] | None:
+        """Blocks that reduce when the user gives no ``locations`` (default ``None``: the schedule's own).
+
+        A method whose reference code reduces elsewhere by default says so here
+        (MCTF: a count ``r`` at every block but the first).
         """
         return None
 

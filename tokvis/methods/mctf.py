@@ -8,12 +8,14 @@ import torch
 
 from tokvis.errors import MethodOptionError, ScheduleError
 from tokvis.methods.base import Method, ReductionContext
-from tokvis.methods.ops import apply_decision, merge_mean, slots_from_keep
+from tokvis.methods.ops import ORDERS, apply_decision, bipartite_split, merge_mean, slots_from_keep, slots_of
 from tokvis.methods.registry import register_method
+from tokvis.schedule import default_locations
 from tokvis.trace import LayerDecision
 from tokvis.validate import check_choice, check_float
 
 CRITERIA = ("similarity", "informativeness", "size")
+_E = MethodOptionError
 
 
 def multi_criteria_weights(
@@ -24,12 +26,16 @@ def multi_criteria_weights(
     tau_sim: float | None,
     tau_info: float | None,
     tau_size: float | None,
+    num_prefix: int = 0,
 ) -> torch.Tensor:
     """MCTF's multi-criteria weights between the two halves of a bipartite split.
 
-    Tokens are split alternately: set A = even positions, set B = odd positions.
-    Each criterion gives a weight in ``(0, 1]`` that is raised to ``1 / tau`` and
-    the criteria are multiplied (a criterion whose ``tau`` is ``None`` is left out):
+    The inputs cover the whole sequence: ``num_prefix`` prefix tokens, then the
+    ``n`` patch tokens.  The patch tokens are split into sets A and B as ToMe's
+    official code does (:func:`tokvis.methods.ops.bipartite_split`: alternately
+    over the whole sequence, so a class token is position 0 of A).  Each
+    criterion gives a weight in ``(0, 1]`` that is raised to ``1 / tau`` and the
+    criteria are multiplied (a criterion whose ``tau`` is ``None`` is left out):
 
     - similarity ``((cos(m_a, m_b) + 1) / 2) ** (1 / tau_sim)``
     - informativeness ``(u_a u_b) ** (1 / tau_info)`` with ``u = (1 / attn) / max(1 / attn)``:
@@ -37,27 +43,34 @@ def multi_criteria_weights(
     - size ``(v_a v_b) ** (1 / tau_size)`` with ``v = (1 / size) / max(1 / size)``: large
       tokens are fused last
 
-    The per-image maxima only rescale every weight of an image by the same factor,
-    so they change no matching.
+    The maxima run over the whole sequence, prefix tokens included, as in the
+    official code; they rescale every weight of an image by the same factor.
 
     Parameters
     ----------
-    metric : Tensor [B, n, c]
+    metric : Tensor [B, num_prefix + n, c]
         Features compared by cosine similarity.
-    attn_received : Tensor [B, n] or None
+    attn_received : Tensor [B, num_prefix + n] or None
         Mean attention each token receives (> 0); needed when ``tau_info`` is set.
-    size : Tensor [B, n] or None
+    size : Tensor [B, num_prefix + n] or None
         Patches per token; needed when ``tau_size`` is set.
     tau_sim, tau_info, tau_size : float > 0 or None
         Temperatures.
+    num_prefix : int
+        Prefix tokens at the front (never fused; they only set the split parity
+        and take part in the maxima).
 
     Returns
     -------
-    Tensor [B, ceil(n / 2), floor(n / 2)]
-        Weight of fusing A token ``i`` with B token ``j``, in ``(0, 1]``.
+    Tensor [B, n_a, n_b]
+        Weight of fusing A token ``i`` with B token ``j`` (A and B in position
+        order, as given by ``bipartite_split``), in ``(0, 1]``.
     """
+    n = metric.shape[1] - num_prefix
+    a_pos, b_pos = bipartite_split(n, num_prefix, device=metric.device)
+    a_pos, b_pos = a_pos + num_prefix, b_pos + num_prefix  # sequence positions
     m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    a, b = m[:, ::2], m[:, 1::2]
+    a, b = m[:, a_pos], m[:, b_pos]
     w = a.new_ones(a.shape[0], a.shape[1], b.shape[1])
     if tau_sim is not None:
         w = w * ((a @ b.transpose(1, 2) + 1) / 2).clamp_min(0) ** (1.0 / tau_sim)
@@ -67,62 +80,85 @@ def multi_criteria_weights(
         assert value is not None
         inv = 1.0 / value.clamp_min(torch.finfo(value.dtype).tiny)
         inv = inv / inv.amax(dim=1, keepdim=True)
-        w = w * (inv[:, ::2, None] * inv[:, None, 1::2]) ** (1.0 / tau)
+        w = w * (inv[:, a_pos, None] * inv[:, None, b_pos]) ** (1.0 / tau)
     return w
 
 
-def bidirectional_matching(weights: torch.Tensor, n: int, r: int, *, bidirectional: bool = True):
+def bidirectional_matching(
+    weights: torch.Tensor, n: int, r: int, *, bidirectional: bool = True, num_prefix: int = 0, order: str = "official"
+):
     """MCTF's (bidirectional) bipartite soft matching on precomputed weights.
 
-    Step 1 (A -> B): every A token (even position) finds its highest-weight B token
-    (odd position); the ``r1`` A tokens with the highest weights are fused into
-    their partners.  Step 2 (B -> A, only if ``bidirectional``): every B token (with
-    what it received) finds its highest-weight partner among the A tokens left,
-    using the same weights; the ``r2`` best are fused into them.  ``r1 = r // 2``,
-    ``r2 = r - r1`` when bidirectional, else ``r1 = r``.  Ties go to the lowest
-    position.  The cap ``r <= n // 2`` is the caller's.
+    Step 1 (A -> B): every A token finds its highest-weight B token; the ``r1`` A
+    tokens with the highest weights are fused into their partners.  Step 2
+    (B -> A, only if ``bidirectional``): every B token (with what it received)
+    finds its highest-weight partner among the A tokens left, using the same
+    weights; the ``r2`` best are fused into them.  ``r1 = r // 2``, ``r2 = r - r1``
+    when bidirectional, else ``r1 = r``.  Ties go to the lowest position.  The cap
+    ``r <= n // 2`` is the caller's.  Sets A and B are those of
+    :func:`tokvis.methods.ops.bipartite_split` for ``num_prefix`` prefix tokens.
+
+    Output order (``order="official"``, as the official code concatenates the
+    tokens): the A tokens left (by position when there are prefix tokens, else in
+    the order of decreasing step-1 weight, as the official code leaves them),
+    then the B tokens left: by decreasing step-2 weight when bidirectional, by
+    position otherwise.  ``order="original"``: survivors keep their order.
 
     Parameters
     ----------
-    weights : Tensor [B, ceil(n / 2), floor(n / 2)]
+    weights : Tensor [B, n_a, n_b]
         A-to-B weights (:func:`multi_criteria_weights`).
     n : int
-        Number of tokens.
+        Number of patch tokens.
     r : int
         Tokens to remove.
     bidirectional : bool
+    num_prefix : int
+        Prefix tokens before the patch tokens (they set the split parity).
+    order : {"official", "original"}
 
     Returns
     -------
     dst : LongTensor [B, n]
-        Output slot of each token; survivors keep their original order.
+        Output slot of each token.
     keep : BoolTensor [B, n]
         False for the fused tokens.
     score : Tensor [B, n]
         Best weight of each A token to B (step 1) and of each B token to the A
         tokens left (step 2; to every A token when not bidirectional).
     """
+    check_choice("order", order, ORDERS)
     B = weights.shape[0]
     dev = weights.device
+    a_pos, b_pos = bipartite_split(n, num_prefix, device=dev)
     r1 = r // 2 if bidirectional else r
     r2 = r - r1
     best, partner = weights.max(dim=-1)  # [B, na]
-    order = best.argsort(dim=-1, descending=True, stable=True)
-    merged_a = order[:, :r1]
-    keep = torch.ones(B, n, dtype=torch.bool, device=dev)
-    keep.scatter_(1, merged_a * 2, False)
+    edges = best.argsort(dim=-1, descending=True, stable=True)
+    merged_a = edges[:, :r1]  # indices within A
+    left_a = torch.ones(B, len(a_pos), dtype=torch.bool, device=dev).scatter_(1, merged_a, False)
     w2 = weights.transpose(1, 2)  # [B, nb, na]
     if bidirectional:
-        w2 = w2.masked_fill(~keep[:, ::2][:, None, :], -math.inf)  # only A tokens left can receive
+        w2 = w2.masked_fill(~left_a[:, None, :], -math.inf)  # only A tokens left can receive
     best2, partner2 = w2.max(dim=-1)  # [B, nb]
     score = torch.empty(B, n, dtype=weights.dtype, device=dev)
-    score[:, ::2], score[:, 1::2] = best, best2
-    merged_b = best2.argsort(dim=-1, descending=True, stable=True)[:, :r2]
-    keep.scatter_(1, merged_b * 2 + 1, False)
-    dst = slots_from_keep(keep)
+    score[:, a_pos], score[:, b_pos] = best, best2
+    edges2 = best2.argsort(dim=-1, descending=True, stable=True)
+    merged_b = edges2[:, :r2]  # indices within B
+    keep = torch.ones(B, n, dtype=torch.bool, device=dev)
+    keep[:, a_pos] = left_a
+    keep.scatter_(1, b_pos[merged_b], False)
+    if order == "original":
+        dst = slots_from_keep(keep)
+    else:
+        unmerged_a = edges[:, r1:]
+        if num_prefix > 0:
+            unmerged_a = unmerged_a.sort(dim=1).values
+        unmerged_b = edges2[:, r2:] if bidirectional else b_pos.new_tensor(range(len(b_pos))).expand(B, -1)
+        dst = slots_of(torch.cat([a_pos[unmerged_a], b_pos[unmerged_b]], 1), n)
     # B -> A first: a B token that received A tokens carries them along
-    dst.scatter_(1, merged_b * 2 + 1, dst.gather(1, partner2.gather(1, merged_b) * 2))
-    dst.scatter_(1, merged_a * 2, dst.gather(1, partner.gather(1, merged_a) * 2 + 1))
+    dst.scatter_(1, b_pos[merged_b], dst.gather(1, a_pos[partner2.gather(1, merged_b)]))
+    dst.scatter_(1, a_pos[merged_a], dst.gather(1, b_pos[partner.gather(1, merged_a)]))
     return dst, keep, score
 
 
@@ -153,31 +189,48 @@ class MCTF(Method):
     columns summed per group and its query rows pooled with the same attention x
     size weights, and the block's output is ``x_fused + proj(A_merged @ V(x_fused))``
     followed by the MLP, where ``V(x_fused)`` are the values of the fused tokens
-    through the block's own ``norm1`` / ``qkv``.  This follows the authors'
-    released code (``one_step_ahead=1``).  With ``one_step_ahead=False`` the
-    decision is taken after the attention and before the MLP of the block
-    (tokvis's convention, as for ToMe; the released code fuses after the MLP),
-    using this block's attention map; nothing else changes.
+    through the block's own ``norm1`` / ``qkv``.  With ``one_step_ahead=False``
+    the block runs unchanged and the decision is taken on its *output*, after the
+    MLP (stage ``"after_block"``), using this block's attention map, as the
+    authors' code does.
 
-    Choices (from the authors' released code where the paper is silent):
+    Identical to the authors' code (mlvlab/MCTF ``utils/mctf.py`` with its DeiT,
+    set up as its evaluation scripts): the same partitions and token order at
+    every block, logits within float round-off.  Their conventions:
 
-    - ``metric="tokens"``: similarity of the tokens themselves (the block input with
-      one-step-ahead, else the tokens after the attention residual); ``"keys"``: the
-      attention keys averaged over heads (ToMe's metric).
+    - split: alternately over the *whole* sequence, prefix tokens included
+      (:func:`tokvis.methods.ops.bipartite_split`): the class token is position 0
+      of set A, so patch ``j`` is in A when ``j`` is odd.  Prefix tokens are never
+      fused; those at odd positions (distillation, some register tokens; the
+      authors' DeiT has none) receive nothing, as in ToMe's official code.
+    - token order after fusion: prefix tokens, the unmerged A tokens by position,
+      then the B tokens left by decreasing step-2 weight (bidirectional) or by
+      position (one direction); this order sets the next block's split.  The
+      decision's ``dst`` records it, so trace labels keep their meaning.
+    - the informativeness and size criteria are normalised by their maxima over
+      the whole sequence (class token included).
+    - ``r``: a count, or a fraction ``0 < r < 1`` of the patch tokens entering a
+      block (``floor(r * n)``), capped at half of them.  Default locations under
+      ``r`` follow the authors' scripts: a count reduces at every block but the
+      first (``r=16`` at blocks 1-11 for DeiT-S: the paper's setting), a fraction
+      at the quarter points (``r=0.35`` at blocks 3, 6, 9: MCTF-Fast).  Under
+      ``keep_rate`` the study's default locations apply.  Not reproduced: the
+      authors' extra cap that leaves at least 10 tokens (class token included)
+      in a block, which never binds at their settings.
+    - ``metric="tokens"``: similarity of the tokens themselves (the block input
+      with one-step-ahead, else the block output); ``"keys"``: the attention keys
+      averaged over heads (ToMe's metric; not in the authors' code).
     - the bidirectional split removes ``r // 2`` tokens A -> B and the rest B -> A,
-      and step 2 reuses the weights of step 1 (they are not recomputed for the B
-      tokens that received A tokens).
-    - tokens are split alternately over the patch tokens only (prefix tokens
-      excluded), so A/B parity differs from the released code, where the class
-      token is position 0 of set A (as for tokvis's ToMe).
+      and step 2 reuses the weights of step 1.
     - proportional attention (``+log(size)`` on the attention logits) is on by
       default, as in the released evaluation scripts.
     - attention dropout is not applied to the merged map (evaluation only).
-    - at most half of a block's tokens are fused (bipartite matching): under the
-      ``r`` convention ``r`` is capped at half; a ``keep_rate`` stage that asks
-      for more raises :class:`ScheduleError` (use keep_rate >= 0.5 or ``r``).
-      ``r`` may be a count or a fraction ``0 < r < 1`` of the tokens entering a
-      block (``tokvis.patch(model, "mctf", r=0.1)``).
+    - at most half of a block's tokens are fused (bipartite matching): a
+      ``keep_rate`` stage that asks for more raises :class:`ScheduleError` (use
+      keep_rate >= 0.5 or ``r``).
+
+    ``order="original"`` keeps tokvis's former split and order (patch tokens only,
+    patch ``j`` in A when ``j`` is even; survivors in their original order).
 
     With ``criteria=("similarity",)`` and ``bidirectional=False`` the matching is
     ToMe's (the similarity weight is a monotone function of the cosine).
@@ -185,7 +238,8 @@ class MCTF(Method):
     Parameters
     ----------
     one_step_ahead : bool
-        Decide inside the attention and merge the attention map (default True).
+        Decide inside the attention and merge the attention map (default True);
+        False: fuse the block's output.
     criteria : sequence of {"similarity", "informativeness", "size"}
         Criteria multiplied into the weights (default: all three).
     tau_sim, tau_info, tau_size : float > 0
@@ -199,6 +253,8 @@ class MCTF(Method):
         Features compared for similarity.
     prop_attn : bool
         Proportional attention (default True).
+    order : {"official", "original"}
+        Split parity and token order (default ``"official"``, see above).
     """
 
     kind = "merge"
@@ -216,12 +272,11 @@ class MCTF(Method):
         pooling: str = "attn_size",
         metric: str = "tokens",
         prop_attn: bool = True,
+        order: str = "official",
     ) -> None:
-        self.one_step_ahead = bool(
-            check_choice("one_step_ahead", one_step_ahead, (True, False), error=MethodOptionError)
-        )
-        self.stage = "in_attention" if self.one_step_ahead else "after_attn"
-        self.metric = check_choice("metric", metric, ("tokens", "keys"), error=MethodOptionError)
+        self.one_step_ahead = bool(check_choice("one_step_ahead", one_step_ahead, (True, False), error=_E))
+        self.stage = "in_attention" if self.one_step_ahead else "after_block"
+        self.metric = check_choice("metric", metric, ("tokens", "keys"), error=_E)
         self.needs = frozenset({"attn"} | ({"keys"} if self.metric == "keys" else set()))
         super().__init__()
         if isinstance(criteria, str):
@@ -238,12 +293,11 @@ class MCTF(Method):
         self.criteria = tuple(c for c in CRITERIA if c in crit)
         self.taus = {}
         for name, tau in (("tau_sim", tau_sim), ("tau_info", tau_info), ("tau_size", tau_size)):
-            self.taus[name] = check_float(
-                name, tau, low=0.0, high=math.inf, low_open=True, high_open=True, error=MethodOptionError
-            )
-        self.bidirectional = bool(check_choice("bidirectional", bidirectional, (True, False), error=MethodOptionError))
-        self.pooling = check_choice("pooling", pooling, ("attn_size", "size"), error=MethodOptionError)
-        self.proportional_attention = bool(check_choice("prop_attn", prop_attn, (True, False), error=MethodOptionError))
+            self.taus[name] = check_float(name, tau, low=0.0, high=math.inf, low_open=True, high_open=True, error=_E)
+        self.bidirectional = bool(check_choice("bidirectional", bidirectional, (True, False), error=_E))
+        self.pooling = check_choice("pooling", pooling, ("attn_size", "size"), error=_E)
+        self.proportional_attention = bool(check_choice("prop_attn", prop_attn, (True, False), error=_E))
+        self.order = check_choice("order", order, ORDERS, error=_E)
 
     def options(self) -> dict:
         return {
@@ -254,7 +308,16 @@ class MCTF(Method):
             "pooling": self.pooling,
             "metric": self.metric,
             "prop_attn": self.proportional_attention,
+            "order": self.order,
         }
+
+    def default_locations(self, depth: int, *, keep_rate=None, r=None) -> list[int] | None:
+        """The authors' scripts: a count ``r`` at blocks 1..depth-1, a fraction at the quarter points."""
+        if isinstance(r, bool) or not isinstance(r, (int, float)):
+            return None  # keep_rate, or a per-block r list: the schedule's own rules
+        if isinstance(r, float) and 0 < r < 1:
+            return default_locations(depth)
+        return list(range(1, depth)) if depth > 1 else None
 
     def max_removal(self, n_in: int, convention: str) -> int:
         # under keep_rate the budget must be met: decide() raises if it needs more than half
@@ -274,27 +337,30 @@ class MCTF(Method):
                 f"mctf fuses at most half of a block's tokens (bipartite matching), but the schedule asks to go "
                 f"from {n} to {ctx.target} tokens at block {ctx.layer}; use keep_rate >= 0.5 or the r convention"
             )
-        size = ctx.patch_size
-        if r == 0:  # nothing to fuse (e.g. a single token left): the identity, no matching of an empty set
-            B = size.shape[0]
-            dst = torch.arange(n, device=size.device).expand(B, n).clone()
-            keep = torch.ones(B, n, dtype=torch.bool, device=size.device)
-            return LayerDecision(ctx.layer, "merge", dst, keep, n_out=n, weight=size)
-        received = self.attention_received(ctx)
+        assert ctx.attn is not None
+        received_all = ctx.attn.mean(dim=(1, 2))  # [B, T]: over heads and every query
         if self.metric == "tokens":
-            metric = ctx.x[:, p:]
+            metric = ctx.x
         else:
             assert ctx.keys is not None
-            metric = ctx.keys[:, :, p:].mean(1)
+            metric = ctx.keys.mean(1)
+        # official: the split and the criteria's maxima run over the whole sequence; "original": patch tokens only
+        q = 0 if self.order == "original" else p
         weights = multi_criteria_weights(
-            metric.float() if metric.dtype in (torch.float16, torch.bfloat16) else metric,
-            received,
-            size,
+            (metric.float() if metric.dtype in (torch.float16, torch.bfloat16) else metric)[:, p - q :],
+            received_all[:, p - q :],
+            ctx.size[:, p - q :],
             tau_sim=self.taus["tau_sim"] if "similarity" in self.criteria else None,
             tau_info=self.taus["tau_info"] if "informativeness" in self.criteria else None,
             tau_size=self.taus["tau_size"] if "size" in self.criteria else None,
+            num_prefix=q,
         )
-        dst, keep, score = bidirectional_matching(weights, n, r, bidirectional=self.bidirectional)
+        dst, keep, score = bidirectional_matching(
+            weights, n, r, bidirectional=self.bidirectional, num_prefix=q, order=self.order
+        )
+        if r == 0:  # nothing to fuse: the tokens stay where they are (the official code returns them unchanged)
+            dst = torch.arange(n, device=dst.device).expand_as(dst).clone()
+        size, received = ctx.patch_size, self.attention_received(ctx)
         pool = size * received if self.pooling == "attn_size" else size
         return LayerDecision(ctx.layer, "merge", dst, keep, n_out=n - r, weight=pool, score=score.to(size.dtype))
 
@@ -317,7 +383,9 @@ class MCTF(Method):
         """
         A, p = ctx.attn, ctx.num_prefix
         assert A is not None and ctx.values is not None and ctx.project is not None
-        if decision.n_out == decision.n_in and bool(decision.keep.all()):
+        if decision.n_out == decision.n_in and bool(
+            (decision.dst == torch.arange(decision.n_in, device=A.device)).all()
+        ):
             return A @ ctx.values
         B, H, T, _ = A.shape
         n, n_out = decision.n_in, decision.n_out

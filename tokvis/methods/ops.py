@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from tokvis.trace import LayerDecision
+from tokvis.validate import check_choice
 
 
 def apply_decision(
@@ -107,43 +108,98 @@ def slots_from_keep(keep: torch.Tensor) -> torch.Tensor:
     return torch.where(keep, keep.long().cumsum(1) - 1, -1)
 
 
-def bipartite_matching(metric: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+ORDERS = ("official", "original")
+
+
+def bipartite_split(num_tokens: int, num_prefix: int = 0, *, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions, among the patch tokens, of ToMe's sets A and B.
+
+    The split alternates over the *whole* sequence, prefix tokens included, as in
+    the official ToMe and MCTF code: sequence position ``t`` is in set A when
+    ``t`` is even.  With one class token (``num_prefix=1``) the class token is
+    position 0 of A, so patch ``j`` (sequence position ``j + 1``) is in A when
+    ``j`` is odd; with no prefix token, patch ``j`` is in A when ``j`` is even.
+
+    Returns
+    -------
+    a_pos, b_pos : LongTensor
+        Patch indices (0-based among the ``num_tokens`` patch tokens) in A and in B.
+    """
+    first_a = num_prefix % 2  # first patch index whose sequence position is even
+    a_pos = torch.arange(first_a, num_tokens, 2, device=device)
+    b_pos = torch.arange(1 - first_a, num_tokens, 2, device=device)
+    return a_pos, b_pos
+
+
+def bipartite_matching(
+    metric: torch.Tensor, r: int, *, num_prefix: int = 0, order: str = "official"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One round of ToMe's bipartite soft matching on patch tokens.
 
-    Tokens are split alternately into set A (even positions) and set B (odd
-    positions).  Every A token finds its most similar B token (cosine
-    similarity); the ``r`` A tokens with the most similar partners are merged
-    into them.  The cap ``r <= n // 2`` is the caller's to apply.
+    The tokens are split into sets A and B alternately over the whole sequence
+    (:func:`bipartite_split`: ``num_prefix`` prefix tokens come first and set the
+    parity; they are never merged and receive nothing).  Every A token finds its
+    most similar B token (cosine similarity); the ``r`` A tokens with the most
+    similar partners are merged into them.  The cap ``r <= n // 2`` is the
+    caller's to apply.
 
     Parameters
     ----------
     metric : Tensor [B, n, c]
-        Features compared (ToMe: keys averaged over heads).
+        Features of the patch tokens (ToMe: keys averaged over heads).
     r : int
         Tokens to remove.
+    num_prefix : int
+        Prefix tokens before the patch tokens in the sequence (class,
+        distillation, register tokens).
+    order : {"official", "original"}
+        Order of the surviving tokens (the output slots).  ``"official"``: as the
+        official ToMe code concatenates them: the unmerged A tokens, then the B
+        tokens by position.  The unmerged A tokens are in position order when the
+        model has prefix tokens (ToMe sorts them to keep the class token first),
+        and otherwise in the order of decreasing best similarity (the official
+        code does not sort them when there is no class token).  ``"original"``:
+        every survivor keeps its original relative order (tokvis before 0.x).
 
     Returns
     -------
     dst : LongTensor [B, n]
-        Output slot of each token: surviving tokens (unmerged A tokens and all B
-        tokens) keep their order; merged A tokens take the slot of their partner.
+        Output slot of each token; merged A tokens take the slot of their partner.
     keep : BoolTensor [B, n]
         False for the merged A tokens.
     """
+    check_choice("order", order, ORDERS)
     B, n, _ = metric.shape
     dev = metric.device
+    a_pos, b_pos = bipartite_split(n, num_prefix, device=dev)
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    a, b = metric[:, ::2], metric[:, 1::2]
-    sim = a @ b.transpose(1, 2)  # [B, na, nb]
+    sim = metric[:, a_pos] @ metric[:, b_pos].transpose(1, 2)  # [B, na, nb]
     best, partner = sim.max(dim=-1)  # [B, na]
-    order = best.argsort(dim=-1, descending=True, stable=True)
-    merged_a = order[:, :r]  # positions within A
+    edges = best.argsort(dim=-1, descending=True, stable=True)
+    merged_a = edges[:, :r]  # indices within A
     keep = torch.ones(B, n, dtype=torch.bool, device=dev)
-    keep.scatter_(1, merged_a * 2, False)
-    dst = slots_from_keep(keep)
-    partner_pos = partner.gather(1, merged_a) * 2 + 1  # original positions of the partners
-    dst.scatter_(1, merged_a * 2, dst.gather(1, partner_pos))
+    keep.scatter_(1, a_pos[merged_a], False)
+    if order == "original":
+        dst = slots_from_keep(keep)
+    else:
+        unmerged_a = edges[:, r:]
+        if num_prefix > 0:
+            unmerged_a = unmerged_a.sort(dim=1).values
+        survivors = torch.cat([a_pos[unmerged_a], b_pos.expand(B, -1)], 1)  # patch index of each output slot
+        dst = slots_of(survivors, n)
+    dst.scatter_(1, a_pos[merged_a], dst.gather(1, b_pos[partner.gather(1, merged_a)]))
     return dst, keep
+
+
+def slots_of(survivors: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of an output order: ``survivors [B, n_out]`` lists the input token of each output slot.
+
+    Returns ``dst [B, n]`` with the slot of each listed token and -1 for the others.
+    """
+    B, n_out = survivors.shape
+    dst = torch.full((B, n), -1, dtype=torch.long, device=survivors.device)
+    slots = torch.arange(n_out, device=survivors.device).expand(B, -1)
+    return dst.scatter_(1, survivors, slots)
 
 
 def compose(dst_first: torch.Tensor, dst_second: torch.Tensor) -> torch.Tensor:

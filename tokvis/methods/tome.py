@@ -6,7 +6,7 @@ import torch
 
 from tokvis.errors import MethodOptionError
 from tokvis.methods.base import Method, ReductionContext
-from tokvis.methods.ops import bipartite_matching, compose, merge_mean
+from tokvis.methods.ops import ORDERS, bipartite_matching, compose, merge_mean
 from tokvis.methods.registry import register_method
 from tokvis.trace import LayerDecision
 from tokvis.validate import check_choice
@@ -14,38 +14,67 @@ from tokvis.validate import check_choice
 
 @register_method("tome")
 class ToMe(Method):
-    """Token merging with bipartite soft matching.
+    """Token merging with bipartite soft matching, as the official code does it.
 
-    At each reducing block, after the attention and before the MLP: patch
-    tokens are split alternately into sets A (even positions) and B (odd
-    positions); each A token is paired with its most similar B token by cosine
-    similarity of the keys averaged over heads; the ``r`` best-matched A tokens
-    are merged into their partners by a size-weighted average (sizes = number
-    of patches a token holds).  Prefix tokens are never merged.  With
+    At each reducing block, after the attention and before the MLP, the tokens
+    are split into sets A and B alternately over the *whole* sequence, prefix
+    tokens included (sequence position ``t`` is in A when ``t`` is even), as in
+    facebookresearch/ToMe: with a class token it is position 0 of A, so patch
+    ``j`` is in A when ``j`` is odd.  Each A token is paired with its most
+    similar B token by cosine similarity of the keys averaged over heads; the
+    ``r`` best-matched A tokens are merged into their partners by a
+    size-weighted average (sizes = number of patches a token holds).  With
     proportional attention the attention logits get ``+log(size)`` per key in
     every block after the first merge.
+
+    Token order (``order="official"``, the default): after a merge the tokens
+    are reordered as the official code concatenates them -- prefix tokens, the
+    unmerged A tokens, then the B tokens -- which sets the next block's split.
+    The recorded decision says where each token goes (``dst`` = output slot), so
+    trace labels keep their meaning (patch -> token slot) whatever the order.
+
+    Prefix tokens are never merged:
+
+    - class token: position 0, in A, never merged (official ``class_token``);
+    - distillation token: position 1, in B, receives no A token, and the output
+      is class, distillation token, unmerged A, B (official ``distill_token``);
+    - register tokens (timm ``reg_tokens``; unknown to the official code, which
+      would merge them): the same rule for every prefix token -- those at even
+      positions are A tokens without partners, those at odd positions are B
+      tokens that receive nothing, and all stay first, in order;
+    - no prefix token (global average pooling): nothing is protected, and the
+      unmerged A tokens come in the order of decreasing best similarity, as the
+      official code leaves them (it sorts them by position only with a class
+      token); with prefix tokens they come by position.
+
+    ``order="original"`` keeps tokvis's former convention instead: patch tokens
+    only are split (patch ``j`` in A when ``j`` is even) and survivors keep their
+    original relative order.
 
     Under the ``r`` convention ``r`` is capped at half the patch tokens of the
     block, as in ToMe.  Under ``keep_rate`` a stage may need to remove more than
     half: the matching is then repeated within the block (the keys of merged
-    tokens are size-weighted averages) until the budget is met, and recorded as
-    one decision.
+    tokens are size-weighted averages, the split and order rules above apply to
+    each round) until the budget is met, and recorded as one decision.
 
     Parameters
     ----------
     prop_attn : bool
         Proportional attention (default True).
+    order : {"official", "original"}
+        Split parity and token order (default ``"official"``, see above).
     """
 
     kind = "merge"
     needs = frozenset({"keys"})
 
-    def __init__(self, *, prop_attn: bool = True) -> None:
+    def __init__(self, *, prop_attn: bool = True, order: str = "official") -> None:
         super().__init__()
         self.proportional_attention = bool(check_choice("prop_attn", prop_attn, (True, False), error=MethodOptionError))
+        self.order = check_choice("order", order, ORDERS, error=MethodOptionError)
 
     def options(self) -> dict:
-        return {"prop_attn": self.proportional_attention}
+        return {"prop_attn": self.proportional_attention, "order": self.order}
 
     def max_removal(self, n_in: int, convention: str) -> int:
         return n_in // 2 if convention == "r" else max(n_in - 1, 0)
@@ -58,12 +87,13 @@ class ToMe(Method):
         B, n = size.shape
         dst = torch.arange(n, device=size.device).expand(B, n).clone()
         keep = torch.ones(B, n, dtype=torch.bool, device=size.device)
+        split_prefix = p if self.order == "official" else 0
         cur_n, cur_metric, cur_size = n, metric, size
         while cur_n > ctx.target:
             r = min(cur_n - ctx.target, cur_n // 2)
             if r <= 0:
                 break
-            d, k = bipartite_matching(cur_metric, r)
+            d, k = bipartite_matching(cur_metric, r, num_prefix=split_prefix, order=self.order)
             new_n = cur_n - r
             cur_metric = merge_mean(cur_metric, d, new_n, cur_size)
             cur_size = cur_size.new_zeros(B, new_n + 1).scatter_add_(1, d.clamp(min=0), cur_size)[:, :new_n]
