@@ -86,12 +86,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import torch
 
-    import tokvis
-    from tokvis import data, zoo
-    from tokvis.plotting.overlay import save_figure, trace_overlays
+    from tokvis import data
 
     # every argument is checked before the model is loaded (argparse types check each value)
     out_dir = _check_out_dir(args.out)
@@ -99,7 +96,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for name in args.images:
             if name not in data.sample_names():
                 data.load_sample(name)  # DataError naming the available samples
-    torch.set_grad_enabled(False)
+    with torch.no_grad():  # not torch.set_grad_enabled(False): main() may run inside a user's process
+        return _demo(args, out_dir)
+
+
+def _demo(args: argparse.Namespace, out_dir: Path) -> int:
+    import matplotlib.pyplot as plt
+
+    import tokvis
+    from tokvis import data, zoo
+    from tokvis.plotting.overlay import save_figure, trace_overlays
+
     t0 = time.perf_counter()
     print(f"loading {args.model} ...", flush=True)
     model = zoo.create(args.model, **({"pretrained": False} if args.no_pretrained else {}))

@@ -247,22 +247,23 @@ def fit(
 
             bar = tqdm(total=steps, desc=f"fit {method.name}", unit="batch")
         method.train()
-        for _ in range(epochs):
-            order = torch.randperm(n, generator=g)
-            total = 0.0
-            for i in range(0, n, batch_size):
-                idx = order[i : i + batch_size]
-                out = pooled_features(model, images[idx])
-                value = _loss(out, teacher[idx], loss)
-                aux = method.auxiliary_loss()  # e.g. DynamicViT's keep-ratio loss; None for most methods
-                opt.zero_grad(set_to_none=True)
-                (value if aux is None else value + aux).backward()
-                opt.step()
-                total += float(value.detach()) * len(idx)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{float(value.detach()):.4f}")
-            history.append(total / n)
+        with torch.enable_grad():  # fitting needs autograd, also when called under no_grad
+            for _ in range(epochs):
+                order = torch.randperm(n, generator=g)
+                total = 0.0
+                for i in range(0, n, batch_size):
+                    idx = order[i : i + batch_size]
+                    out = pooled_features(model, images[idx])
+                    value = _loss(out, teacher[idx], loss)
+                    aux = method.auxiliary_loss()  # e.g. DynamicViT's keep-ratio loss; None for most methods
+                    opt.zero_grad(set_to_none=True)
+                    (value if aux is None else value + aux).backward()
+                    opt.step()
+                    total += float(value.detach()) * len(idx)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{float(value.detach()):.4f}")
+                history.append(total / n)
         if bar is not None:
             bar.close()
     finally:

@@ -213,3 +213,19 @@ def test_bad_count_through_the_installed_entry_point():
     assert res.returncode == 2
     assert res.stderr == "tokvis bench: error: argument --batch-size: the value must be an integer >= 1: got 0 " \
         "(see tokvis bench --help)\n"  # fmt: skip
+
+
+def test_commands_leave_autograd_as_they_found_it(monkeypatch, capsys):
+    """main() may run inside a user's process (a notebook, a test): no global torch switch leaks out."""
+    import torch
+
+    from tokvis import zoo
+
+    def stop(*a, **k):
+        assert not torch.is_grad_enabled()  # the demo itself runs without autograd
+        raise OSError(2, "No such file or directory", "model.pth")
+
+    monkeypatch.setattr(zoo, "create", stop)
+    assert torch.is_grad_enabled()
+    code, _ = cli("demo", "--out", "/tmp/tokvis-demo-grad-test", capsys=capsys)
+    assert code == 2 and torch.is_grad_enabled()

@@ -483,3 +483,16 @@ def test_fit_uses_the_methods_default_learning_rate():
     assert fitted.fit_info["lr"] == get_method_class("patchmerger").fit_lr
     fitted = tokvis.fit(model, "sit", images, keep_rate=0.5, epochs=1, batch_size=4, progress=False, lr=0.5)
     assert fitted.fit_info["lr"] == 0.5
+
+
+def test_fit_works_under_no_grad():
+    """tokvis.fit turns autograd on for its own steps (a caller's no_grad, or a command that switched it off)."""
+    import torch
+
+    import tokvis
+
+    model, images = make_model(), make_images(n=4)
+    with torch.no_grad():
+        fitted = tokvis.fit(model, "sit", images, keep_rate=0.5, epochs=1, batch_size=4, progress=False)
+    losses = fitted.fit_info["epoch_losses"]
+    assert len(losses) == 1 and losses[0] > 0
