@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 from tokvis.errors import MethodOptionError
 from tokvis.methods.base import Method, ReductionContext, check_choice
-from tokvis.methods.ops import slots_from_keep
+from tokvis.methods.ops import mix_into_kept, mix_matrix, slots_from_keep
 from tokvis.methods.registry import register_method
 from tokvis.trace import LayerDecision
 
@@ -18,6 +19,7 @@ def key_similarity(keys: torch.Tensor) -> torch.Tensor:
     k = keys.mean(1)
     k = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     sim = k @ k.transpose(1, 2)
+    sim = (sim + sim.transpose(1, 2)) / 2  # exactly symmetric: a mutual pair's votes tie exactly, on any batch
     sim.diagonal(dim1=1, dim2=2).fill_(-math.inf)
     return sim
 
@@ -35,13 +37,55 @@ def vote(sim: torch.Tensor, *, votes: int = 1, weighting: str = "count") -> torc
     return sim.new_zeros(B, n).scatter_add_(1, idx.reshape(B, -1), w.reshape(B, -1))
 
 
+def neutral_rank(n: int, device=None) -> torch.Tensor:
+    """A fixed pseudo-random permutation of ``0..n-1`` (the last tie-break: spatially neutral, deterministic)."""
+    return _neutral_rank(n).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _neutral_rank(n: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(20240830 + n))
+
+
+def _quantise(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float64 rounded to 1e-6: values equal up to round-off compare equal (then tie-breaks decide)."""
+    return torch.round(t.to(torch.float64) * 1e6)
+
+
+def select_removed(score: torch.Tensor, m: int, ties=()) -> torch.Tensor:
+    """Positions ``[B, m]`` of the ``m`` tokens with the highest ``score``.
+
+    Ties are broken by each tensor of ``ties`` in turn (higher first), then by a
+    fixed pseudo-random order of the positions (:func:`neutral_rank`), never by
+    position: integer vote counts tie often, and a positional tie-break removes
+    the top of the image first.
+    """
+    B, n = score.shape
+    idx = neutral_rank(n, score.device).expand(B, n)
+    for key in (*reversed(tuple(ties)), score):  # stable sorts: the last one is the primary key
+        idx = idx.gather(1, key.gather(1, idx).argsort(dim=1, descending=True, stable=True))
+    return idx[:, :m]
+
+
+def mixing_weights(sim: torch.Tensor, kept: torch.Tensor, removed: torch.Tensor, *, tau: float) -> torch.Tensor:
+    """Mass ``[B, m, k]`` each removed token sends to each kept token: ``softmax_j(sim[s, j] / tau)``."""
+    B = sim.shape[0]
+    rows = sim.gather(1, removed[..., None].expand(-1, -1, sim.shape[2]))  # [B, m, n]
+    return (
+        (rows.gather(2, kept[:, None, :].expand(-1, removed.shape[1], -1)) / tau)
+        .softmax(dim=-1)
+        .reshape(B, removed.shape[1], kept.shape[1])
+    )
+
+
 def mixing_matrix(sim: torch.Tensor, keep: torch.Tensor, *, tau: float) -> torch.Tensor:
     """Soft assignment ``[B, n_out, n]`` of every token to the retained ones, rows summing to 1.
 
     A retained token contributes weight 1 to its own output; a removed token ``s``
     spreads a unit mass over the retained tokens ``j`` with
     ``softmax_j(sim[s, j] / tau)``.  Each row (output token) is then normalised:
-    ``q_j' = (q_j + sum_s w_sj q_s) / (1 + sum_s w_sj)``.
+    ``q_j' = (q_j + sum_s w_sj q_s) / (1 + sum_s w_sj)``.  The dense form of
+    :func:`tokvis.methods.ops.mix_into_kept` (which the model uses).
 
     Parameters
     ----------
@@ -52,14 +96,11 @@ def mixing_matrix(sim: torch.Tensor, keep: torch.Tensor, *, tau: float) -> torch
     tau : float > 0
         Softmax temperature.
     """
-    B, n = keep.shape
+    n = keep.shape[1]
     n_out = int(keep[0].sum())
-    retained = keep.long().argsort(dim=1, descending=True, stable=True)[:, :n_out]  # positions, ascending
-    logits = sim.gather(2, retained[:, None, :].expand(B, n, n_out)) / tau  # [B, n, n_out]
-    mix = logits.softmax(dim=-1) * (~keep)[..., None].to(sim.dtype)  # only removed tokens spread mass
-    soft = mix.transpose(1, 2).contiguous()  # [B, n_out, n]
-    soft.scatter_(2, retained[..., None], 1.0)
-    return soft / soft.sum(dim=-1, keepdim=True)
+    order = keep.to(torch.int8).argsort(dim=1, descending=True, stable=True)
+    kept, removed = order[:, :n_out], order[:, n_out:]
+    return mix_matrix(kept, removed, mixing_weights(sim, kept, removed, tau=tau), n)
 
 
 @register_method("vomix")
@@ -71,18 +112,32 @@ class VoMix(Method):
     1. **Vote.** Cosine similarity of the keys (averaged over heads) between the
        patch tokens; every token votes for its ``votes`` most similar other
        tokens.  The ``m = n_in - target`` tokens with the most votes (the most
-       homogeneous ones; ties to the lowest position) are selected for removal.
+       homogeneous ones) are selected for removal.  Vote counts are integers and
+       tie often (a third to a half of the removals at ``r=0.1`` on DINOv2), so
+       ties are broken by the similarity of the votes received, then by the
+       token's similarity to its nearest neighbour, then by a fixed
+       pseudo-random order of the positions (:func:`select_removed`); equal
+       similarities (to 1e-6) also pick vote targets in that order.  Never by
+       position: a positional tie-break removes the top of the image first.
        ``m`` follows the schedule: ``r`` a fraction (``N * r`` of the ``N`` tokens
        entering the block, ``tokvis.patch(model, "vomix", r=0.1)``) or a count, or
        ``keep_rate``.
-    2. **Mix.** The selected tokens' queries are softly mixed into the retained
-       tokens: a selected token spreads a unit mass over the retained tokens by
-       ``softmax(similarity / tau)``, a retained token keeps weight 1 for itself,
-       and each retained token's mixed query is the normalised weighted mean (see
-       :func:`mixing_matrix`).  The decision is a ``"soft"`` :class:`LayerDecision`
-       whose ``soft [B, n_out, n_in]`` is this matrix (rows sum to 1), ``dst`` its
-       arg-max per input token (a retained token's own slot; a selected token's
-       main recipient), ``keep`` the retained tokens, ``score`` the votes.
+    2. **Mix.** Only the selected tokens' queries are mixed into the retained
+       tokens: a selected token ``s`` spreads a unit mass over the retained
+       tokens by ``w_s = softmax_j(similarity[s, j] / tau)``, a retained token keeps
+       weight 1 for itself, and each retained token's mixed query is
+       ``(q_j + sum_s w_sj q_s) / (1 + sum_s w_sj)``.  Computed sparsely
+       (:func:`tokvis.methods.ops.mix_into_kept`: ``[B, m] -> [B, k]`` weights,
+       ``m * k * D`` per product, the paper's ``r (1 - r) N^2 D``), once per block:
+       :meth:`decide` plans the votes and weights and :meth:`reduced_attention`
+       reuses them.  With ``residual="mix"`` the decision is a ``"soft"``
+       :class:`LayerDecision` whose ``soft [B, n_out, n_in]`` is this matrix (rows
+       sum to 1; recorded densely, applied sparsely by ``ops.apply_decision``),
+       ``dst`` a retained token's own slot and a selected token's largest
+       mixing recipient (its most similar retained token), ``keep`` the retained
+       tokens, ``score`` the votes, and ``size_scale`` ``1 / column sum`` so that
+       each input's size is shared among its outputs in proportion to its column:
+       the sizes still total the number of patches.
     3. **Attention.** The mixed queries attend to the full, vanilla keys and
        values of all ``n_in`` tokens, so the block outputs one token per retained
        token.
@@ -127,31 +182,62 @@ class VoMix(Method):
         self.tau = float(tau)
         self.residual = check_choice("residual", residual, ("mix", "drop"))
         self.kind = "soft" if residual == "mix" else "prune"
+        self._pending = None  # decide() -> reduced_attention() of the same block: the mixing plan
 
     def options(self) -> dict:
         return {"votes": self.votes, "vote_weight": self.vote_weight, "tau": self.tau, "residual": self.residual}
 
-    def _vote_and_mix(self, ctx: ReductionContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Votes [B, n], retained mask [B, n] and mixing matrix [B, n_out, n] of a block."""
+    def _plan(self, ctx: ReductionContext):
+        """Votes [B, n], kept [B, k] and removed [B, m] positions, mixing weights [B, m, k] of a block."""
         assert ctx.keys is not None
         n = ctx.n_in
-        sim = key_similarity(ctx.keys[:, :, ctx.num_prefix :])
         if self.votes >= n:
             raise MethodOptionError(f"votes={self.votes} needs more than {self.votes} tokens; the block has {n}")
-        score = vote(sim, votes=self.votes, weighting=self.vote_weight)
+        sim = key_similarity(ctx.keys[:, :, ctx.num_prefix :])
+        B = sim.shape[0]
+        # each token's choices; equal similarities (to round-off) go to a fixed neutral order, not to positions
+        rank = neutral_rank(n, sim.device).to(torch.float64)
+        idx = (_quantise(sim) * (n + 1) + rank).topk(self.votes, dim=-1).indices  # [B, n, votes]
+        val = sim.gather(2, idx)
+
+        def received(w):
+            return sim.new_zeros(B, n).scatter_add_(1, idx.reshape(B, -1), w.reshape(B, -1))
+
+        by_sim = received(val)
+        score = received(torch.ones_like(val)) if self.vote_weight == "count" else by_sim
+        # ties: similarity of the votes received, then the token's similarity to its nearest neighbour
+        ties = (by_sim, val[..., 0]) if self.vote_weight == "count" else (val[..., 0],)
         m = min(max(n - ctx.target, 0), n - 1)
-        removed = score.argsort(dim=1, descending=True, stable=True)[:, :m]
-        keep = torch.ones_like(score, dtype=torch.bool).scatter_(1, removed, False)
-        return score, keep, mixing_matrix(sim, keep, tau=self.tau)
+        removed = select_removed(_quantise(score), m, tuple(_quantise(t) for t in ties))
+        keep = torch.ones(B, n, dtype=torch.bool, device=sim.device).scatter_(1, removed, False)
+        kept = keep.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, : n - m]  # by position
+        return score, keep, kept, removed, mixing_weights(sim, kept, removed, tau=self.tau)
 
     def decide(self, ctx: ReductionContext) -> LayerDecision:
-        score, keep, soft = self._vote_and_mix(ctx)
-        n_out = soft.shape[1]
+        score, keep, kept, removed, w = self._plan(ctx)
+        self._pending = (ctx, kept, removed, w)  # for reduced_attention of the same block: vote once
+        B, n = keep.shape
+        n_out = kept.shape[1]
         if self.residual == "drop":
             return LayerDecision(ctx.layer, "prune", slots_from_keep(keep), keep, n_out=n_out, score=score)
-        dst = soft.argmax(dim=1)
-        soft = soft.to(ctx.x.dtype)
-        return LayerDecision(ctx.layer, "soft", dst, keep, n_out=n_out, soft=soft, score=score.to(ctx.x.dtype))
+        # dst: a retained token's own slot; a removed token's largest mixing recipient
+        dst = slots_from_keep(keep)
+        if removed.shape[1]:
+            dst.scatter_(1, removed, w.argmax(dim=-1))
+        soft = mix_matrix(kept, removed, w, n).to(ctx.x.dtype)
+        # sizes: each input's size is shared among its outputs in proportion to its column of soft
+        col = soft.sum(1)
+        size_scale = 1.0 / col.clamp_min(torch.finfo(col.dtype).tiny)
+        return LayerDecision(
+            ctx.layer,
+            "soft",
+            dst,
+            keep,
+            n_out=n_out,
+            soft=soft,
+            score=score.to(ctx.x.dtype),
+            size_scale=size_scale,
+        )
 
     def reduced_attention(
         self,
@@ -161,9 +247,23 @@ class VoMix(Method):
         scale: float,
         bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Mixed queries ``[B, H, p + n_out, d]`` attending to the full keys and values."""
-        if self.residual == "mix":  # the decision is the mixing matrix: the default mixes the queries with it
-            return super().reduced_attention(ctx, decision, scale=scale, bias=bias)
-        _, _, soft = self._vote_and_mix(ctx)
-        mixed = LayerDecision(ctx.layer, "soft", soft.argmax(dim=1), decision.keep, n_out=soft.shape[1], soft=soft)
-        return super().reduced_attention(ctx, mixed, scale=scale, bias=bias)
+        """Mixed queries ``[B, H, p + n_out, d]`` attending to the full keys and values.
+
+        The removed tokens' queries are mixed into the retained ones sparsely
+        (:func:`tokvis.methods.ops.mix_into_kept`, ``m * k * d`` per head), with
+        the weights :meth:`decide` computed for this block.
+        """
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] is ctx:
+            _, kept, removed, w = pending
+        else:  # called without decide() on this context: plan again
+            _, _, kept, removed, w = self._plan(ctx)
+        q, k, v = ctx.queries, ctx.keys, ctx.values
+        assert q is not None and k is not None and v is not None
+        B, H, T, d = q.shape
+        p = ctx.num_prefix
+        flat = q.transpose(1, 2).reshape(B, T, H * d)
+        mixed = mix_into_kept(flat[:, p:], kept, removed, w)
+        q_red = torch.cat([flat[:, :p], mixed], 1).reshape(B, -1, H, d).transpose(1, 2)
+        mask = None if bias is None else bias[:, None, None, :].to(q.dtype)
+        return torch.nn.functional.scaled_dot_product_attention(q_red, k, v, attn_mask=mask, scale=scale)
