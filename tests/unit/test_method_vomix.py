@@ -79,7 +79,7 @@ def test_r_zero_equals_plain_model():
 )
 def test_one_output_per_retained_token(kw, expect):
     model, x = make_model("registers"), make_images("registers")
-    tokvis.patch(model, "vomix", **kw)
+    tokvis.patch(model, "vomix", residual="mix", **kw)
     assert block_token_counts(model, x) == expect
     _, trace = tokvis.run_with_trace(model, x)
     for layer in trace.layers:
@@ -99,7 +99,7 @@ def test_block_output_mixed_queries_full_keys():
     """Reducing block rebuilt by hand: mixed queries over vanilla keys/values, mixed residual."""
     model, x = make_model("registers", dtype=torch.float64), make_images("registers", dtype=torch.float64)
     ref = make_model("registers", dtype=torch.float64)
-    tokvis.patch(model, "vomix", keep_rate=0.5, locations=[3], tau=0.3)
+    tokvis.patch(model, "vomix", keep_rate=0.5, locations=[3], tau=0.3, residual="mix")
     cap = {}
     h = model.blocks[3].register_forward_hook(lambda m, i, o: cap.update(inp=i[0], out=o))
     with torch.no_grad():
@@ -147,7 +147,7 @@ def test_residual_drop_keeps_retained_residual():
     model, x = make_model(dtype=torch.float64), make_images(dtype=torch.float64)
     mixed = make_model(dtype=torch.float64)
     tokvis.patch(model, "vomix", r=10, locations=[2], residual="drop")
-    tokvis.patch(mixed, "vomix", r=10, locations=[2])
+    tokvis.patch(mixed, "vomix", r=10, locations=[2], residual="mix")
     with torch.no_grad():
         _, tr_drop = tokvis.run_with_trace(model, x)
         _, tr_mix = tokvis.run_with_trace(mixed, x)

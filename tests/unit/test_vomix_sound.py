@@ -11,7 +11,7 @@ from tests.models import make_images, make_model
 from tokvis.methods import vomix as vomix_module
 from tokvis.methods.base import ReductionContext
 from tokvis.methods.ops import apply_decision, mix_into_kept, mix_matrix
-from tokvis.methods.vomix import VoMix, key_similarity, select_removed
+from tokvis.methods.vomix import VoMix, key_similarity, select_removed, vote
 from tokvis.patching import patch_state
 
 
@@ -79,7 +79,7 @@ def test_mix_into_kept_equals_dense_matrix():
 
 def test_apply_decision_sparse_path_equals_dense_product():
     ctx = _context()
-    d = VoMix(tau=0.3).decide(ctx)
+    d = VoMix(tau=0.3, residual="mix").decide(ctx)
     out, _ = apply_decision(ctx.x, ctx.size, d, num_prefix=1)
     torch.testing.assert_close(out[:, 1:], d.soft @ ctx.x[:, 1:])
 
@@ -141,7 +141,7 @@ def test_sizes_sum_to_the_number_of_patches(kw):
 def test_decision_sizes_are_the_inputs_shared_by_their_columns():
     ctx = _context()
     ctx.size[:, 1:] = torch.arange(1, 65, dtype=torch.float64)
-    d = VoMix(tau=0.3).decide(ctx)
+    d = VoMix(tau=0.3, residual="mix").decide(ctx)
     _, size = apply_decision(ctx.x, ctx.size, d, num_prefix=1)
     share = d.soft / d.soft.sum(1, keepdim=True)  # each input's column, normalised
     torch.testing.assert_close(size[:, 1:], torch.bmm(share, ctx.size[:, 1:, None]).squeeze(-1))
@@ -152,10 +152,18 @@ def test_decision_sizes_are_the_inputs_shared_by_their_columns():
 @pytest.mark.parametrize("seed", range(3))
 def test_dst_of_removed_tokens_is_their_nearest_retained_token(seed):
     ctx = _context(target=24, seed=seed)  # 40 of 64 removed: recipients take several tokens
-    d = VoMix(tau=0.5).decide(ctx)
+    d = VoMix(tau=0.5, residual="mix").decide(ctx)
     sim = key_similarity(ctx.keys[:, :, 1:])  # independent: softmax is monotone, so the largest weight is
     for b in range(2):  # the most similar retained token
         kept = d.keep[b].nonzero().flatten()
         for s in (~d.keep[b]).nonzero().flatten().tolist():
             nearest = kept[sim[b, s, kept].argmax()]
             assert int(d.dst[b, s]) == int(d.dst[b, nearest])
+
+
+@pytest.mark.parametrize("weighting", ["count", "similarity"])
+def test_plan_votes_equal_the_vote_function(weighting):
+    """Without ties, the planned votes are plain `vote()` (every token votes for its most similar other)."""
+    ctx = _context()
+    score = VoMix(vote_weight=weighting)._plan(ctx)[0]
+    torch.testing.assert_close(score, vote(key_similarity(ctx.keys[:, :, 1:]), weighting=weighting))
