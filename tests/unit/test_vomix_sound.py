@@ -167,3 +167,17 @@ def test_plan_votes_equal_the_vote_function(weighting):
     ctx = _context()
     score = VoMix(vote_weight=weighting)._plan(ctx)[0]
     torch.testing.assert_close(score, vote(key_similarity(ctx.keys[:, :, 1:]), weighting=weighting))
+
+
+@pytest.mark.slow
+def test_real_photos_removals_not_top_first():
+    """DINOv2, bundled photos, r=0.10 per block: the top rows go no faster than the bottom rows."""
+    model = tokvis.zoo.create("dinov2_small_offline")
+    images, _ = tokvis.data.load_images(model)
+    tokvis.patch(model, "vomix", r=0.1)
+    with torch.no_grad():
+        _, trace = tokvis.run_with_trace(model, images)
+    h, w = trace.grid_size
+    gone = (~trace.kept(trace.meta.depth - 1)).reshape(-1, h, w).float()
+    top, bottom = float(gone[:, : h // 4].mean()), float(gone[:, -(h // 4) :].mean())
+    assert abs(top - bottom) < 0.15, (top, bottom)
