@@ -6,9 +6,17 @@ import math
 
 import torch
 
-from tokvis.errors import MethodOptionError, ScheduleError
+from tokvis.errors import MethodOptionError
 from tokvis.methods.base import Method, ReductionContext
-from tokvis.methods.ops import ORDERS, apply_decision, bipartite_split, merge_mean, slots_from_keep, slots_of
+from tokvis.methods.ops import (
+    ORDERS,
+    apply_decision,
+    bipartite_split,
+    compose,
+    merge_mean,
+    slots_from_keep,
+    slots_of,
+)
 from tokvis.methods.registry import register_method
 from tokvis.schedule import default_locations
 from tokvis.trace import LayerDecision
@@ -225,9 +233,21 @@ class MCTF(Method):
     - proportional attention (``+log(size)`` on the attention logits) is on by
       default, as in the released evaluation scripts.
     - attention dropout is not applied to the merged map (evaluation only).
-    - at most half of a block's tokens are fused (bipartite matching): a
-      ``keep_rate`` stage that asks for more raises :class:`ScheduleError` (use
-      keep_rate >= 0.5 or ``r``).
+    - one round of bipartite matching fuses at most half of a block's tokens:
+      under ``r`` the count is capped there (as in the authors' code).  Not in
+      the paper: a ``keep_rate`` stage that asks for more (the study's
+      ``keep_rate=0.25``, or 49 -> 24 at ``0.5``) repeats the matching inside the
+      block on the fused tokens, as ToMe does here, until the budget is met.
+      Each round takes half of the tokens left (the last one the remainder) with
+      the split and order rules above; a fused token enters the next round with
+      its pooled features (the metric), its summed size and its summed received
+      attention (the column sum of the merged attention map over the block's
+      queries), and its pooling weight recomputed from them.  The rounds are
+      recorded as one decision: ``dst`` composed, ``keep`` the tokens never fused
+      away, ``weight`` per input token such that one weighted mean equals the
+      rounds' nested means, ``score`` the first round's.  One-step-ahead
+      attention then merges the map once with that decision.  The first round is
+      exactly the single round of every budget up to half.
 
     ``order="original"`` keeps tokvis's former split and order (patch tokens only,
     patch ``j`` in A when ``j`` is even; survivors in their original order).
@@ -331,12 +351,7 @@ class MCTF(Method):
 
     def decide(self, ctx: ReductionContext) -> LayerDecision:
         p, n = ctx.num_prefix, ctx.n_in
-        r = max(n - ctx.target, 0)
-        if r > n // 2:
-            raise ScheduleError(
-                f"mctf fuses at most half of a block's tokens (bipartite matching), but the schedule asks to go "
-                f"from {n} to {ctx.target} tokens at block {ctx.layer}; use keep_rate >= 0.5 or the r convention"
-            )
+        r_total = max(n - ctx.target, 0)
         assert ctx.attn is not None
         received_all = ctx.attn.mean(dim=(1, 2))  # [B, T]: over heads and every query
         if self.metric == "tokens":
@@ -344,25 +359,78 @@ class MCTF(Method):
         else:
             assert ctx.keys is not None
             metric = ctx.keys.mean(1)
+        if metric.dtype in (torch.float16, torch.bfloat16):
+            metric = metric.float()
         # official: the split and the criteria's maxima run over the whole sequence; "original": patch tokens only
         q = 0 if self.order == "original" else p
+        metric, received_all, size_all = metric[:, p - q :], received_all[:, p - q :], ctx.size[:, p - q :]
+        r = min(r_total, n // 2)
+        if r == 0:  # nothing to fuse (e.g. one token left): the tokens stay where they are, as in the official code
+            B = ctx.x.shape[0]
+            dst = torch.arange(n, device=ctx.x.device).expand(B, n).clone()
+            keep = torch.ones(B, n, dtype=torch.bool, device=ctx.x.device)
+            return LayerDecision(ctx.layer, "merge", dst, keep, n_out=n, weight=ctx.patch_size)
+        dst, keep, score = self._match(metric, received_all, size_all, n, r, q)
+        size, received = ctx.patch_size, self.attention_received(ctx)
+        pool = size * received if self.pooling == "attn_size" else size
+        if r < r_total:  # keep_rate asks for more than half: repeat the matching on the fused tokens
+            dst, keep, pool = self._more_rounds(metric, received_all, size_all, q, dst, keep, pool, n - r, ctx.target)
+        n_out = n - r_total
+        return LayerDecision(ctx.layer, "merge", dst, keep, n_out=n_out, weight=pool, score=score.to(size.dtype))
+
+    def _match(self, metric, received, size, n: int, r: int, q: int):
+        """One round of multi-criteria bidirectional matching on ``q`` prefix + ``n`` patch tokens."""
         weights = multi_criteria_weights(
-            (metric.float() if metric.dtype in (torch.float16, torch.bfloat16) else metric)[:, p - q :],
-            received_all[:, p - q :],
-            ctx.size[:, p - q :],
+            metric,
+            received,
+            size,
             tau_sim=self.taus["tau_sim"] if "similarity" in self.criteria else None,
             tau_info=self.taus["tau_info"] if "informativeness" in self.criteria else None,
             tau_size=self.taus["tau_size"] if "size" in self.criteria else None,
             num_prefix=q,
         )
-        dst, keep, score = bidirectional_matching(
-            weights, n, r, bidirectional=self.bidirectional, num_prefix=q, order=self.order
-        )
-        if r == 0:  # nothing to fuse: the tokens stay where they are (the official code returns them unchanged)
-            dst = torch.arange(n, device=dst.device).expand_as(dst).clone()
-        size, received = ctx.patch_size, self.attention_received(ctx)
-        pool = size * received if self.pooling == "attn_size" else size
-        return LayerDecision(ctx.layer, "merge", dst, keep, n_out=n - r, weight=pool, score=score.to(size.dtype))
+        return bidirectional_matching(weights, n, r, bidirectional=self.bidirectional, num_prefix=q, order=self.order)
+
+    def _more_rounds(self, metric, received, size, q: int, dst, keep, pool, cur_n: int, target: int):
+        """Rounds 2, 3, ... of one block's fusion, until ``target`` patch tokens are left.
+
+        The fused tokens of a round are the inputs of the next: metric pooled with
+        the round's weights, received attention (a column sum, as the merged
+        attention map has it) and size summed, pooling weight recomputed from them.
+        Returns the composed ``dst`` and ``keep`` and, per input token, the weight
+        that makes one weighted mean equal the rounds' nested means:
+        ``w_i * W_g / sum_{k in g} w_k`` for input ``i`` in round token ``g`` of
+        weight ``W_g``.
+        """
+        B = dst.shape[0]
+        pre_m, pre_r, pre_s = metric[:, :q], received[:, :q], size[:, :q]
+        m, rec, siz = metric[:, q:], received[:, q:], size[:, q:]
+        eff, w = pool, pool  # per-input weights; weights of the current tokens
+
+        def fuse(d, new_n):
+            nonlocal m, rec, siz, w
+            m = merge_mean(m, d, new_n, w.to(m.dtype))
+            rec = rec.new_zeros(B, new_n).scatter_add_(1, d, rec)
+            siz = siz.new_zeros(B, new_n).scatter_add_(1, d, siz)
+            w = siz * rec if self.pooling == "attn_size" else siz
+
+        first = dst
+        fuse(first, cur_n)
+        # per-input weights after round 1 are the inputs' own (eff = pool); fold in each later round's
+        total = first
+        while cur_n > target:
+            r = min(cur_n - target, cur_n // 2)
+            d, k, _ = self._match(
+                torch.cat([pre_m, m], 1), torch.cat([pre_r, rec], 1), torch.cat([pre_s, siz], 1), cur_n, r, q
+            )
+            new_n = cur_n - r
+            group = eff.new_zeros(B, cur_n).scatter_add_(1, total, eff)  # sum of input weights per current token
+            eff = eff * (w.gather(1, total) / group.gather(1, total).clamp_min(torch.finfo(eff.dtype).tiny))
+            keep = keep & k.gather(1, total)
+            total = compose(total, d)
+            fuse(d, new_n)
+            cur_n = new_n
+        return total, keep, eff
 
     # -- one-step-ahead attention -----------------------------------------------------------------
     def reduced_attention(

@@ -38,7 +38,8 @@ def apply_decision(
         Output token ``j`` is the weighted mean ``sum_i w_i x_i / sum_i w_i`` over
         the inputs with ``dst_i = j`` (``w`` = ``decision.weight``, 1 if absent);
         for soft decisions ``x_out = soft @ x`` (rows of ``soft`` are normalised
-        by the method).
+        by the method; computed sparsely when the kept tokens feed only their own
+        slot, see :func:`_soft_apply`).
     size_out : Tensor [B, num_prefix + n_out]
         Sum of the sizes of the inputs of each output token (soft: ``soft @ size``),
         each input size first multiplied by ``decision.size_scale`` when given.
@@ -55,7 +56,7 @@ def apply_decision(
         tsize = tsize * decision.size_scale.to(tsize.dtype)
     if decision.soft is not None:
         soft = decision.soft.to(patches.dtype)
-        out = torch.bmm(soft, patches)
+        out = _soft_apply(soft, patches, decision)
         new_size = torch.bmm(soft, tsize.unsqueeze(-1)).squeeze(-1)
     elif _is_identity(decision):
         if decision.size_scale is None:
@@ -68,6 +69,77 @@ def apply_decision(
         idx = torch.where(decision.dst >= 0, decision.dst, n_out)  # dropped tokens go to a spare slot
         new_size = tsize.new_zeros(B, n_out + 1).scatter_add_(1, idx, tsize)[:, :n_out]
     return torch.cat([prefix, out], 1), torch.cat([psize, new_size], 1)
+
+
+def _soft_apply(soft: torch.Tensor, patches: torch.Tensor, d: LayerDecision) -> torch.Tensor:
+    """``soft @ patches``, sparse when the kept tokens feed only their own slot (VoMix-style mixing).
+
+    When every row keeps the same number of tokens and the column of each kept
+    token is zero except at its ``dst`` slot, only the other (removed) tokens'
+    columns need a product: ``m * n_out * C`` instead of ``n_in * n_out * C``.
+    The result is the same product (checked exactly on the structure, else the
+    dense one is used).
+    """
+    B, n_out, n_in = soft.shape
+    keep = d.keep
+    k = keep.sum(1)
+    if B == 0 or n_in == 0 or not bool((k == k[0]).all()) or not bool((d.dst[keep] >= 0).all()):
+        return torch.bmm(soft, patches)
+    m = n_in - int(k[0])
+    own = soft.gather(1, d.dst.clamp(min=0)[:, None, :]).squeeze(1)  # [B, n_in]: entry at the token's slot
+    if not torch.equal(soft.abs().sum(1)[keep], own.abs()[keep]):
+        return torch.bmm(soft, patches)
+    order = keep.to(torch.int8).argsort(dim=1, stable=True)  # removed first, then kept (by position)
+    removed, kept = order[:, :m], order[:, m:]
+    C = patches.shape[-1]
+    out = patches.new_zeros(B, n_out, C)
+    own_kept = own.gather(1, kept)[..., None] * patches.gather(1, kept[..., None].expand(-1, -1, C))
+    out.scatter_add_(1, d.dst.gather(1, kept)[..., None].expand(-1, -1, C), own_kept)
+    if m:
+        cols = soft.gather(2, removed[:, None, :].expand(-1, n_out, -1))  # [B, n_out, m]
+        out = out + torch.bmm(cols, patches.gather(1, removed[..., None].expand(-1, -1, C)))
+    return out
+
+
+def mix_into_kept(
+    values: torch.Tensor, kept: torch.Tensor, removed: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    """Mix removed tokens into kept ones: ``(v_j + sum_s w_sj v_s) / (1 + sum_s w_sj)`` per kept token ``j``.
+
+    Sparse: costs ``m * k * c`` (the removed tokens' rows only), VoMix's mixing.
+
+    Parameters
+    ----------
+    values : Tensor [B, n, c]
+    kept : LongTensor [B, k]
+        Positions of the kept tokens (output ``j`` is ``kept[:, j]``).
+    removed : LongTensor [B, m]
+        Positions of the removed tokens.
+    weight : Tensor [B, m, k]
+        Mass each removed token sends to each kept token (rows sum to 1 for VoMix).
+
+    Returns
+    -------
+    Tensor [B, k, c]
+    """
+    c = values.shape[-1]
+    v_kept = values.gather(1, kept[..., None].expand(-1, -1, c))
+    if removed.shape[1] == 0:
+        return v_kept
+    w = weight.to(values.dtype)
+    v_rem = values.gather(1, removed[..., None].expand(-1, -1, c))
+    num = v_kept + torch.bmm(w.transpose(1, 2), v_rem)
+    return num / (1 + w.sum(1))[..., None]
+
+
+def mix_matrix(kept: torch.Tensor, removed: torch.Tensor, weight: torch.Tensor, n: int) -> torch.Tensor:
+    """Dense ``[B, k, n]`` form of :func:`mix_into_kept` (rows sum to 1), for recording a soft decision."""
+    B, k = kept.shape
+    soft = weight.new_zeros(B, k, n)
+    soft.scatter_(2, kept[..., None], 1.0)
+    if removed.shape[1]:
+        soft.scatter_(2, removed[:, None, :].expand(-1, k, -1), weight.transpose(1, 2))
+    return soft / soft.sum(-1, keepdim=True)
 
 
 def _is_identity(d: LayerDecision) -> bool:
