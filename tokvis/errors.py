@@ -50,3 +50,7 @@ class DataError(TokvisError, ValueError):
 
 class ImageValueError(ImageSizeError):
     """Input images hold NaN or infinite pixel values (a kind of :class:`ImageSizeError`: a bad image)."""
+
+
+class AnalysisOptionError(TokvisError, ValueError):
+    """An analysis option is not one tokvis knows (e.g. ``convention=``) or does not apply to the inputs."""

@@ -126,10 +126,42 @@ def test_correlations_against_scipy(two_maps):
     assert M.scc(ties_p, ties_q) == pytest.approx(stats.spearmanr(ties_p, ties_q)[0], rel=1e-12)
 
 
-def test_sim_is_one_minus_total_variation(two_maps):
+def test_plain_sim_is_one_minus_total_variation(two_maps):
     p, q = two_maps
     pn, qn = p / p.sum(), q / q.sum()
-    assert M.sim(p, q) == pytest.approx(1 - 0.5 * np.abs(pn - qn).sum(), rel=1e-12)
+    assert M.sim(p, q, min_max=False) == pytest.approx(1 - 0.5 * np.abs(pn - qn).sum(), rel=1e-12)
+
+
+def _benchmark_sim(p, q):
+    """The MIT saliency benchmark's similarity.m, as plain loops: min-max rescale, normalise to sum 1, sum of minima."""
+    maps = []
+    for m in (np.asarray(p, float).ravel(), np.asarray(q, float).ravel()):
+        lo, hi = min(m), max(m)
+        scaled = [(v - lo) / (hi - lo) for v in m]
+        total = sum(scaled)
+        maps.append([v / total for v in scaled])
+    return sum(min(x, y) for x, y in zip(*maps, strict=True))
+
+
+def test_sim_follows_the_saliency_benchmark(two_maps):
+    p, q = two_maps
+    assert M.sim(p, q) == pytest.approx(_benchmark_sim(p, q), rel=1e-12)
+    # the min-max rescaling makes SIM blind to an offset and a scale, unlike the plain intersection
+    assert M.sim(p + 5.0, 3.0 * q) == pytest.approx(M.sim(p, q), rel=1e-12)
+    assert M.sim(p + 5.0, q, min_max=False) != pytest.approx(M.sim(p, q, min_max=False), rel=1e-3)
+    # depth-like maps (values 3..12): the plain intersection overstates their similarity
+    depth_a, depth_b = 3.0 + 9.0 * p / p.max(), 3.0 + 9.0 * q / q.max()
+    assert M.sim(depth_a, depth_b) < M.sim(depth_a, depth_b, min_max=False)
+    # negative values are fine once rescaled
+    assert M.sim(p - 10.0, q) == pytest.approx(_benchmark_sim(p, q), rel=1e-12)
+
+
+def test_sim_constant_map_reads_as_uniform():
+    const, ramp = np.full((2, 2), 3.0), np.arange(4.0).reshape(2, 2)
+    # uniform 1/4 each vs ramp rescaled (0, 1/3, 2/3, 1) / 2 = (0, 1/6, 1/3, 1/2)
+    assert M.sim(const, ramp) == pytest.approx(0 + 1 / 6 + 1 / 4 + 1 / 4, rel=1e-12)
+    with pytest.raises(TypeError, match="min_max must be True or False"):
+        M.sim(const, ramp, min_max="yes")
 
 
 def _grid_coords(h, w):
@@ -227,9 +259,12 @@ def test_metric_validation(name):
         METRICS[name](np.ones((2, 2)), np.ones((2, 3)))
     with pytest.raises(ValueError, match="finite"):
         METRICS[name](np.array([1.0, np.nan]), np.array([1.0, 2.0]))
-    if name not in ("pcc", "scc"):
+    if name not in ("pcc", "scc", "sim"):
         with pytest.raises(ValueError, match="non-negative"):
             METRICS[name](np.array([[1.0, -1.0]]), np.array([[1.0, 2.0]]))
+    if name == "sim":  # the benchmark's SIM rescales first; the plain intersection needs distributions
+        with pytest.raises(ValueError, match="non-negative"):
+            M.sim(np.array([[1.0, -1.0]]), np.array([[1.0, 2.0]]), min_max=False)
 
 
 def test_emd_needs_a_grid_for_flat_maps():

@@ -9,6 +9,11 @@ tensors are converted with ``.numpy()`` inside the functions.
 * :mod:`~tokvis.analysis.importance` -- per-patch importance vs a reference, against a random method;
 * :mod:`~tokvis.analysis.correlation` -- Spearman / Kendall / Pearson with bootstrap intervals;
 * :mod:`~tokvis.analysis.compare` -- :func:`compare` traces by metadata into tidy tables.
+
+Conventions: ``convention="standard"`` (default) gives tokvis's definitions; ``convention="study"``
+(on :func:`compare`, :func:`compare_maps`, :func:`feature_scores` and the metric functions whose
+values differ) reproduces the columns, names and units of the "Which Tokens to Use?" study's scripts.
+Each module's ``Conventions`` section gives the formulas and their sources.
 """
 
 from tokvis.analysis.compare import (
@@ -16,6 +21,8 @@ from tokvis.analysis.compare import (
     MAP_METRICS,
     MAPS,
     PRUNE_METRICS,
+    STUDY_MAP_METRICS,
+    STUDY_PATTERN_METRICS,
     compare,
     compare_maps,
     global_maps,
@@ -23,7 +30,10 @@ from tokvis.analysis.compare import (
 )
 from tokvis.analysis.correlation import METHODS, correlate, correlation_table
 from tokvis.analysis.features import (
+    FEATURE_METRICS,
+    STUDY_FEATURE_METRICS,
     cca_coefficients,
+    feature_scores,
     linear_cka,
     mean_cca,
     mean_squared_cca,
@@ -44,6 +54,7 @@ from tokvis.analysis.maps import (
     sim,
 )
 from tokvis.analysis.patterns import (
+    CONVENTIONS,
     MERGE_METRICS,
     Contingency,
     adjusted_mutual_info,
@@ -61,11 +72,16 @@ from tokvis.analysis.patterns import (
 
 __all__ = [
     "BY",
+    "CONVENTIONS",
+    "FEATURE_METRICS",
     "MAPS",
     "MAP_METRICS",
     "MERGE_METRICS",
     "METHODS",
     "PRUNE_METRICS",
+    "STUDY_FEATURE_METRICS",
+    "STUDY_MAP_METRICS",
+    "STUDY_PATTERN_METRICS",
     "Contingency",
     "adjusted_mutual_info",
     "adjusted_rand_index",
@@ -78,6 +94,7 @@ __all__ = [
     "correlation_table",
     "depth_map",
     "emd",
+    "feature_scores",
     "global_maps",
     "homogeneity",
     "importance_agreement",

@@ -35,6 +35,22 @@ the same blocks (the study's "stages"); otherwise the error names both sets.  ``
 compares the state after any given blocks (``trace.labels(layer)`` is defined for every block),
 e.g. ToMe reducing in every block against Top-K at blocks 3, 6, 9.
 
+Conventions
+-----------
+``convention="standard"`` (default) gives tokvis's definitions under tokvis's metric names.
+``convention="study"`` reproduces the columns of the study's analysis scripts
+(``reduction_methods_analysis/compare_pruning_*.py``, ``compare_merging_*.py``,
+``compare_heatmaps.py``) under the study's names: :func:`compare` gives ``IoU``, ``IoA`` (0.0 when the
+intersection is empty, so also for two empty sets), ``Homogeneity`` and ``Completeness`` (the study's
+argument order: tokvis's completeness and homogeneity of the pair, swapped) and ``NMI`` (the study's
+name for the V-measure); :func:`compare_maps` gives ``KLD12`` (KL(B || A) in bits), ``KLD21``
+(KL(A || B) in bits), ``JSD`` (the study's variant built on the reversed KL, see
+:func:`tokvis.analysis.maps.js_divergence`), ``PCC``, ``SCC``, ``EMD`` and ``SIM``.  Metrics can be
+requested by either name (``metric="v_measure"`` or ``"NMI"``); ARI, AMI and mutual information are
+not in the study and are refused under its convention.  Formulas and sources: the ``Conventions``
+sections of :mod:`tokvis.analysis.patterns`, :mod:`tokvis.analysis.maps` and
+:mod:`tokvis.analysis.features`.
+
 Pair order
 ----------
 Within a pair, A is the trace with the *higher* keep rate (the study's "model A"; traces
@@ -53,7 +69,8 @@ import numpy as np
 
 from tokvis.analysis import maps as _maps
 from tokvis.analysis import patterns as _patterns
-from tokvis.errors import TraceMismatchError
+from tokvis.analysis.patterns import check_convention
+from tokvis.errors import AnalysisOptionError, TraceMismatchError
 
 __all__ = [
     "BY",
@@ -61,6 +78,8 @@ __all__ = [
     "MAPS",
     "MERGE_METRICS",
     "PRUNE_METRICS",
+    "STUDY_MAP_METRICS",
+    "STUDY_PATTERN_METRICS",
     "compare",
     "compare_maps",
     "global_maps",
@@ -75,10 +94,30 @@ MERGE_METRICS = ("homogeneity", "completeness", "v_measure", "nmi", "ari", "ami"
 BY = ("keep_rate", "backbone", "method", "dataset")
 #: Map metrics of :func:`compare_maps` (``"kl"`` is KL(A || B), ``"kl_reverse"`` KL(B || A)).
 MAP_METRICS = ("kl", "kl_reverse", "js", "pcc", "scc", "emd", "sim")
+#: The study's column names of the pattern metrics (``compare(convention="study")``).
+STUDY_PATTERN_METRICS = {
+    "iou": "IoU",
+    "ioa": "IoA",
+    "homogeneity": "Homogeneity",
+    "completeness": "Completeness",
+    "v_measure": "NMI",
+}
+#: The study's column names of the map metrics (``compare_maps(convention="study")``), in its order:
+#: ``KLD12`` = KL(B || A) and ``KLD21`` = KL(A || B), both in bits.
+STUDY_MAP_METRICS = {
+    "kl_reverse": "KLD12",
+    "kl": "KLD21",
+    "js": "JSD",
+    "pcc": "PCC",
+    "scc": "SCC",
+    "emd": "EMD",
+    "sim": "SIM",
+}
 #: Maps of :func:`global_maps`.
 MAPS = ("depth", "keep_frequency", "merge_size")
 
 _DEFAULT_METRICS = {"prune": ("iou", "ioa"), "merge": ("v_measure", "homogeneity", "completeness", "ari")}
+_STUDY_DEFAULT_METRICS = {"prune": ("iou", "ioa"), "merge": ("homogeneity", "completeness", "v_measure")}
 _FAMILY = {"prune": "prune", "fuse": "prune", "merge": "merge", "soft": "merge"}
 _FIELDS = ("backbone", "method", "dataset", "keep_rate", "r")
 _VARYING = {"keep_rate": ("keep_rate", "r"), "backbone": ("backbone",), "method": ("method",), "dataset": ("dataset",)}
@@ -125,12 +164,27 @@ def pattern_family(trace, layer: int) -> str:
     return _FAMILY[kinds[before[-1] if before else layers[0]]]
 
 
-def _metric_list(metric) -> tuple[str, ...] | None:
+def _metric_list(metric, convention: str = "standard") -> tuple[str, ...] | None:
+    """Requested pattern metrics as tokvis names (study names are accepted under the study convention)."""
     if metric is None:
         return None
     names = (metric,) if isinstance(metric, str) else tuple(metric)
     if not names:
         raise ValueError("metric must name at least one metric")
+    if convention == "study":
+        from_study = {v: k for k, v in STUDY_PATTERN_METRICS.items()} | {"nmi": "v_measure"}
+        out = []
+        for name in names:
+            std = from_study.get(name, name)
+            if std not in STUDY_PATTERN_METRICS:
+                raise AnalysisOptionError(
+                    f"metric {name!r} is not a column of the study; under convention='study' choose among "
+                    f"{', '.join(map(repr, STUDY_PATTERN_METRICS.values()))} (or their tokvis names "
+                    f"{', '.join(map(repr, STUDY_PATTERN_METRICS))}), or use convention='standard'"
+                )
+            if std not in out:
+                out.append(std)
+        return tuple(out)
     for name in names:
         if name not in PRUNE_METRICS + MERGE_METRICS:
             raise ValueError(
@@ -290,7 +344,9 @@ def _pairs(traces: Sequence, by: str) -> list[tuple[int, int]]:
 # --------------------------------------------------------------------------------------------
 
 
-def compare(traces: Iterable, *, by: str, metric=None, layers=None, dropped: str = "exclude"):
+def compare(
+    traces: Iterable, *, by: str, metric=None, layers=None, dropped: str = "exclude", convention: str = "standard"
+):
     """Per-image pattern similarity of every pair of traces that differ only in ``by``.
 
     Parameters
@@ -310,6 +366,9 @@ def compare(traces: Iterable, *, by: str, metric=None, layers=None, dropped: str
     dropped : {"exclude", "group"}
         Merging metrics: patches dropped in either pattern are left out, or each pattern's dropped
         patches form one group (see :mod:`tokvis.analysis.patterns`).
+    convention : {"standard", "study"}
+        ``"study"``: the study's metrics, names and values (``IoU``, ``IoA``, ``Homogeneity``,
+        ``Completeness``, ``NMI``; see the module docstring).  Default metrics under it: all of them.
 
     Returns
     -------
@@ -332,6 +391,7 @@ def compare(traces: Iterable, *, by: str, metric=None, layers=None, dropped: str
     """
     import pandas as pd
 
+    check_convention(convention)
     if by not in BY:
         raise ValueError(f"by must be one of {', '.join(map(repr, BY))}: got {by!r}")
     if dropped not in ("exclude", "group"):
@@ -340,7 +400,8 @@ def compare(traces: Iterable, *, by: str, metric=None, layers=None, dropped: str
     for i, t in enumerate(traces):
         if not (hasattr(t, "meta") and hasattr(t, "labels") and hasattr(t, "kept")):
             raise TypeError(f"traces[{i}] is not a Trace: got {type(t).__name__}")
-    requested = _metric_list(metric)
+    requested = _metric_list(metric, convention)
+    defaults = _DEFAULT_METRICS if convention == "standard" else _STUDY_DEFAULT_METRICS
     varying = _VARYING[by]
     fixed = [f for f in _FIELDS if f not in varying]
     columns = [*fixed, *(f"{f}_{s}" for f in varying for s in "ab"), "family", "layer", "stage", "image_id"]
@@ -364,12 +425,12 @@ def compare(traces: Iterable, *, by: str, metric=None, layers=None, dropped: str
                 skipped_mixed += 1
                 continue
             family = fam_a
-            names = _DEFAULT_METRICS[family] if requested is None else requested
+            names = defaults[family] if requested is None else requested
             applicable = PRUNE_METRICS if family == "prune" else MERGE_METRICS
             names = [m for m in names if m in applicable]
             if not names:
                 continue
-            values = _pair_values(a, b, order, layer, family, names, dropped)
+            values = _pair_values(a, b, order, layer, family, names, dropped, convention)
             for name in names:
                 chunks.append(
                     {
@@ -378,7 +439,7 @@ def compare(traces: Iterable, *, by: str, metric=None, layers=None, dropped: str
                         "layer": layer,
                         "stage": stage,
                         "image_id": ids,
-                        "metric": name,
+                        "metric": name if convention == "standard" else STUDY_PATTERN_METRICS[name],
                         "value": values[name],
                     }  # fmt: skip
                 )
@@ -404,20 +465,25 @@ def compare(traces: Iterable, *, by: str, metric=None, layers=None, dropped: str
     return df
 
 
-def _pair_values(a, b, order, layer: int, family: str, names, dropped: str) -> dict[str, np.ndarray]:
+def _pair_values(a, b, order, layer: int, family: str, names, dropped: str, convention: str) -> dict[str, np.ndarray]:
     if family == "prune":
         ka, kb = _np(a.kept(layer)), _np(b.kept(layer))
         if order is not None:
             kb = kb[order]
         out = {}
         if "iou" in names:
-            out["iou"] = _patterns.iou(ka, kb)
+            out["iou"] = _patterns.iou(ka, kb, convention=convention)
         if "ioa" in names:
-            out["ioa"] = _patterns.ioa(ka, kb)
+            out["ioa"] = _patterns.ioa(ka, kb, convention=convention)
         return out
     la, lb = _np(a.labels(layer)), _np(b.labels(layer))
     if order is not None:
         lb = lb[order]
+    if convention == "study":
+        # the study called homogeneity_completeness_v_measure(labels_B, labels_A): B is labels_true
+        names = tuple(names)
+        values = _patterns.merge_scores(lb, la, metrics=names, dropped=dropped)
+        return values
     return _patterns.merge_scores(la, lb, metrics=tuple(names), dropped=dropped)
 
 
@@ -452,13 +518,13 @@ def global_maps(trace, *, layer: int | None = None) -> dict[str, np.ndarray]:
     }
 
 
-def _map_metric(name: str, p: np.ndarray, q: np.ndarray) -> float:
-    if name == "kl":
-        return _maps.kl_divergence(p, q)
-    if name == "kl_reverse":
-        return _maps.kl_divergence(q, p)
+def _map_metric(name: str, p: np.ndarray, q: np.ndarray, convention: str = "standard") -> float:
+    if name == "kl":  # KL(A || B); under the study convention kl_divergence(q, p) is KL(p || q) in bits
+        return _maps.kl_divergence(p, q) if convention == "standard" else _maps.kl_divergence(q, p, convention="study")
+    if name == "kl_reverse":  # KL(B || A)
+        return _maps.kl_divergence(q, p) if convention == "standard" else _maps.kl_divergence(p, q, convention="study")
     if name == "js":
-        return _maps.js_divergence(p, q)
+        return _maps.js_divergence(p, q, convention=convention)
     if name == "pcc":
         return _maps.pcc(p, q)
     if name == "scc":
@@ -468,22 +534,28 @@ def _map_metric(name: str, p: np.ndarray, q: np.ndarray) -> float:
     return _maps.sim(p, q)
 
 
-def compare_maps(
-    trace_a, trace_b, *, metrics=("kl", "kl_reverse", "js", "pcc", "scc", "emd", "sim"), maps=MAPS, layer=None
-):
+def compare_maps(trace_a, trace_b, *, metrics=None, maps=MAPS, layer=None, convention: str = "standard"):
     """Compare the global maps of two traces (which may be of different images, e.g. datasets).
 
     Parameters
     ----------
     trace_a, trace_b : Trace
         Traces with the same patch grid.
-    metrics : str or iterable of str
-        Any of :data:`MAP_METRICS`; ``"kl"`` is KL(A || B) and ``"kl_reverse"`` KL(B || A).
+    metrics : str or iterable of str, optional
+        Any of :data:`MAP_METRICS`; ``"kl"`` is KL(A || B) and ``"kl_reverse"`` KL(B || A).  Under
+        ``convention="study"`` the study's names of :data:`STUDY_MAP_METRICS` are accepted too.
+        Default: all of them (under the study convention in the study's column order).
     maps : str or iterable of str
-        Any of :data:`MAPS`.
+        Any of :data:`MAPS` (the study compares ``"depth"``, its ``Mean-Token-Depth-Spatial``).
     layer : int, optional
         Block of the keep-frequency and merge-size maps (see :func:`global_maps`); default: each
         trace's last reduction block.
+    convention : {"standard", "study"}
+        ``"standard"``: KL (smoothed, ``eps=1e-12``) and JS in nats, under tokvis's names.  ``"study"``:
+        the study's ``compare_heatmaps.py`` columns ``KLD12`` (KL(B || A)), ``KLD21`` (KL(A || B)), both
+        unsmoothed in bits, ``JSD`` (its variant on the reversed KL: unbounded, ``inf`` where a map is
+        0), ``PCC``, ``SCC``, ``EMD``, ``SIM``.  PCC, SCC, EMD and SIM (the MIT saliency benchmark's, min-max
+        rescaled) are the same under both.
 
     Returns
     -------
@@ -493,11 +565,18 @@ def compare_maps(
     """
     import pandas as pd
 
+    check_convention(convention)
+    study = convention == "study"
+    if metrics is None:
+        metrics = tuple(STUDY_MAP_METRICS) if study else MAP_METRICS
     metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
     maps = (maps,) if isinstance(maps, str) else tuple(maps)
+    from_study = {v: k for k, v in STUDY_MAP_METRICS.items()} if study else {}
+    metrics = tuple(dict.fromkeys(from_study.get(m, m) for m in metrics))
     for m in metrics:
         if m not in MAP_METRICS:
-            raise ValueError(f"metrics must be among {', '.join(map(repr, MAP_METRICS))}: got {m!r}")
+            names = MAP_METRICS + (tuple(STUDY_MAP_METRICS.values()) if study else ())
+            raise ValueError(f"metrics must be among {', '.join(map(repr, names))}: got {m!r}")
     for m in maps:
         if m not in MAPS:
             raise ValueError(f"maps must be among {', '.join(map(repr, MAPS))}: got {m!r}")
@@ -513,7 +592,14 @@ def compare_maps(
     for f in _FIELDS:
         meta[f"{f}_a"], meta[f"{f}_b"] = _field(trace_a, f), _field(trace_b, f)
     rows = [
-        {**meta, "map": name, "layer_a": la, "layer_b": lb, "metric": m, "value": _map_metric(m, ma[name], mb[name])}
+        {
+            **meta,
+            "map": name,
+            "layer_a": la,
+            "layer_b": lb,
+            "metric": STUDY_MAP_METRICS[m] if study else m,
+            "value": _map_metric(m, ma[name], mb[name], convention),
+        }
         for name in maps
         for m in metrics
     ]

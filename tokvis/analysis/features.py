@@ -6,7 +6,21 @@ differ.  Every measure first centres each feature (column) over the images.
 * :func:`linear_cka` -- linear centred kernel alignment (Kornblith et al., 2019);
 * :func:`cca_coefficients`, :func:`mean_cca`, :func:`mean_squared_cca` -- canonical correlations;
 * :func:`pwcca` -- projection-weighted CCA (Morcos et al., 2018);
-* :func:`procrustes_distance` -- orthogonal Procrustes distance on normalised features.
+* :func:`procrustes_distance` -- orthogonal Procrustes distance on normalised features;
+* :func:`feature_scores` -- all of them from one CCA, under tokvis's names or the study's.
+
+Conventions
+-----------
+``convention="standard"`` (default) reports CKA and PWCCA as similarities (1 = same representation).
+``convention="study"`` reproduces ``compare_cls_features_*.py`` / ``feature_sim_metrics.py`` of the
+"Which Tokens to Use?" study (Haurum et al., ICCVW 2023), which report them as **distances**:
+``CKA = 1 - linear_cka``, ``PWCCA = 1 - pwcca``; its ``mean_cca_corr``, ``mean_sq_cca_corr`` and
+``Procrustes`` are :func:`mean_cca`, :func:`mean_squared_cca` and :func:`procrustes_distance`
+unchanged (the study centres each feature over the images and divides by the Frobenius norm, as
+here).  One difference is not reproduced: when X is wider than Y, the study's PWCCA normalises the
+weights over *all* of X's directions, including those without a canonical partner, whose weights
+depend on an arbitrary basis LAPACK picks for that subspace; here the weights are normalised over the
+``min(rank X, rank Y)`` canonical directions under both conventions (equal widths: identical).
 
 Few images, wide features (``n <= d``)
 --------------------------------------
@@ -33,17 +47,27 @@ import warnings
 
 import numpy as np
 
+from tokvis.analysis.patterns import check_convention
 from tokvis.errors import TraceMismatchError
 from tokvis.validate import check_float, check_int
 
 __all__ = [
+    "FEATURE_METRICS",
+    "STUDY_FEATURE_METRICS",
     "cca_coefficients",
+    "feature_scores",
     "linear_cka",
     "mean_cca",
     "mean_squared_cca",
     "procrustes_distance",
     "pwcca",
 ]
+
+
+#: Names of :func:`feature_scores` under ``convention="standard"`` (similarities, Procrustes a distance).
+FEATURE_METRICS = ("cka", "mean_cca", "mean_squared_cca", "pwcca", "procrustes")
+#: The study's column names for the same metrics (``CKA`` and ``PWCCA`` are distances 1 - similarity).
+STUDY_FEATURE_METRICS = ("CKA", "mean_cca_corr", "mean_sq_cca_corr", "PWCCA", "Procrustes")
 
 
 def _features(x, name: str) -> np.ndarray:
@@ -89,8 +113,8 @@ def _degenerate(a: np.ndarray, b: np.ndarray, *, same: float, one: float) -> flo
     return None
 
 
-def linear_cka(X, Y) -> float:
-    """Linear centred kernel alignment.
+def linear_cka(X, Y, *, convention: str = "standard") -> float:
+    """Linear centred kernel alignment; ``convention="study"``: the study's CKA distance ``1 - CKA``.
 
     ``CKA = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)``, i.e. HSIC of the linear kernels
     normalised by the HSIC of each kernel with itself.
@@ -104,9 +128,11 @@ def linear_cka(X, Y) -> float:
     Returns
     -------
     float
-        In [0, 1]; symmetric; 1 for ``X`` vs itself; invariant to orthogonal transforms and
-        isotropic scaling of either input (not to arbitrary invertible linear maps).
+        In [0, 1]; symmetric; 1 for ``X`` vs itself (study convention: 0); invariant to orthogonal
+        transforms and isotropic scaling of either input (not to arbitrary invertible linear maps).
     """
+    if check_convention(convention) == "study":
+        return float(1.0 - linear_cka(X, Y))
     a, b = _pair(X, Y)
     special = _degenerate(a, b, same=1.0, one=0.0)
     if special is not None:
@@ -201,8 +227,10 @@ def mean_squared_cca(X, Y, *, n_components: int | None = None, tol: float | None
     return special if special is not None else float(np.mean(rho**2))
 
 
-def pwcca(X, Y, *, n_components: int | None = None, tol: float | None = None) -> float:
+def pwcca(X, Y, *, n_components: int | None = None, tol: float | None = None, convention: str = "standard") -> float:
     """Projection-weighted CCA (Morcos et al., 2018), in [0, 1]; **not** symmetric.
+
+    ``convention="study"``: the study's PWCCA distance ``1 - pwcca`` (see the module docstring).
 
     The canonical correlations ``rho_i`` are averaged with weights ``alpha_i = sum_j |<h_i, x_j>|``:
     how much of X's centred features ``x_j`` (columns) lies along X's ``i``-th canonical variate
@@ -212,7 +240,12 @@ def pwcca(X, Y, *, n_components: int | None = None, tol: float | None = None) ->
     individual features, PWCCA depends on X's feature basis: it is invariant to translation and
     isotropic scaling of X and to any invertible linear map of Y, but not to rotations of X.
     """
-    rho, variates, a, b = _cca(X, Y, n_components, tol)
+    if check_convention(convention) == "study":
+        return float(1.0 - pwcca(X, Y, n_components=n_components, tol=tol))
+    return _pwcca_value(*_cca(X, Y, n_components, tol))
+
+
+def _pwcca_value(rho, variates, a, b) -> float:
     special = _degenerate(a, b, same=1.0, one=0.0)
     if special is not None:
         return special
@@ -244,3 +277,41 @@ def procrustes_distance(X, Y) -> float:
     u, s, _ = np.linalg.svd(a, full_matrices=False)
     nuclear = np.linalg.svd(s[:, None] * (u.T @ b), compute_uv=False).sum()
     return float(np.clip(2.0 - 2.0 * nuclear, 0.0, 2.0))
+
+
+def feature_scores(
+    X, Y, *, convention: str = "standard", n_components: int | None = None, tol: float | None = None
+) -> dict[str, float]:
+    """Every feature-similarity metric of X against Y from one CCA.
+
+    Parameters
+    ----------
+    X : array [n, d1]
+    Y : array [n, d2]
+        Features of the same ``n`` images (X is model A: PWCCA's weights come from it).
+    convention : {"standard", "study"}
+        ``"standard"``: keys :data:`FEATURE_METRICS` -- ``cka`` (:func:`linear_cka`), ``mean_cca``,
+        ``mean_squared_cca``, ``pwcca`` (similarities in [0, 1]) and ``procrustes`` (distance in
+        [0, 2]).  ``"study"``: the study's columns :data:`STUDY_FEATURE_METRICS` -- ``CKA`` =
+        ``1 - cka``, ``mean_cca_corr`` = ``mean_cca``, ``mean_sq_cca_corr`` = ``mean_squared_cca``,
+        ``PWCCA`` = ``1 - pwcca``, ``Procrustes`` = ``procrustes``.
+    n_components, tol
+        As in :func:`cca_coefficients` (CCA-based metrics only).
+
+    Returns
+    -------
+    dict
+        metric name -> float.
+    """
+    study = check_convention(convention) == "study"
+    rho, variates, a, b = _cca(X, Y, n_components, tol)
+    special = _degenerate(a, b, same=1.0, one=0.0)
+    cka = linear_cka(X, Y)
+    mean = special if special is not None else float(rho.mean())
+    mean_sq = special if special is not None else float(np.mean(rho**2))
+    pw = _pwcca_value(rho, variates, a, b)
+    proc = procrustes_distance(X, Y)
+    if study:
+        values = (1.0 - cka, mean, mean_sq, 1.0 - pw, proc)
+        return dict(zip(STUDY_FEATURE_METRICS, values, strict=True))
+    return dict(zip(FEATURE_METRICS, (cka, mean, mean_sq, pw, proc), strict=True))

@@ -16,14 +16,36 @@ grid given as ``grid_size=(h, w)``; outputs are float64 ``[h, w]`` arrays.
 Map metrics compare two maps of the same shape (any shape; they are flattened):
 
 * distributions -- the maps are normalised to sum to 1 first (values must be >= 0): :func:`kl_divergence`
-  (and :func:`kl_both` for both directions), :func:`js_divergence`, :func:`emd` (earth mover's
-  distance with the Euclidean distance between patch centres) and :func:`sim` (histogram
-  intersection);
+  (and :func:`kl_both` for both directions), :func:`js_divergence` and :func:`emd` (earth mover's
+  distance with the Euclidean distance between patch centres);
+* :func:`sim` -- the MIT saliency benchmark's similarity (Bylinskii et al., "What do different
+  evaluation metrics tell us about saliency models?", TPAMI 2019; ``code_forMetrics/similarity.m`` of
+  cvzoya/saliency): each map is min-max rescaled to [0, 1], then normalised to sum 1, then
+  ``SIM = sum_i min(P_i, Q_i)`` (``min_max=False``: the histogram intersection of the maps only
+  divided by their sums);
 * correlations of the raw values -- :func:`pcc` (Pearson) and :func:`scc` (Spearman).
 
 Edge cases (never NaN): an all-zero map is normalised to the uniform distribution (it expresses no
-spatial preference); a constant map has no spatial structure to correlate, so PCC / SCC are 1.0 when
-*both* maps are constant and 0.0 when exactly one is.  Every scalar is returned as a plain ``float``.
+spatial preference), and so is a constant map in :func:`sim` (its min-max rescaling is all zero); a
+constant map has no spatial structure to correlate, so PCC / SCC are 1.0 when *both* maps are constant
+and 0.0 when exactly one is.  Every scalar is returned as a plain ``float``.
+
+Conventions
+-----------
+``convention="study"`` reproduces ``reduction_methods_analysis/heatmap_metrics.py`` of the "Which
+Tokens to Use?" study (Haurum et al., ICCVW 2023), which follows the MIT saliency benchmark:
+
+* :func:`kl_divergence` ``(p, q)`` is the study's ``KL(map1=p, map2=q) = sum q log2(q / p)``, i.e.
+  KL(Q || P) in **bits**, without smoothing (``inf`` where P is 0 and Q is not); the study's column
+  ``KLD12`` is ``kl_divergence(map_A, map_B, convention="study")``;
+* :func:`js_divergence` is the study's ``JS``: ``KL(M || P) / 2 + KL(M || Q) / 2`` in bits with
+  ``M = (P + Q) / 2``, built on the reversed KL.  It is **not** the Jensen-Shannon divergence
+  (``KL(P || M) / 2 + KL(Q || M) / 2``, the standard here): it is unbounded and ``inf`` where one map
+  is 0 and the other is not.  Offered only to reproduce the study's column ``JSD``;
+* SIM, PCC, SCC and EMD are the same under both conventions.
+
+Where the study's numpy code gives NaN (``0 * log 0`` for a patch where both maps, or Q alone in KL,
+are 0; an all-zero or constant map), tokvis uses ``0 log 0 = 0`` and the edge cases above.
 """
 
 from __future__ import annotations
@@ -31,7 +53,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import optimize, sparse, special, stats
 
-from tokvis.analysis.patterns import _as_batch, _dense_rows
+from tokvis.analysis.patterns import _as_batch, _dense_rows, check_convention
 from tokvis.errors import TraceMismatchError
 from tokvis.validate import check_float
 
@@ -216,46 +238,64 @@ def _distributions(p, q) -> tuple[np.ndarray, np.ndarray]:
     return _distribution(a, "p"), _distribution(b, "q")
 
 
-def kl_divergence(p, q, *, eps: float = 1e-12) -> float:
-    """Kullback-Leibler divergence KL(P || Q) of two maps read as distributions (nats).
+def kl_divergence(p, q, *, eps: float | None = None, convention: str = "standard") -> float:
+    """Kullback-Leibler divergence of two maps read as distributions.
 
     Parameters
     ----------
     p, q : array, same shape
         Non-negative maps; each is normalised to sum to 1.
-    eps : float >= 0
+    eps : float >= 0, optional
         Smoothing: both distributions become ``(P + eps) / (1 + K eps)`` (``K`` = number of
-        patches) before the divergence, so a zero in ``q`` where ``p`` has mass gives a large
+        patches) before the divergence, so a zero where the other map has mass gives a large
         (about ``p log(p / eps)``) but finite value.  ``eps=0`` gives the unsmoothed divergence,
-        which is ``inf`` in that case.
+        which is ``inf`` in that case.  Default: ``1e-12`` (standard), ``0`` (study: no smoothing).
+    convention : {"standard", "study"}
+        ``"standard"``: ``KL(P || Q) = sum_i P_i ln(P_i / Q_i)`` in **nats**.  ``"study"``: the study's
+        ``KL(map1=p, map2=q) = sum_i Q_i log2(Q_i / P_i)``, i.e. ``KL(Q || P)`` in **bits** (the MIT
+        saliency benchmark's argument order: ``p`` is the prediction, ``q`` the reference).
 
     Returns
     -------
     float
-        In [0, inf); 0 iff the normalised maps are equal.  Not symmetric (see :func:`kl_both`).
+        In [0, inf]; 0 iff the normalised maps are equal.  Not symmetric (see :func:`kl_both`).
     """
+    study = check_convention(convention) == "study"
     a, b = _distributions(p, q)
+    eps = (0.0 if study else 1e-12) if eps is None else eps
     check_float("eps", eps, low=0.0, high=np.inf, high_open=True)
     if eps:
         a = (a + eps) / (1 + a.size * eps)
         b = (b + eps) / (1 + b.size * eps)
+    if study:
+        return float(max(special.rel_entr(b, a).sum(), 0.0) / np.log(2))
     return float(max(special.rel_entr(a, b).sum(), 0.0))
 
 
-def kl_both(p, q, *, eps: float = 1e-12) -> tuple[float, float]:
-    """Both directions ``(KL(P || Q), KL(Q || P))``; see :func:`kl_divergence`."""
-    return kl_divergence(p, q, eps=eps), kl_divergence(q, p, eps=eps)
+def kl_both(p, q, *, eps: float | None = None, convention: str = "standard") -> tuple[float, float]:
+    """Both directions ``(kl_divergence(p, q), kl_divergence(q, p))``; see :func:`kl_divergence`.
 
-
-def js_divergence(p, q) -> float:
-    """Jensen-Shannon divergence of two maps read as distributions (nats).
-
-    ``JS = KL(P || M) / 2 + KL(Q || M) / 2`` with ``M = (P + Q) / 2``; no smoothing is needed.
-    Symmetric, in [0, log 2]; its square root is the Jensen-Shannon distance of
-    ``scipy.spatial.distance.jensenshannon``.
+    Under ``convention="study"`` these are the study's columns ``(KLD12, KLD21)``.
     """
+    return kl_divergence(p, q, eps=eps, convention=convention), kl_divergence(q, p, eps=eps, convention=convention)
+
+
+def js_divergence(p, q, *, convention: str = "standard") -> float:
+    """Jensen-Shannon divergence of two maps read as distributions.
+
+    ``convention="standard"``: ``JS = KL(P || M) / 2 + KL(Q || M) / 2`` with ``M = (P + Q) / 2``, in
+    nats; no smoothing is needed.  Symmetric, in [0, log 2]; its square root is the Jensen-Shannon
+    distance of ``scipy.spatial.distance.jensenshannon``.
+
+    ``convention="study"``: the study's ``JS`` (column ``JSD``), ``KL(M || P) / 2 + KL(M || Q) / 2`` in
+    bits, built on its reversed KL.  Not the Jensen-Shannon divergence: symmetric but unbounded, and
+    ``inf`` where one map is 0 and the other is not.  Use it only to reproduce the study's numbers.
+    """
+    study = check_convention(convention) == "study"
     a, b = _distributions(p, q)
     mid = (a + b) / 2
+    if study:
+        return float(max(special.rel_entr(mid, a).sum() + special.rel_entr(mid, b).sum(), 0.0) / 2 / np.log(2))
     js = (special.rel_entr(a, mid).sum() + special.rel_entr(b, mid).sum()) / 2
     return float(min(max(js, 0.0), np.log(2)))
 
@@ -289,13 +329,40 @@ def scc(p, q) -> float:
     return _pearson(stats.rankdata(a), stats.rankdata(b))
 
 
-def sim(p, q) -> float:
-    """Similarity (histogram intersection) of two maps read as distributions.
+def _min_max(x: np.ndarray) -> np.ndarray:
+    """The map rescaled to [0, 1] and normalised to sum 1; a constant map (no spatial preference) is uniform."""
+    lo, hi = x.min(), x.max()
+    if hi == lo:
+        return np.full(x.shape, 1.0 / x.size)
+    x = (x - lo) / (hi - lo)
+    return x / x.sum()
 
-    ``sum_i min(P_i, Q_i)``, in [0, 1], symmetric; 1 iff the normalised maps are equal, 0 iff their
-    supports are disjoint.  ``1 - sim`` is the total variation distance.
+
+def sim(p, q, *, min_max: bool = True) -> float:
+    """Similarity (SIM) of two maps read as distributions, as the MIT saliency benchmark defines it.
+
+    Each map is min-max rescaled to [0, 1] (``(x - min) / (max - min)``), then normalised to sum 1,
+    then ``SIM = sum_i min(P_i, Q_i)`` (Bylinskii et al., TPAMI 2019; ``similarity.m`` of the
+    benchmark's code; the "Which Tokens to Use?" study computes it the same way).  Values may be
+    negative.  A constant map is read as uniform (the benchmark's code gives NaN there).
+
+    ``min_max=False``: the plain histogram intersection of the maps divided by their sums (values
+    must be >= 0; ``1 - sim`` is then the total variation distance).  Without the rescaling a map's
+    offset counts: depth maps, whose minimum is the first reducing block, look more similar than
+    they are.
+
+    Returns
+    -------
+    float
+        In [0, 1], symmetric; 1 iff the normalised maps are equal, 0 iff their supports are disjoint.
     """
-    a, b = _distributions(p, q)
+    if not isinstance(min_max, (bool, np.bool_)):
+        raise TypeError(f"min_max must be True or False: got {min_max!r}")
+    if min_max:
+        a, b = _map_pair(p, q)
+        a, b = _min_max(a), _min_max(b)
+    else:
+        a, b = _distributions(p, q)
     return float(np.clip(np.minimum(a, b).sum(), 0.0, 1.0))
 
 

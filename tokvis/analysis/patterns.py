@@ -46,6 +46,19 @@ Edge cases (never NaN)
   1.0).
 * Pruning: two empty kept sets have IoU 1.0 (identical sets); IoA with an empty ``kept_b`` is 1.0
   (the empty set is vacuously covered by any ``kept_a``).
+
+Conventions
+-----------
+``convention="standard"`` (default) gives the definitions above.  ``convention="study"`` reproduces
+the analysis scripts of the "Which Tokens to Use?" study (Haurum et al., ICCVW 2023,
+``reduction_methods_analysis/compare_pruning_*.py`` and ``compare_merging_*.py``):
+
+* IoU and IoA are 0.0 whenever the intersection is empty, so also for two empty kept sets (IoU)
+  and for an empty ``kept_b`` (IoA); otherwise they equal the standard values;
+* homogeneity and completeness are swapped: the study called
+  ``sklearn.metrics.homogeneity_completeness_v_measure(labels_B, labels_A)``, i.e. with the
+  compared pattern as ``labels_true``, so its homogeneity is ``completeness(A, B)`` here;
+  V-measure (the study's column ``NMI``) is symmetric and unaffected.
 """
 
 from __future__ import annotations
@@ -55,10 +68,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import gammaln
 
-from tokvis.errors import TraceMismatchError
+from tokvis.errors import AnalysisOptionError, TraceMismatchError
 from tokvis.validate import check_choice, check_float
 
 __all__ = [
+    "CONVENTIONS",
     "MERGE_METRICS",
     "Contingency",
     "adjusted_mutual_info",
@@ -74,6 +88,9 @@ __all__ = [
     "v_measure",
 ]
 
+#: ``convention=`` values of the analysis functions: tokvis's definitions, or the study's scripts.
+CONVENTIONS = ("standard", "study")
+
 #: Names accepted by :func:`merge_scores` (``metrics=``).
 MERGE_METRICS = ("homogeneity", "completeness", "v_measure", "nmi", "mutual_info", "ari", "ami")
 
@@ -87,6 +104,16 @@ _CHUNK_ENTRIES = 2**17  # patches per block of images in merge_scores
 # --------------------------------------------------------------------------------------------
 # validation
 # --------------------------------------------------------------------------------------------
+
+
+def check_convention(convention) -> str:
+    """``convention`` if it is one of :data:`CONVENTIONS`, else :class:`~tokvis.errors.AnalysisOptionError`."""
+    if not isinstance(convention, str) or convention not in CONVENTIONS:
+        raise AnalysisOptionError(
+            f"convention must be 'standard' (tokvis's definitions) or 'study' (the 'Which Tokens to Use?' "
+            f"scripts' columns): got {convention!r}"
+        )
+    return convention
 
 
 def _as_batch(x, name: str, *, kind: str) -> np.ndarray:
@@ -135,7 +162,7 @@ def _out(values: np.ndarray, one: bool):
 # --------------------------------------------------------------------------------------------
 
 
-def iou(kept_a, kept_b):
+def iou(kept_a, kept_b, *, convention: str = "standard"):
     """Intersection over union of the kept patch sets, per image.
 
     Parameters
@@ -143,37 +170,44 @@ def iou(kept_a, kept_b):
     kept_a, kept_b : bool array [num_images, num_patches] or [num_patches]
         ``True`` where the patch is still its own token (``trace.kept(layer)``).  0/1 integers are
         accepted.
+    convention : {"standard", "study"}
+        Value for two empty sets: 1.0 (standard: identical sets) or 0.0 (the study's scripts,
+        which return 0 whenever the intersection is empty).
 
     Returns
     -------
     ndarray float64 [num_images] or float
-        ``|A & B| / |A | B|`` in [0, 1]; symmetric.  Two empty sets are identical: 1.0.
+        ``|A & B| / |A | B|`` in [0, 1]; symmetric.
     """
+    empty = 1.0 if check_convention(convention) == "standard" else 0.0
     a, b, one = _as_pair(kept_a, kept_b, ("kept_a", "kept_b"), kind="kept")
     inter = np.count_nonzero(a & b, axis=1)
     union = np.count_nonzero(a | b, axis=1)
-    # both sets empty -> union 0 -> the sets are identical: 1.0
-    out = np.divide(inter, union, out=np.ones(a.shape[0]), where=union > 0)
+    # both sets empty -> union 0 -> identical sets: 1.0 (standard); the study's scripts give 0
+    out = np.divide(inter, union, out=np.full(a.shape[0], empty), where=union > 0)
     return _out(out, one)
 
 
-def ioa(kept_a, kept_b):
+def ioa(kept_a, kept_b, *, convention: str = "standard"):
     """Intersection over area of ``kept_b``: the fraction of B's kept patches that A keeps too.
 
     Parameters
     ----------
     kept_a, kept_b : bool array [num_images, num_patches] or [num_patches]
         Kept masks; ``kept_b`` is the set whose coverage is measured.
+    convention : {"standard", "study"}
+        Value for an empty B: 1.0 (standard: vacuously covered by any A) or 0.0 (the study's scripts).
 
     Returns
     -------
     ndarray float64 [num_images] or float
-        ``|A & B| / |B|`` in [0, 1]; not symmetric.  An empty B is vacuously covered by any A: 1.0.
+        ``|A & B| / |B|`` in [0, 1]; not symmetric.
     """
+    empty = 1.0 if check_convention(convention) == "standard" else 0.0
     a, b, one = _as_pair(kept_a, kept_b, ("kept_a", "kept_b"), kind="kept")
     inter = np.count_nonzero(a & b, axis=1)
     area = np.count_nonzero(b, axis=1)
-    out = np.divide(inter, area, out=np.ones(a.shape[0]), where=area > 0)
+    out = np.divide(inter, area, out=np.full(a.shape[0], empty), where=area > 0)
     return _out(out, one)
 
 
@@ -553,23 +587,28 @@ def _single(metric: str, labels_true, labels_pred, **options):
     return merge_scores(labels_true, labels_pred, metrics=(metric,), **options)[metric]
 
 
-def homogeneity(labels_true, labels_pred, *, dropped: str = "exclude"):
+def homogeneity(labels_true, labels_pred, *, dropped: str = "exclude", convention: str = "standard"):
     """Homogeneity per image: each group of ``labels_pred`` lies inside one group of ``labels_true``.
 
     ``MI / H(labels_true)`` in [0, 1]; 1.0 when ``labels_true`` has a single group.  See
     :func:`merge_scores` for the parameters and the module docstring for the argument order and
-    edge cases.  Returns float64 [num_images], or float for 1-D input.
+    edge cases.  ``convention="study"`` gives what the study's scripts report as homogeneity for
+    reference A and compared B: ``MI / H(labels_pred)``, i.e. :func:`completeness` (the study passed
+    the patterns to scikit-learn the other way round).  Returns float64 [num_images], or float.
     """
-    return _single("homogeneity", labels_true, labels_pred, dropped=dropped)
+    name = "homogeneity" if check_convention(convention) == "standard" else "completeness"
+    return _single(name, labels_true, labels_pred, dropped=dropped)
 
 
-def completeness(labels_true, labels_pred, *, dropped: str = "exclude"):
+def completeness(labels_true, labels_pred, *, dropped: str = "exclude", convention: str = "standard"):
     """Completeness per image: each group of ``labels_true`` lies inside one group of ``labels_pred``.
 
     ``MI / H(labels_pred)`` in [0, 1]; ``completeness(a, b) == homogeneity(b, a)``.  See
-    :func:`merge_scores`.  Returns float64 [num_images], or float for 1-D input.
+    :func:`merge_scores`.  ``convention="study"``: the study's completeness column,
+    ``MI / H(labels_true)`` (:func:`homogeneity` here).  Returns float64 [num_images], or float.
     """
-    return _single("completeness", labels_true, labels_pred, dropped=dropped)
+    name = "completeness" if check_convention(convention) == "standard" else "homogeneity"
+    return _single(name, labels_true, labels_pred, dropped=dropped)
 
 
 def v_measure(labels_true, labels_pred, *, beta: float = 1.0, dropped: str = "exclude"):
