@@ -113,9 +113,8 @@ def _groups(runs: list, by: str) -> tuple[list[list[int]], list[str]]:
     fixed_opts = [o for o in _OPTIONS if o not in _OPTIONS_OF.get(by, ())]
 
     def key(run) -> tuple:
-        return tuple(_value(getattr(run.meta, f)) for f in fixed_meta) + tuple(
-            _value(run.config.get(o)) for o in fixed_opts
-        )
+        opts = [run.meta.locations if o == "locations" else run.config.get(o) for o in fixed_opts]  # blocks used
+        return tuple(_value(getattr(run.meta, f)) for f in fixed_meta) + tuple(_value(v) for v in opts)
 
     groups: dict[tuple, list[int]] = {}
     for i, run in enumerate(runs):
