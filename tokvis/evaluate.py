@@ -429,7 +429,22 @@ def read_accuracy_csv(path: str | os.PathLike):
     if len(bad):
         raise DataError(f"{path}: accuracy must be a number: got {bad.iloc[0]!r} (row {bad.index[0] + 2})")
     df = df.assign(accuracy=acc)
+    seen: set[tuple] = set()
+    for _, row in df.iterrows():
+        kk = _csv_key(row, by_run)
+        if kk in seen:
+            raise DataError(f"{path} has two rows for {' / '.join(kk)}: keep one")
+        seen.add(kk)
     return df
+
+
+def _csv_key(row, by_run: bool) -> tuple:
+    if by_run:
+        return (str(row["run"]),)
+    return (
+        str(row["backbone"]), str(row["method"]), str(row["dataset"]),
+        _key_num(row.get("keep_rate")), _key_num(row.get("r")),
+    )  # fmt: skip
 
 
 def _key_num(v) -> str:
@@ -444,29 +459,15 @@ def _key_num(v) -> str:
 def merge_accuracy(table, external):
     """``table`` (from :func:`evaluate`) with ``external``'s accuracies in its ``accuracy`` column.
 
-    Rows of ``external`` matching no run are reported with a ``UserWarning``; two rows for one run
-    raise :class:`~tokvis.errors.DataError`.
+    Rows of ``external`` (from :func:`read_accuracy_csv`, which refuses two rows for one run) matching
+    no run are reported with a ``UserWarning``.
     """
     table = table.copy()
     use_run = "run" in external.columns
-
-    def key(row) -> tuple:
-        if use_run:
-            return (str(row["run"]),)
-        return (
-            str(row["backbone"]), str(row["method"]), str(row["dataset"]),
-            _key_num(row.get("keep_rate")), _key_num(row.get("r")),
-        )  # fmt: skip
-
-    found: dict[tuple, float] = {}
-    for _, row in external.iterrows():
-        kk = key(row)
-        if kk in found:
-            raise DataError(f"the accuracy CSV has two rows for {' / '.join(kk)}: keep one")
-        found[kk] = row["accuracy"]
+    found = {_csv_key(row, use_run): row["accuracy"] for _, row in external.iterrows()}
     used = set()
     for i, row in table.iterrows():
-        kk = key(row)
+        kk = _csv_key(row, use_run)
         if kk in found:
             table.at[i, "accuracy"] = found[kk]
             used.add(kk)
