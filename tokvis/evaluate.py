@@ -127,7 +127,7 @@ def _build(spec: RunSpec, run_path: Path):
 
     try:
         model = build_model(spec)
-    except TokvisError as e:
+    except (TokvisError, OSError) as e:
         msg = getattr(e, "cli_message", None) or str(e)
         raise RunConfigError(
             f"{run_path.name}: cannot rebuild its model {spec.backbone!r} "
@@ -291,7 +291,7 @@ def evaluate(
     model, model_key = None, None
     unreduced: dict[tuple, dict] = {}
     datasets: dict[tuple, Any] = {}
-    for i in tqdm(order, desc="runs", unit="run", disable=not progress):
+    for i in tqdm(order, desc="runs", unit="run", disable=not progress or len(order) < 2, leave=False):
         run, spec = runs[i], specs[i]
         if _model_key(spec) != model_key:
             model, model_key = None, None

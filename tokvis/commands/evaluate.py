@@ -12,6 +12,7 @@ Each run's model is rebuilt from its manifest and run unreduced and reduced on t
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from tokvis.errors import DataError
@@ -76,7 +77,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     df = evaluate(
         args.paths, accuracy_csv=args.accuracy_csv, batch_size=args.batch_size, device=args.device, k=args.k,
-        progress=not args.no_progress, log=print,
+        progress=not args.no_progress and sys.stderr.isatty(), log=print,
     )  # fmt: skip
     path = write_table(df, out)
     shown = [m for m in MEASURES if df[m].notna().any()]
