@@ -181,3 +181,18 @@ def test_incomplete_run_says_verify(runs, tmp_path, capsys):
     sorted((tmp_path / "sub" / name).glob("shard-*.safetensors"))[0].unlink()
     err = _error(capsys, ["evaluate", str(tmp_path / "sub"), "--out", str(tmp_path / "m.csv")])
     assert "tokvis verify" in err
+
+
+def test_changed_weights_are_flagged(runs, tmp_path, monkeypatch):
+    """A model rebuilt with other weights than recorded: decisions_match < 1 and a warning, not a silent result."""
+    import dataclasses
+
+    from tokvis.commands import _run
+    from tokvis.evaluate import evaluate
+
+    build = _run.build_model
+    monkeypatch.setattr(_run, "build_model", lambda spec: build(dataclasses.replace(spec, seed=spec.seed + 1)))
+    name = run_dir(Path("."), "topk", "0.5").name
+    with pytest.warns(UserWarning, match="reproduces the stored decisions on only"):
+        df = evaluate(runs / name, device="cpu", batch_size=4)
+    assert df["decisions_match"].iloc[0] < 1.0
