@@ -190,7 +190,7 @@ def similarity_vs_keep_rate(
     part = _one(part, "backbone", None, "backbone")
     name = part["method"].iloc[0]
     return _pair_similarity(part, varying="keep_rate", metric=metric, hue=hue, errorbar=errorbar, ax=ax,
-                            title=f"{name} ({part['backbone'].iloc[0]}): similarity across keep rates")  # fmt: skip
+                            title=f"{name}: similarity across keep rates\n{part['backbone'].iloc[0]}")  # fmt: skip
 
 
 def similarity_vs_backbone(
@@ -223,7 +223,7 @@ def similarity_vs_backbone(
     part = _one(part, "keep_rate", keep_rate, "keep rate")
     name, kr = part["method"].iloc[0], part["keep_rate"].iloc[0]
     return _pair_similarity(part, varying="backbone", metric=metric, hue=hue, errorbar=errorbar, ax=ax,
-                            title=f"{name}, keep rate {_fmt(kr)}: similarity across backbones")  # fmt: skip
+                            title=f"{name}, keep rate {_fmt(kr)}:\nsimilarity across backbones")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
