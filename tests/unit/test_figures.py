@@ -233,6 +233,8 @@ def test_feature_source_view_and_fused_token_views(traces):
     heat = panels[0].get_images()[1].get_array()
     tok = int(panels[0].get_title().split()[1].rstrip(":"))
     np.testing.assert_allclose(np.ma.filled(heat, 0.0).reshape(-1), w[tok])
+    clims = {a.get_images()[1].get_clim() for a in panels}
+    assert len(clims) == 1  # one colour scale for the one colour bar
     with pytest.raises(DataError, match="do not exist"):
         F.feature_source_view(traces["vomix"], img, tokens=[10_000])
     a, b = traces[("tome", 0.7)], traces[("tome", 0.5)]

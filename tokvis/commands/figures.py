@@ -169,7 +169,7 @@ def _choose_keep_rate(runs, wanted):
 # --------------------------------------------------------------------------------------------
 
 
-def _grid_axes(n: int, width: float = 4.2, height: float = 3.2):
+def _grid_axes(n: int, width: float = 5.2, height: float = 4.0):
     import matplotlib.pyplot as plt
 
     cols = min(3, n)
@@ -291,7 +291,7 @@ def _fig_performance(runs, args, root: Path, emit) -> None:
     import matplotlib.pyplot as plt
 
     from tokvis.analysis import compare
-    from tokvis.errors import DataError
+    from tokvis.errors import DataError, TokvisError
     from tokvis.plotting.figures import cls_similarity, pair_performance, performance_correlation
 
     table, measure, why = _performance_table(args, root)
@@ -319,7 +319,7 @@ def _fig_performance(runs, args, root: Path, emit) -> None:
                     continue
                 try:
                     df = compare([refs[0], r], by="method", layers=list(refs[0].layers))
-                except Exception:  # noqa: BLE001 - pairs without a common metric or images are left out
+                except TokvisError:  # pairs without common blocks, metric or images are left out
                     continue
                 if len(df):
                     parts.append(df)

@@ -567,7 +567,14 @@ def source_weights(trace, *, layer: int | None = None, image_index: int = 0) -> 
 
 
 def token_sources(
-    image, weights, *, grid_size, ax: Axes | None = None, title: str | None = None, colorbar: bool = True
+    image,
+    weights,
+    *,
+    grid_size,
+    ax: Axes | None = None,
+    title: str | None = None,
+    colorbar: bool = True,
+    vmax: float | None = None,
 ) -> Axes:
     """One output token's sources: the image dimmed, each patch tinted by its contribution to the token.
 
@@ -579,6 +586,9 @@ def token_sources(
     grid_size : (h, w)
     ax, title, colorbar
         The colour bar is labelled ``"contribution to the token (fraction)"``.
+    vmax : float, optional
+        Top of the colour scale (default: this token's largest weight); give panels that share one
+        colour bar the same ``vmax``.
 
     Returns
     -------
@@ -594,8 +604,9 @@ def token_sources(
     h, wd = img.shape[:2]
     ax.imshow(img * 0.45, extent=(-0.5, gw - 0.5, gh - 0.5, -0.5))
     heat = np.ma.masked_less_equal(w.reshape(gh, gw), 0)
-    im = ax.imshow(heat, cmap="magma", alpha=0.8, vmin=0, vmax=max(float(w.max()), 1e-12), interpolation="nearest",
-                   extent=(-0.5, gw - 0.5, gh - 0.5, -0.5))  # fmt: skip
+    top = vmax if vmax is not None else max(float(w.max()), 1e-12)
+    extent = (-0.5, gw - 0.5, gh - 0.5, -0.5)
+    im = ax.imshow(heat, cmap="magma", alpha=0.8, vmin=0, vmax=top, interpolation="nearest", extent=extent)
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
@@ -645,10 +656,11 @@ def feature_source_view(
     else:
         axes = list(np.asarray(axes, dtype=object).flat)
         fig = axes[0].figure
+    top = max(float(w[chosen].max()), 1e-12)  # one colour scale for the panels' one colour bar
     for ax, tok in zip(axes, chosen, strict=True):
-        n_src = int((w[tok] > 0).sum())
-        token_sources(image, w[tok], grid_size=trace.grid_size, ax=ax, title=f"token {tok}: {n_src} patches",
-                      colorbar=ax is axes[-1])  # fmt: skip
+        n_src = int((w[tok] >= 0.01).sum())
+        token_sources(image, w[tok], grid_size=trace.grid_size, ax=ax, title=f"token {tok}: {n_src} patches >= 1%",
+                      colorbar=ax is axes[-1], vmax=top)  # fmt: skip
     kind = (
         "soft mixing weights"
         if any(getattr(d, "soft", None) is not None for d in getattr(trace, "decisions", ()))
