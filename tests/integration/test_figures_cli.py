@@ -28,6 +28,10 @@ def runs(tmp_path_factory):
     _record(root, "vit_tiny_patch16_224", "--method", "topk", "tome", "--keep-rate", "0.7", "0.5", "--cls")
     _record(root, "vit_small_patch16_224", "--method", "topk", "--keep-rate", "0.7", "0.5", "--cls")
     _record(root, "vit_tiny_patch16_224", "--method", "vomix", "--r", "2", "--soft")
+    # an MCTF criteria ablation: the same schedule with different options, in sub-folders
+    _record(root / "mctf_similarity", "vit_tiny_patch16_224", "--method", "mctf", "--r", "2",
+            "--method-options", '{"criteria": ["similarity"]}')  # fmt: skip
+    _record(root / "mctf_all", "vit_tiny_patch16_224", "--method", "mctf", "--r", "2")
     rows = []
     for i, p in enumerate(find_runs(root)):
         m = tokvis.load_run(p).meta
@@ -51,26 +55,42 @@ def test_figures_from_runs_every_path_printed_and_written(runs, tmp_path, capsys
     assert paths and all((out_dir / p.split("/")[-1]).is_file() for p in paths)
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(p.split("/")[-1] for p in paths)
     stems = {p.split("/")[-1].rsplit(".", 1)[0] for p in paths}
-    for name in ("similarity_backbone", "performance_correlation", "feature_sources_vomix"):
+    for name in ("similarity_backbone", "performance_correlation", "feature_sources_vomix", "fused_tokens_mctf"):
         assert name in stems
     for prefix in ("similarity_keep_rate", "global_maps", "map_correlation", "overlays", "overlays_pixels"):
         assert any(s.startswith(prefix) for s in stems), prefix
     assert {p.rsplit(".", 1)[1] for p in paths} == {"png", "svg"}
     assert (out_dir / "similarity_backbone.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "skipped sources (MCTF): needs >= 2 mctf runs" in out  # one line saying why
     assert not list(out_dir.glob("*.tmp*")) and "Traceback" not in err
 
 
 def test_a_figure_without_its_inputs_is_skipped_with_a_reason(runs, tmp_path, capsys):
     one = tmp_path / "one"
     one.mkdir()
-    (one / find_runs(runs)[-1].name).symlink_to(find_runs(runs)[-1])  # the vomix run alone
-    code, out, err = _run(capsys, one, "--out", tmp_path / "o", "--only", "backbone", "keep_rate", "performance")
+    vomix = next(p for p in find_runs(runs) if "__vomix__" in p.name)
+    (one / vomix.name).symlink_to(vomix)  # the vomix run alone
+    code, out, err = _run(capsys, one, "--out", tmp_path / "o", "--only", "backbone", "keep_rate", "performance",
+                          "sources")  # fmt: skip
     assert code == 0, err
     assert "skipped backbone: needs >= 2 backbones of one method and keep rate; found 1" in out
     assert "skipped keep_rate: needs a method recorded at >= 2 keep rates" in out
     assert "skipped performance: no performance table" in out
-    assert "wrote 0 files" in out
+    assert "skipped sources (MCTF): needs >= 2 mctf runs with different options" in out
+    assert "wrote 1 files" in out  # the VoMix view only
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["feature_sources_vomix.png"]
+
+
+def test_figures_follow_the_umask(runs, tmp_path, capsys):
+    import os
+
+    old = os.umask(0o077)
+    try:
+        code, out, err = _run(capsys, runs, "--out", tmp_path / "f", "--only", "global_maps")
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    files = list((tmp_path / "f").iterdir())
+    assert files and all(p.stat().st_mode & 0o777 == 0o600 for p in files)
 
 
 @pytest.mark.parametrize(

@@ -143,9 +143,11 @@ def test_pair_performance_reference_orients_pairs(traces):
         F.pair_performance(sim, _perf(), by="method", measure="top1", reference="kmedoids")
     with pytest.raises(DataError, match="columns not in data.*accuracy"):
         F.pair_performance(sim, _perf(), by="method", measure="accuracy")
-    dup = pd.concat([_perf(), _perf().iloc[:1]])
-    with pytest.raises(DataError, match="several rows"):
+    dup = pd.concat([_perf(), _perf().iloc[1:2]])  # topk at 0.7: a run of the pairs
+    with pytest.raises(DataError, match="several rows for .*'topk'"):
         F.pair_performance(sim, dup, by="method", measure="top1")
+    unused = pd.concat([_perf(), _perf().iloc[:1]])  # topk at 0.9: no pair uses it, no ambiguity
+    assert len(F.pair_performance(sim, unused, by="method", measure="top1", metric="iou")) == 1
 
 
 def test_performance_correlation_title_and_points():
@@ -169,6 +171,46 @@ def test_performance_correlation_undefined_says_so():
     fig, ax = plt.subplots()
     F.performance_correlation(df, ax=ax)
     assert "undefined (n = 2" in ax.get_title()
+
+
+class _FakeRun:
+    def __init__(self, name, keep_rate, feats, method="topk"):
+        from pathlib import Path
+        from types import SimpleNamespace
+
+        self.path = Path(name)
+        self.meta = SimpleNamespace(backbone="b", method=method, dataset="d", keep_rate=keep_rate)
+        self.image_ids = [f"i{k}" for k in range(feats.shape[0])]
+        self._feats = feats
+
+    def cls_features(self):
+        return self._feats
+
+
+def _cka_reference(x, y):
+    # HSIC form with centring matrices: a second path to linear CKA
+    n = x.shape[0]
+    h = np.eye(n) - 1.0 / n
+    k, l_ = h @ x @ x.T @ h, h @ y @ y.T @ h
+    return np.trace(k @ l_) / np.sqrt(np.trace(k @ k) * np.trace(l_ @ l_))
+
+
+def test_cls_similarity_pairs_runs_and_agrees_with_hsic_cka():
+    rng = np.random.default_rng(0)
+    feats = {k: rng.normal(size=(20, 3, 8)) for k in (0.9, 0.5)}
+    runs = [_FakeRun("a", 0.5, feats[0.5]), _FakeRun("b", 0.9, feats[0.9]), _FakeRun("c", 0.9, feats[0.9], "evit")]
+    got = F.cls_similarity(runs, by="keep_rate")
+    assert len(got) == 1  # evit has no partner at another keep rate
+    row = got.iloc[0]
+    assert (row.keep_rate_a, row.keep_rate_b, row.metric) == (0.9, 0.5, "cka")
+    assert row.value == pytest.approx(_cka_reference(feats[0.9][:, -1], feats[0.5][:, -1]))
+    first = F.cls_similarity(runs, by="keep_rate", block=0).value.iloc[0]
+    assert first == pytest.approx(_cka_reference(feats[0.9][:, 0], feats[0.5][:, 0]))
+    same = [_FakeRun("a", 0.9, feats[0.5]), _FakeRun("b", 0.9, feats[0.9])]
+    assert F.cls_similarity(same, by="keep_rate").empty  # not a pair along keep_rate
+    other = _FakeRun("d", 0.5, feats[0.5][:10])
+    with pytest.raises(TraceMismatchError, match="different images"):
+        F.cls_similarity([runs[1], other], by="keep_rate")
 
 
 def test_method_overlays_legend_and_panels(traces):

@@ -306,8 +306,8 @@ def _fig_performance(runs, args, root: Path, emit) -> None:
             if len(sim):
                 panels.append(("(a) CLS-feature similarity across keep rates",
                                pair_performance(sim, table, by="keep_rate", measure=measure)))  # fmt: skip
-        except DataError:
-            pass
+        except DataError as e:
+            _skip("performance (CLS-feature similarity)", " ".join(str(e).split()))
     for ref, label in (("topk", "Top-K"), ("kmedoids", "K-Medoids")):
         parts = []
         for key, members in _groups(runs, ("backbone", "dataset", "keep_rate")).items():
@@ -329,7 +329,8 @@ def _fig_performance(runs, args, root: Path, emit) -> None:
             pairs = pd.concat(parts, ignore_index=True)
             try:
                 got = pair_performance(pairs, table, by="method", measure=measure, reference=ref)
-            except DataError:
+            except DataError as e:
+                _skip(f"performance (similarity to {label})", " ".join(str(e).split()))
                 continue
             metric = "iou" if ref == "topk" else "v_measure"
             got = got[got.metric == metric]

@@ -294,15 +294,17 @@ def pair_performance(pairs, performance, *, by: str, measure: str, metric: str |
         grouped = grouped[keep].copy()
         swap = grouped[a] == ref
         grouped.loc[swap, [a, b]] = grouped.loc[swap, [b, a]].to_numpy()
-    perf = performance.assign(**{c: performance[c].map(_key) for c in _FIELDS})
-    dup = perf.duplicated(list(_FIELDS))
-    if dup.any():
-        row = perf[dup].iloc[0]
-        raise DataError(
-            f"performance table has several rows for {dict(row[list(_FIELDS)])}: keep one row per run "
-            "(backbone, method, keep_rate, dataset)"
-        )
-    perf = perf[[*_FIELDS, measure]]
+    perf = performance.assign(**{c: performance[c].map(_key) for c in _FIELDS})[[*_FIELDS, measure]]
+    dups = perf[perf.duplicated(list(_FIELDS), keep=False)]
+    for side in ("a", "b"):  # several rows for a run of a pair: which one is meant?
+        need = grouped[[*fixed, f"{by}_{side}"]].rename(columns={f"{by}_{side}": by})
+        clash = need.merge(dups, on=[*fixed, by]) if len(dups) else dups
+        if len(clash):
+            row = clash.iloc[0]
+            raise DataError(
+                f"performance table has several rows for {dict(row[list(_FIELDS)])}: keep one row per run "
+                "(backbone, method, keep_rate, dataset)"
+            )
     out = grouped
     for side in ("a", "b"):
         renamed = perf.rename(columns={by: f"{by}_{side}", measure: f"measure_{side}"})
@@ -411,8 +413,10 @@ def cls_similarity(runs: Sequence, *, by: str, block: int = -1):
                 raise TraceMismatchError(
                     f"{ra.path.name} and {rb.path.name} hold different images: CLS features are compared per image"
                 )
-            fa, fb = np.asarray(ra.cls_features())[:, block], np.asarray(rb.cls_features())[:, block]
             va, vb = getattr(ra.meta, by), getattr(rb.meta, by)
+            if _key(va) == _key(vb):
+                continue  # same value of the varied field (e.g. option ablations): not a pair along `by`
+            fa, fb = np.asarray(ra.cls_features())[:, block], np.asarray(rb.cls_features())[:, block]
             if by == "keep_rate" and (va or 0) < (vb or 0):
                 (va, fa), (vb, fb) = (vb, fb), (va, fa)
             rows.append({**dict(zip(fixed, key, strict=True)), f"{by}_a": va, f"{by}_b": vb, "metric": "cka",
