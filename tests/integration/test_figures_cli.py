@@ -80,6 +80,21 @@ def test_a_figure_without_its_inputs_is_skipped_with_a_reason(runs, tmp_path, ca
     assert [p.name for p in (tmp_path / "o").iterdir()] == ["feature_sources_vomix.png"]
 
 
+def test_performance_table_long_form_and_measure_choice(runs, tmp_path, capsys):
+    wide = pd.read_csv(runs / "metrics.csv")
+    wide["top1"] = 1.0 - wide["fidelity"] / 2
+    long = wide.melt(id_vars=["run", "backbone", "method", "keep_rate", "dataset"], var_name="measure")
+    long.to_csv(tmp_path / "long.csv", index=False)
+    code, out, err = _run(capsys, runs, "--out", tmp_path / "o", "--only", "performance", "--metrics",
+                          tmp_path / "long.csv", "--n-boot", "20")  # fmt: skip
+    assert code == 0, err
+    assert "performance measure: top1 (also in the table: ['fidelity']; choose with --measure)" in out
+    assert (tmp_path / "o" / "performance_correlation.png").is_file()
+    code, out, err = _run(capsys, runs, "--out", tmp_path / "o2", "--only", "performance", "--metrics",
+                          tmp_path / "long.csv", "--measure", "fidelity", "--n-boot", "20")  # fmt: skip
+    assert code == 0 and "performance measure" not in out and (tmp_path / "o2" / "performance_correlation.png").exists()
+
+
 def test_figures_follow_the_umask(runs, tmp_path, capsys):
     import os
 
@@ -109,7 +124,7 @@ def test_bad_inputs_one_line_exit_2(case, runs, tmp_path, capsys):
         "bad_format": "--format: unknown format 'jpg'",
         "metrics_missing": "--metrics",
         "keep_rate_absent": "--keep-rate 0.3: no run at that keep rate; recorded: [0.5, 0.7]",
-        "bad_measure": "--measure 'top5': not a column",
+        "bad_measure": "--measure 'top5': not a numeric column",
     }[case]
     if case == "empty":
         (tmp_path / "empty").mkdir()

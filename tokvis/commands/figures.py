@@ -34,7 +34,9 @@ from typing import Any
 
 FIGURES = ("keep_rate", "backbone", "global_maps", "performance", "overlays", "sources")
 FORMATS = ("png", "pdf", "svg")
-_KEYS = ("run", "backbone", "method", "keep_rate", "dataset")
+_KEYS = ("run", "backbone", "method", "keep_rate", "dataset", "r")
+#: measures figure 4 uses by default, first found first (``--measure`` chooses another)
+_PREFERRED = ("top1", "accuracy", "knn_agreement", "agreement", "fidelity")
 
 
 def register(subparsers) -> None:
@@ -273,17 +275,33 @@ def _performance_table(args, root: Path):
         table = pd.read_csv(path)
     except (ValueError, pd.errors.ParserError) as e:
         raise DataError(f"--metrics {path}: not a readable CSV ({' '.join(str(e).split())})") from None
-    missing = [c for c in _KEYS[1:] if c not in table.columns]
+    missing = [c for c in _KEYS[1:5] if c not in table.columns]
     if missing:
-        raise DataError(f"--metrics {path}: columns {missing} missing; a performance table has {', '.join(_KEYS)}")
-    numeric = [c for c in table.columns if c not in _KEYS and pd.api.types.is_numeric_dtype(table[c])]
+        raise DataError(f"--metrics {path}: columns {missing} missing; a performance table has {', '.join(_KEYS[:5])}")
+    if {"measure", "value"} <= set(table.columns):  # long form: one row per run and measure
+        keys = [c for c in _KEYS if c in table.columns]
+        # repeated keys (e.g. ablation runs of one name in sub-folders) stay separate rows; figure 4 refuses
+        # them only where a pair uses them
+        table = table.assign(_row=table.groupby([*keys, "measure"], dropna=False).cumcount())
+        table = table.set_index([*keys, "_row", "measure"])["value"].unstack("measure").reset_index()
+        table = table.drop(columns="_row")
+        table.columns.name = None
+    numeric = [
+        c
+        for c in table.columns
+        if c not in _KEYS and pd.api.types.is_numeric_dtype(table[c]) and not str(c).startswith(("n_", "num_"))
+    ]
     measure = args.measure
     if measure is None:
-        if len(numeric) != 1:
-            raise DataError(f"--metrics {path}: pass --measure, one of the numeric columns {numeric}")
-        measure = numeric[0]
-    elif measure not in table.columns:
-        raise DataError(f"--measure {measure!r}: not a column of {path}; numeric columns: {numeric}")
+        preferred = [c for c in _PREFERRED if c in numeric] + numeric
+        if not preferred:
+            raise DataError(f"--metrics {path}: no numeric measure column; columns: {list(table.columns)}")
+        measure = preferred[0]
+        if len(numeric) > 1:
+            print(f"performance measure: {measure} (also in the table: {[c for c in numeric if c != measure]}; "
+                  "choose with --measure)", flush=True)  # fmt: skip
+    elif measure not in numeric:
+        raise DataError(f"--measure {measure!r}: not a numeric column of {path}; measures: {numeric}")
     return table, measure, None
 
 
