@@ -18,8 +18,8 @@ COMMON = ["--no-pretrained", "--model-kwargs", KW, "--data", "digits", "--limit"
           "--device", "cpu", "--no-progress"]  # fmt: skip
 
 
-def _record(out, model, *args):
-    assert main(["record", "--model", model, *args, *COMMON, "--out", str(out)]) == 0
+def _record(out, model, *args, extra=()):
+    assert main(["record", "--model", model, *args, *COMMON, *extra, "--out", str(out)]) == 0
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +78,35 @@ def test_a_figure_without_its_inputs_is_skipped_with_a_reason(runs, tmp_path, ca
     assert "skipped sources (MCTF): needs >= 2 mctf runs with different options" in out
     assert "wrote 1 files" in out  # the VoMix view only
     assert [p.name for p in (tmp_path / "o").iterdir()] == ["feature_sources_vomix.png"]
+    # nothing at all to draw: the reasons, then one error line and exit 2
+    code, out, err = _run(capsys, one, "--out", tmp_path / "o3", "--only", "backbone")
+    assert code == 2 and "skipped backbone" in out
+    assert err.strip().splitlines() == [
+        f"tokvis figures: error: no figure could be made from the 1 runs in {one} (each figure's reason is printed "
+        "above)"
+    ]
+
+
+def test_incomparable_and_unreadable_runs(tmp_path, capsys):
+    root = tmp_path / "runs"
+    _record(root, "vit_tiny_patch16_224", "--method", "topk", "--keep-rate", "0.7")
+    _record(root / "other", "vit_tiny_patch16_224", "--method", "topk", "--keep-rate", "0.5", extra=["--limit", "4"])
+    broken = root / "broken_run"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{not json")
+    # keep rates 0.7 and 0.5 on different images cannot be compared per image: skipped with the reason
+    code, out, err = _run(capsys, root, "--out", tmp_path / "o", "--only", "keep_rate", "global_maps")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert any(line.startswith(f"skipped run {broken}: ") for line in lines)
+    assert any(line.startswith("skipped keep_rate: ") and "different images" in line for line in lines)
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["global_maps.png"]
+    code, out, err = _run(capsys, root, "--out", tmp_path / "o2", "--only", "keep_rate")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "no figure could be made" in err
+    assert not (tmp_path / "o2").exists() or not any((tmp_path / "o2").iterdir())
+    # a folder whose only run store is unreadable
+    code, out, err = _run(capsys, broken, "--out", tmp_path / "o3")
+    assert code == 2 and "none of the 1 run stores" in err and len(err.strip().splitlines()) == 1
 
 
 def test_performance_table_long_form_and_measure_choice(runs, tmp_path, capsys):

@@ -450,6 +450,10 @@ def cmd_figures(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tokvis.errors import DataError, TraceMismatchError
+    from tokvis.store import StoreError
 
     root, out, only, formats = _check_args(args)
     runs = _load_runs(root)
@@ -459,17 +463,25 @@ def cmd_figures(args: argparse.Namespace) -> int:
     def emit(fig, name: str) -> None:
         _save(fig, out, name, formats, args.dpi, written)
 
-    if "keep_rate" in only:
-        _fig_keep_rate(runs, emit)
-    if "backbone" in only:
-        _fig_backbone(runs, emit)
-    if "global_maps" in only:
-        _fig_global_maps(runs, keep_rate, emit)
-    if "performance" in only:
-        _fig_performance(runs, args, root, emit)
-    if "overlays" in only:
-        _fig_overlays(runs, keep_rate, args, emit)
-    if "sources" in only:
-        _fig_sources(runs, args, emit)
+    steps = {
+        "keep_rate": lambda: _fig_keep_rate(runs, emit),
+        "backbone": lambda: _fig_backbone(runs, emit),
+        "global_maps": lambda: _fig_global_maps(runs, keep_rate, emit),
+        "performance": lambda: _fig_performance(runs, args, root, emit),
+        "overlays": lambda: _fig_overlays(runs, keep_rate, args, emit),
+        "sources": lambda: _fig_sources(runs, args, emit),
+    }
+    for name in FIGURES:
+        if name not in only:
+            continue
+        try:
+            steps[name]()
+        except (TraceMismatchError, StoreError) as e:  # runs that cannot be compared, a shard failing its checksum
+            plt.close("all")
+            _skip(name, " ".join(str(e).split()))
+    if not written:
+        raise DataError(
+            f"no figure could be made from the {len(runs)} runs in {root} (each figure's reason is printed above)"
+        )
     print(f"wrote {len(written)} files to {out.resolve()} from {len(runs)} runs", flush=True)
     return 0
