@@ -37,13 +37,19 @@ FORMATS = ("png", "pdf", "svg")
 _KEYS = ("run", "backbone", "method", "keep_rate", "dataset", "r")
 #: measures figure 4 uses by default, first found first (``--measure`` chooses another)
 _PREFERRED = ("top1", "accuracy", "knn_agreement", "agreement", "fidelity")
+_EPILOG = "figures (--only) and what each needs:\n" + (
+    __doc__.split("saying why):\n\n")[1].split("\n\nEvery")[0].replace("``", "  ")
+)
 
 
 def register(subparsers) -> None:
     f = subparsers.add_parser(
         "figures",
         help="the study's figures from run stores (PNG; PDF/SVG on request)",
-        description=__doc__.split("\n\n")[0],
+        description="The study's figures from run stores, named, as PNG (PDF / SVG on request); each path is "
+        "printed, and a figure whose inputs are absent is skipped with one line saying why.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     f.add_argument("runs", help="folder holding run stores (searched recursively)")
     f.add_argument("--out", default="figures", help="output folder (default figures/)")
@@ -51,7 +57,9 @@ def register(subparsers) -> None:
     f.add_argument("--format", nargs="+", default=["png"], metavar="FMT", help="png (default), pdf, svg")
     f.add_argument("--keep-rate", type=float, default=None, help="keep rate of the one-keep-rate figures")
     f.add_argument("--metrics", default=None, help="performance CSV (default <runs>/metrics.csv when present)")
-    f.add_argument("--measure", default=None, help="performance column (default: the table's only measure)")
+    f.add_argument(
+        "--measure", default=None, help=f"performance measure (default: the first of {', '.join(_PREFERRED)} found)"
+    )
     f.add_argument("--image-index", type=int, default=0, help="image of the overlay figures (default 0)")
     f.add_argument("--dpi", type=int, default=120, help="PNG resolution (default 120)")
     f.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of intervals (default 1000)")
