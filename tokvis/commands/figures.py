@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,9 @@ FORMATS = ("png", "pdf", "svg")
 _KEYS = ("run", "backbone", "method", "keep_rate", "dataset", "r")
 #: measures figure 4 uses by default, first found first (``--measure`` chooses another)
 _PREFERRED = ("top1", "accuracy", "knn_agreement", "agreement", "fidelity")
-_EPILOG = "figures (--only) and what each needs:\n" + (
-    __doc__.split("saying why):\n\n")[1].split("\n\nEvery")[0].replace("``", "  ")
-)
+_EPILOG = "figures (--only) and what each needs:\n" + re.sub(
+    r"^``(\w+)``", r"\1    ", __doc__.split("saying why):\n\n")[1].split("\n\nEvery")[0], flags=re.M
+).replace("``", "")
 
 
 def register(subparsers) -> None:
