@@ -41,7 +41,10 @@ def test_similarity_matrix_cells_and_labels():
     texts = sorted(t.get_text() for t in ax.texts)
     assert texts == sorted(["1.00", "0.65", "0.50", "0.65", "1.00", "0.80", "0.50", "0.80", "1.00"])
     assert ax.get_xlabel() == "keep_rate_a" and ax.get_ylabel() == "keep_rate_b"
-    assert len(fig.axes) == 2  # colour bar
+    assert len(fig.axes) == 2 and fig.axes[1].get_ylabel() == "value"  # colour bar, labelled
+    fig, ax = plt.subplots()
+    similarity_matrix(_pairs(), label="IoU (kept sets)", ax=ax)
+    assert fig.axes[1].get_ylabel() == "IoU (kept sets)"
 
 
 def test_similarity_matrix_asymmetric_and_blank_cells():

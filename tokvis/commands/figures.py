@@ -269,7 +269,7 @@ def _fig_global_maps(runs, keep_rate, emit) -> None:
             ax.set_title(f"{key[0]}, keep rate {keep_rate:g}: " + ax.get_title(), fontsize=9)
             emit(fig, "map_correlation" + _suffix(key, len(groups) > 1))
         else:
-            _skip("global_maps (PCC matrix)", f"needs >= 2 methods at keep rate {keep_rate:g}")
+            _skip(f"global_maps (PCC matrix, {key[0]}, {key[1]})", f"needs >= 2 methods at keep rate {keep_rate:g}")
 
 
 def _performance_table(args, root: Path):

@@ -51,6 +51,7 @@ def similarity_matrix(
     vmin: float | None = None,
     vmax: float | None = None,
     colorbar: bool = True,
+    label: str | None = None,
     ax: Axes | None = None,
 ) -> Axes:
     """Heatmap of a pairwise similarity: one cell per (``y``, ``x``) pair, aggregated over rows.
@@ -75,6 +76,8 @@ def similarity_matrix(
         Write each cell's value with this format.
     cmap, vmin, vmax, colorbar
         Colour mapping.
+    label : str, optional
+        Colour-bar label, with the unit or metric (e.g. ``"IoU"``, ``"NMI (V-measure)"``); default: ``value``.
     ax : matplotlib Axes, optional
 
     Returns
@@ -114,7 +117,7 @@ def similarity_matrix(
                     color = "black" if mat[i, j] > mid else "white"
                     ax.text(j, i, format(mat[i, j], fmt), ha="center", va="center", color=color, fontsize=8)
     if colorbar:
-        ax.figure.colorbar(image, ax=ax, label=value)
+        ax.figure.colorbar(image, ax=ax, label=value if label is None else label)
     return ax
 
 
