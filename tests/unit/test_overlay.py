@@ -18,7 +18,14 @@ from matplotlib.collections import LineCollection, PathCollection
 from matplotlib.figure import Figure
 
 from tokvis.errors import ImageSizeError, TraceMismatchError
-from tokvis.plotting.overlay import keep_mask, merge_overlay, save_figure, trace_overlays
+from tokvis.plotting.overlay import (
+    keep_mask,
+    legend_handles,
+    merge_overlay,
+    overlay_legend,
+    save_figure,
+    trace_overlays,
+)
 
 GRID = (4, 5)  # h, w
 PATCH = 6  # pixels per patch side -> image 24 x 30
@@ -130,6 +137,44 @@ def test_mode_image_keeps_original_pixels(image, labels):
     drawn = _drawn(ax)
     for k in np.nonzero(labels >= 0)[0]:
         np.testing.assert_allclose(_patch(drawn, k), _patch(image, k))
+
+
+def test_kept_pixels_shows_real_pixels_of_unmerged_tokens_only(image, labels):
+    _, ax = plt.subplots()
+    merge_overlay(image, labels, grid_size=GRID, ax=ax, kept_pixels=True, dim=0.5)
+    drawn = _drawn(ax)
+    sizes = np.bincount(labels[labels >= 0])
+    for k, label in enumerate(labels):
+        if label < 0:
+            np.testing.assert_allclose(_patch(drawn, k), 0.5 * _patch(image, k))
+        elif sizes[label] == 1:  # its own token: real pixels, not the flat patch mean
+            np.testing.assert_allclose(_patch(drawn, k), _patch(image, k))
+            assert np.ptp(_patch(drawn, k).reshape(-1, 3), axis=0).max() > 0
+        else:  # merged regions keep their flat mean colour
+            members = [j for j in range(labels.size) if labels[j] == label]
+            mean = np.concatenate([_patch(image, j).reshape(-1, 3) for j in members]).mean(0)
+            np.testing.assert_allclose(_patch(drawn, k), np.broadcast_to(mean, (PATCH, PATCH, 3)), atol=1e-12)
+    _, ax2 = plt.subplots()
+    merge_overlay(image, labels, grid_size=GRID, ax=ax2)
+    assert (
+        np.ptp(_patch(_drawn(ax2), 4).reshape(-1, 3), axis=0).max() == 0
+    )  # without the option the kept patch 4 is flat
+
+
+def test_legend_handles_describe_the_options():
+    labels = [h.get_label() for h in legend_handles()]
+    assert labels[0].startswith("dot:") and any(t.startswith("flat fill: merged region") for t in labels)
+    assert any(t == "dimmed (x0.25): dropped patch" for t in labels) and any("border" in t for t in labels)
+    labels = [h.get_label() for h in legend_handles(dropped_color="red", kept_pixels=True, border_color=None, dim=0.1)]
+    assert "solid colour: dropped patch" in labels and "real pixels: token kept as is" in labels
+    assert not any("border" in t or "dimmed" in t for t in labels)
+    pruning = [h.get_label() for h in legend_handles(merged=False, mode="image")]
+    assert not any(t.startswith(("dot", "flat fill")) for t in pruning)
+    with pytest.raises(ValueError, match="dim"):
+        legend_handles(dim=2.0)
+    fig, ax = plt.subplots()
+    leg = overlay_legend(ax, dim=0.4)
+    assert ax.get_legend() is leg and "dimmed (x0.4): dropped patch" in [t.get_text() for t in leg.get_texts()]
 
 
 def test_borders_only_between_differing_labels(image, labels):
@@ -294,6 +339,8 @@ def test_trace_overlays_grid_and_titles(trace, image):
         ["image", "block 1 · 12 tokens", "block 5 · 11 tokens"],
     ]
     assert fig._suptitle is not None and fig._suptitle.get_text() == "tome · r=4"
+    (legend,) = fig.legends  # what the dot, fill, borders and dimming mean
+    assert any(t.get_text().startswith("dot:") for t in legend.get_texts())
     assert [ax.get_ylabel() for ax in fig.axes] == ["", "", "", "", "", ""]  # meta has no image_ids
     for ax in fig.axes:
         assert len(ax.get_images()) == 1

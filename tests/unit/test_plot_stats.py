@@ -41,7 +41,10 @@ def test_similarity_matrix_cells_and_labels():
     texts = sorted(t.get_text() for t in ax.texts)
     assert texts == sorted(["1.00", "0.65", "0.50", "0.65", "1.00", "0.80", "0.50", "0.80", "1.00"])
     assert ax.get_xlabel() == "keep_rate_a" and ax.get_ylabel() == "keep_rate_b"
-    assert len(fig.axes) == 2  # colour bar
+    assert len(fig.axes) == 2 and fig.axes[1].get_ylabel() == "value"  # colour bar, labelled
+    fig, ax = plt.subplots()
+    similarity_matrix(_pairs(), label="IoU (kept sets)", ax=ax)
+    assert fig.axes[1].get_ylabel() == "IoU (kept sets)"
 
 
 def test_similarity_matrix_asymmetric_and_blank_cells():
@@ -76,9 +79,24 @@ def test_correlation_plot_artists():
     slope, intercept = np.polyfit(df.sim, df.gap, 1)
     xs, ys = line.get_data()
     np.testing.assert_allclose(ys, slope * np.asarray(xs) + intercept)
-    r = correlate(df.sim, df.gap, n_boot=100)["r"]
-    assert ax.get_title().startswith(f"spearman r = {r:.2f}")
+    res = correlate(df.sim, df.gap, n_boot=100)
+    head, how = ax.get_title().split("\n")
+    assert head == f"Spearman ρ = {res['r']:.2f}, 95% bootstrap CI [{res['ci_low']:.2f}, {res['ci_high']:.2f}] (n = 30)"
+    # the title says how the interval and the p-value were obtained
+    p = f"p = {res['p']:.2g} (two-sided, scipy.stats.spearmanr)"
+    assert how == f"CI: percentile bootstrap, 100 resamples of the 30 pairs; {p}"
     assert ax.get_xlabel() == "sim" and ax.get_ylabel() == "gap"
+
+
+def test_correlation_title_methods_levels_and_undefined():
+    from tokvis.plotting.stats import correlation_title
+
+    x, y = np.arange(10.0), np.arange(10.0) ** 2
+    kendall = correlation_title(correlate(x, y, method="kendall", n_boot=50, ci=0.9), n_boot=50, ci=0.9)
+    assert kendall.startswith("Kendall τb = 1.00, 90% bootstrap CI") and "scipy.stats.kendalltau" in kendall
+    none = correlation_title(correlate(x, y, method="pearson", n_boot=0), n_boot=0)
+    assert none.startswith("Pearson r = ") and "no interval" in none and "bootstrap" not in none
+    assert "undefined (n = 2" in correlation_title(correlate([1.0, 2.0], [2.0, 1.0]), n_boot=10)
 
 
 def test_correlation_plot_without_fit_or_hue():

@@ -31,11 +31,13 @@ from matplotlib.axes import Axes
 from matplotlib.collections import LineCollection
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from tokvis.errors import ImageSizeError, TraceMismatchError
 from tokvis.validate import check_choice, check_float
 
-__all__ = ["keep_mask", "merge_overlay", "save_figure", "trace_overlays"]
+__all__ = ["keep_mask", "legend_handles", "merge_overlay", "overlay_legend", "save_figure", "trace_overlays"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,6 +168,7 @@ def merge_overlay(
     mode: str = "mean",
     dropped_color: Any = None,
     linewidth: float = 0.6,
+    kept_pixels: bool = False,
 ) -> Axes:
     """Draw the merge regions of one image: regions in their mean colour, borders between them.
 
@@ -199,6 +202,11 @@ def merge_overlay(
         Paint dropped patches in this flat colour instead of dimming them.
     linewidth : float, default 0.6
         Border line width in points.
+    kept_pixels : bool, default False
+        With ``mode="mean"``: patches that are still a token of their own (regions of one patch:
+        kept, not merged) show their real pixels instead of a flat patch-mean colour; only merged
+        regions (two or more patches) are filled with their mean colour.  Without it a kept patch
+        is drawn flat while a dropped one keeps its (dimmed) detail.
 
     Returns
     -------
@@ -226,6 +234,13 @@ def merge_overlay(
     pixel_index = _pixel_patch_index(img.shape[:2], grid)
     pixel_labels = label_vec[pixel_index]
     out = _region_means(img, pixel_labels) if mode == "mean" else img.copy()
+    if kept_pixels and mode == "mean":
+        valid = label_vec >= 0
+        sizes = np.bincount(label_vec[valid]) if valid.any() else np.zeros(0, int)
+        single = np.zeros(label_vec.shape, dtype=bool)
+        single[valid] = sizes[label_vec[valid]] == 1
+        own = single[pixel_index]
+        out[own] = img[own]
     dropped = pixel_labels < 0
     if dropped.any():
         if dropped_color is not None:
@@ -297,6 +312,90 @@ def keep_mask(
 
 
 # ----------------------------------------------------------------------------------------------
+# legend
+# ----------------------------------------------------------------------------------------------
+
+
+def legend_handles(
+    *,
+    dim: float = 0.25,
+    dropped_color: Any = None,
+    border_color: Any = "white",
+    kept_pixels: bool = False,
+    mode: str = "mean",
+    merged: bool = True,
+) -> list:
+    """Legend entries explaining an overlay drawn by :func:`merge_overlay` with the same options.
+
+    Parameters
+    ----------
+    dim, dropped_color, border_color, kept_pixels, mode
+        The options the overlay was drawn with (the entries describe exactly what they do).
+    merged : bool, default True
+        Include the entries of merged regions (dot, flat fill, borders); ``False`` for pruning-only
+        figures (:func:`keep_mask`).
+
+    Returns
+    -------
+    list of matplotlib artists (``Line2D`` / ``Patch``), each with its label.
+    """
+    dim = check_float("dim", dim, low=0.0, high=1.0)
+    check_choice("mode", mode, ("mean", "image"))
+    edge = "0.3"
+    handles = []
+    if merged:
+        dot = "white" if border_color is None else border_color
+        handles.append(
+            Line2D([], [], marker="o", linestyle="none", markersize=5, markerfacecolor=to_rgb(dot),
+                   markeredgecolor=edge, label="dot: the token a merged region was merged into (kept)")
+        )  # fmt: skip
+        if mode == "mean":
+            handles.append(Patch(facecolor="tab:blue", edgecolor=edge, label="flat fill: merged region, mean colour"))
+        if border_color is not None:
+            handles.append(Line2D([], [], color=to_rgb(border_color), linewidth=1.5, label="line: region border"))
+    if mode == "image" or kept_pixels:
+        handles.append(Patch(facecolor="none", edgecolor=edge, hatch="..", label="real pixels: token kept as is"))
+    elif merged:
+        handles.append(Patch(facecolor="0.6", edgecolor=edge, label="flat patch colour: token kept as is"))
+    if dropped_color is not None:
+        handles.append(Patch(facecolor=to_rgb(dropped_color), edgecolor=edge, label="solid colour: dropped patch"))
+    else:
+        handles.append(Patch(facecolor=(dim * 0.8,) * 3, edgecolor=edge, label=f"dimmed (x{dim:g}): dropped patch"))
+    return handles
+
+
+def overlay_legend(target: Any = None, *, loc: str = "outside lower center", ncols: int | None = None, **options: Any):
+    """Add the legend of :func:`legend_handles` to a figure (default: below the panels) or an Axes.
+
+    Parameters
+    ----------
+    target : Figure or Axes, optional
+        Where to put it; the current figure when omitted.  A figure gets a figure legend (``loc``
+        may use matplotlib's ``"outside ..."`` positions with the constrained layout).
+    loc : str
+        Legend location.
+    ncols : int, optional
+        Columns (default: all entries on as few rows as fit, at most 3 per row).
+    **options
+        Passed to :func:`legend_handles` (``dim``, ``dropped_color``, ``border_color``, ``kept_pixels``,
+        ``mode``, ``merged``).
+
+    Returns
+    -------
+    matplotlib.legend.Legend
+    """
+    handles = legend_handles(**options)
+    target = plt.gcf() if target is None else target
+    ncols = min(3, len(handles)) if ncols is None else ncols
+    if isinstance(target, Axes) and loc.startswith("outside"):
+        loc = "upper left"
+        return target.legend(handles=handles, loc=loc, bbox_to_anchor=(1.02, 1.0), fontsize=7, ncols=1)
+    if not isinstance(target, Axes) and loc.startswith("outside") and target.get_layout_engine() is None:
+        loc = "lower center"
+    return target.legend(handles=handles, loc=loc, fontsize=7, ncols=ncols, frameon=False)
+
+
+# ----------------------------------------------------------------------------------------------
 # whole traces
 # ----------------------------------------------------------------------------------------------
 
@@ -335,6 +434,7 @@ def trace_overlays(
     titles: bool = True,
     axes: Any = None,
     fig_kwargs: dict[str, Any] | None = None,
+    legend: bool = True,
     **overlay_kwargs: Any,
 ) -> Figure:
     """Grid of merge overlays: one row per image, the original image then one column per layer.
@@ -361,8 +461,11 @@ def trace_overlays(
         Draw into these Axes instead of creating a figure.
     fig_kwargs : dict, optional
         Passed to :func:`matplotlib.pyplot.subplots` (default ``figsize``: 2.2 inches per panel).
+    legend : bool, default True
+        Add a figure legend below the panels saying what the dot, the flat fill, the borders and
+        the dimming mean (:func:`overlay_legend`, with the overlay options used).
     **overlay_kwargs
-        Passed to :func:`merge_overlay` (``border_color``, ``dim``, ``mode``, ...).
+        Passed to :func:`merge_overlay` (``border_color``, ``dim``, ``mode``, ``kept_pixels``, ...).
 
     Returns
     -------
@@ -431,6 +534,9 @@ def trace_overlays(
         heading = _method_title(getattr(trace, "meta", None))
         if heading:
             fig.suptitle(heading)
+    if legend:
+        keys = ("dim", "dropped_color", "border_color", "kept_pixels", "mode")
+        overlay_legend(fig, **{k: v for k, v in overlay_kwargs.items() if k in keys})
     return fig
 
 
