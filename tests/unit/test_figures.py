@@ -44,7 +44,7 @@ def traces():
     try:
         model, x = make_model("cls"), make_images("cls", 4)
         out = {(m, k): _record(model, x, m, keep_rate=k) for m in ("topk", "evit", "tome") for k in (0.9, 0.7, 0.5)}
-        out["vomix"] = _record(model, x, "vomix", r=0.25)
+        out["vomix"] = _record(model, x, "vomix", r=0.25, residual="mix")  # soft mixing (default: drop)
         out["big"] = {k: _record(make_model("cls", seed=1), x, "topk", backbone="tiny-b", keep_rate=k) for k in (0.7,)}
         out["x"] = x
     finally:
