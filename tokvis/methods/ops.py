@@ -54,16 +54,15 @@ def apply_decision(
     if decision.size_scale is not None:  # soft keep: scale the input sizes, not the tokens
         tsize = tsize * decision.size_scale.to(tsize.dtype)
     if decision.soft is not None:
-        soft = decision.soft.to(patches.dtype)
-        out = torch.bmm(soft, patches)
-        new_size = torch.bmm(soft, tsize.unsqueeze(-1)).squeeze(-1)
+        out = torch.bmm(decision.soft.to(patches.dtype), patches)
+        new_size = torch.bmm(decision.soft.to(tsize.dtype), tsize.unsqueeze(-1)).squeeze(-1)
     elif _is_identity(decision):
         if decision.size_scale is None:
             return x, size
         return x, torch.cat([psize, tsize], 1)
     else:
         w = decision.weight
-        w = torch.ones_like(tsize) if w is None else w.to(patches.dtype)
+        w = torch.ones_like(tsize) if w is None else w  # merge_mean sums in float32 whatever the dtypes
         out = merge_mean(patches, decision.dst, n_out, w)
         idx = torch.where(decision.dst >= 0, decision.dst, n_out)  # dropped tokens go to a spare slot
         new_size = tsize.new_zeros(B, n_out + 1).scatter_add_(1, idx, tsize)[:, :n_out]
@@ -172,6 +171,7 @@ def bipartite_matching(
     B, n, _ = metric.shape
     dev = metric.device
     a_pos, b_pos = bipartite_split(n, num_prefix, device=dev)
+    metric = metric.to(decision_dtype(metric.dtype))  # fp16 / bf16 keys: similarities in float32
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     sim = metric[:, a_pos] @ metric[:, b_pos].transpose(1, 2)  # [B, na, nb]
     best, partner = sim.max(dim=-1)  # [B, na]
@@ -211,11 +211,27 @@ def merge_mean(values: torch.Tensor, dst: torch.Tensor, n_out: int, weight: torc
     """Weighted mean of ``values [B, n, c]`` per output slot ``dst [B, n]`` (-1 = dropped).
 
     Output slots that receive no input are 0.
+
+    Sums are accumulated in float32 (or float64 for float64 inputs) whatever the dtypes of ``values`` and
+    ``weight`` (fp16 / bf16 models, autocast): a sum of up to ``n`` weighted tokens in half precision loses
+    the small contributions; the result has the dtype of ``values``.
     """
     B, n, c = values.shape
+    acc = decision_dtype(values.dtype, weight.dtype)
     idx = torch.where(dst >= 0, dst, n_out)
-    num = values.new_zeros(B, n_out + 1, c).scatter_add_(
-        1, idx[..., None].expand(-1, -1, c), values * weight[..., None]
+    w = weight.to(acc)
+    num = values.new_zeros(B, n_out + 1, c, dtype=acc).scatter_add_(
+        1, idx[..., None].expand(-1, -1, c), values.to(acc) * w[..., None]
     )
-    den = weight.new_zeros(B, n_out + 1).scatter_add_(1, idx, weight)
-    return num[:, :n_out] / den[:, :n_out, None].clamp_min(torch.finfo(den.dtype).tiny)
+    den = w.new_zeros(B, n_out + 1).scatter_add_(1, idx, w)
+    return (num[:, :n_out] / den[:, :n_out, None].clamp_min(torch.finfo(acc).tiny)).to(values.dtype)
+
+
+def decision_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype tokvis does decision maths in: float64 when an input is float64, else float32.
+
+    Used for matching similarities, distances, merge sums and the class-token attention row, so that
+    fp16 / bf16 models and autocast rank and partition tokens from float32 values (bf16 has 8 bits of
+    mantissa: ranking cosine similarities in it ties most of them).
+    """
+    return torch.float64 if torch.float64 in dtypes else torch.float32
