@@ -56,24 +56,27 @@ def apply_decision(
     if decision.soft is not None:
         out = torch.bmm(decision.soft.to(patches.dtype), patches)
         new_size = torch.bmm(decision.soft.to(tsize.dtype), tsize.unsqueeze(-1)).squeeze(-1)
-    elif _is_identity(decision):
-        if decision.size_scale is None:
-            return x, size
-        return x, torch.cat([psize, tsize], 1)
+    elif n_out == n_in and patches.device.type == "cpu" and bool(_identity_rows(decision).all()):
+        # the CPU has no device to wait for: return the very tensor (bit for bit, the same memory layout)
+        return (x, size) if decision.size_scale is None else (x, torch.cat([psize, tsize], 1))
     else:
         w = decision.weight
         w = torch.ones_like(tsize) if w is None else w  # merge_mean sums in float32 whatever the dtypes
         out = merge_mean(patches, decision.dst, n_out, w)
         idx = torch.where(decision.dst >= 0, decision.dst, n_out)  # dropped tokens go to a spare slot
         new_size = tsize.new_zeros(B, n_out + 1).scatter_add_(1, idx, tsize)[:, :n_out]
+        if n_out == n_in:  # images the decision leaves in place keep their tokens bit for bit
+            same = _identity_rows(decision)  # [B, 1] on the device: no host sync
+            out = torch.where(same[..., None], patches, out)
+            new_size = torch.where(same, tsize, new_size)
     return torch.cat([prefix, out], 1), torch.cat([psize, new_size], 1)
 
 
-def _is_identity(d: LayerDecision) -> bool:
-    if d.n_out != d.n_in:
-        return False
+def _identity_rows(d: LayerDecision) -> torch.Tensor:
+    """``[B, 1]`` bool: the decision keeps every token of the image in its own slot.  A device tensor, so
+    that applying a decision never waits for the device (a ``bool(...)`` here was a host sync per block)."""
     ar = torch.arange(d.n_in, device=d.dst.device)
-    return bool((d.dst == ar).all())
+    return (d.dst == ar).all(1, keepdim=True)
 
 
 def rank_keep(score: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
