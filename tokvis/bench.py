@@ -321,3 +321,107 @@ def method_configs(
     configs: list[tuple[str, str | None, dict]] = [("unpatched", None, {})]
     configs += [(f"{m} keep_rate={k:g}", m, {"keep_rate": k}) for m in methods for k in keep_rates]
     return configs
+
+
+# --------------------------------------------------------------------------------------------------
+# the GPU table (benchmarks/bench_gpu.py, tokvis bench --device cuda --dtype fp16)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def gpu_configs(
+    methods: Sequence[str], *, keep_rate: float = 0.5, tome_r: int = 16, mctf_keep_rate: float = 0.7
+) -> list[tuple[str, object, dict]]:
+    """The issue-12 table: unpatched, ToMe at ``r``, every method at ``keep_rate`` (MCTF at its own)."""
+    configs: list[tuple[str, object, dict]] = [("unpatched", None, {})]
+    if "tome" in methods and tome_r:
+        configs.append((f"tome r={tome_r}", "tome", {"r": tome_r}))
+    for m in methods:
+        k = mctf_keep_rate if m == "mctf" else keep_rate
+        configs.append((f"{m} keep_rate={k:g}", m, {"keep_rate": k}))
+    return configs
+
+
+def official_tome(repo: str | os.PathLike | None, r: int) -> Callable[[nn.Module], nn.Module] | None:
+    """A configuration preparer for the official ToMe (``tome.patch.timm``) from a checkout, or ``None``
+    (with the reason printed) when it is not given or not importable."""
+    if not repo:
+        return None
+    import sys
+
+    sys.path.insert(0, str(repo))
+    try:
+        import tome  # noqa: F401  (facebookresearch/ToMe)
+    except Exception as e:  # noqa: BLE001  (any import failure: the column is skipped, with the reason)
+        print(f"official ToMe skipped: cannot import tome from {repo}: {type(e).__name__}: {e}")
+        return None
+
+    def prepare(model: nn.Module) -> nn.Module:
+        tome.patch.timm(model)
+        model.r = r
+        return model
+
+    return prepare
+
+
+def create_bench_model(name: str, *, img_size: int | None = None, pretrained: bool = False) -> nn.Module:
+    """A timm model for the GPU table: random weights by default (no internet needed)."""
+    import timm
+
+    kw = {"img_size": img_size} if img_size else {}
+    return timm.create_model(name, pretrained=pretrained, **kw).eval()
+
+
+def run_gpu_table(
+    *,
+    model_name: str = "vit_base_patch16_224",
+    device: str = "cuda",
+    dtype: str = "fp16",
+    batch_size: int = 256,
+    repeats: int = 5,
+    warmup: int = 2,
+    methods: Sequence[str] | None = None,
+    keep_rate: float = 0.5,
+    tome_r: int = 16,
+    compile: bool = False,
+    tome_repo: str | None = None,
+    img_size: int | None = None,
+    record: bool = True,
+    progress: Callable[[str], None] = print,
+) -> list[BenchRow]:
+    """Every method on a random-init timm ViT: unpatched / plain / recorded images/s, speed-up, speed-up per
+    FLOPs ratio, peak memory; the official ToMe as a row when ``tome_repo`` is importable."""
+    import warnings
+
+    import tokvis
+
+    torch.manual_seed(0)
+    model = create_bench_model(model_name, img_size=img_size).to(device=device, dtype=DTYPES[dtype])
+    size = model.patch_embed.img_size
+    images = torch.randn(batch_size, 3, *size, device=device, dtype=DTYPES[dtype])
+    methods = list(methods or tokvis.list_methods())
+    configs = gpu_configs(methods, keep_rate=keep_rate, tome_r=tome_r)
+    off = official_tome(tome_repo, tome_r)
+    if off is not None:
+        configs.insert(1, (f"official tome r={tome_r}", off, {}))
+    ok = []
+    for label, method, kw in configs:  # a method that cannot run on this model is listed, not fatal
+        if isinstance(method, str):
+            try:
+                tokvis.patch(model, method, **kw)
+            except tokvis.errors.TokvisError as e:
+                progress(f"skipped {label}: {e}")
+                continue
+            finally:
+                tokvis.unpatch(model)
+        ok.append((label, method, kw))
+    progress(
+        f"model {model_name} (random init), batch {batch_size}, input {tuple(size)}, {dtype}, device {device}"
+        f"{' ' + torch.cuda.get_device_name(device) if torch.device(device).type == 'cuda' else ''}, "
+        f"{'compiled' if compile else 'eager'}, torch {torch.__version__}, {repeats} rounds after {warmup} warm-up"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unfitted learned methods warn once each
+        return benchmark(
+            model, images, ok, repeats=repeats, warmup=warmup, progress=progress, compile=compile, record=record
+        )

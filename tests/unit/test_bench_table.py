@@ -112,3 +112,59 @@ def test_benchmark_compiled_equals_eager_outputs():
         pytest_.skip(f"torch.compile unavailable: {type(e).__name__}")
     for a, b in zip(eager, compiled, strict=True):
         assert abs(a.fidelity - b.fidelity) < 1e-4 and a.flops_ratio == b.flops_ratio
+
+
+# -- tokvis bench --device / --dtype / --methods (the GPU table) and benchmarks/bench_gpu.py ------------
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--device", "tpu"], "device must be cpu, cuda or cuda:<n>: got 'tpu'"),
+        (["--device", "cuda:x"], "device must be cpu, cuda or cuda:<n>"),
+        (["--dtype", "fp8"], "invalid choice: 'fp8'"),
+        (["--methods", "tomee"], "tomee"),
+    ],
+)
+def test_cli_bench_bad_gpu_arguments_are_one_line(argv, needle, capsys):
+    from tokvis.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["bench", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and needle in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_cli_bench_cuda_without_cuda_says_use_cpu(capsys):
+    from tokvis.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--device", "cuda", "--dtype", "fp16"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "CUDA is not available" in err and "--device cpu" in err
+
+
+def test_bench_gpu_script_runs_on_cpu_with_tiny_settings(capsys):
+    """benchmarks/bench_gpu.py on a random-init tiny timm ViT (no internet, no weights)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "benchmarks" / "bench_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--device", "cpu", "--dtype", "bf16", "--model", "vit_tiny_patch16_224", "--img-size", "64",
+              "--batch-size", "2", "--repeats", "1", "--warmup", "1", "--methods", "tome", "topk", "mctf",
+              "--tome-r", "2", "--tome-repo", "/nonexistent/ToMe"])  # fmt: skip
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert "official ToMe skipped" in out
+    assert "bf16" in lines[1] and "eager" in lines[1]
+    rows = [line for line in lines if line.split(" ")[0] in ("unpatched", "tome", "topk", "mctf")]
+    assert [" ".join(r.split()[:2]) for r in rows][1:] == [
+        "tome r=2", "tome keep_rate=0.5", "topk keep_rate=0.5", "mctf keep_rate=0.7"
+    ]  # fmt: skip
+    header = next(line for line in lines if line.startswith("config"))
+    for col in ("images_per_s", "min", "max", "speedup_per_flops", "recorded_images_per_s", "peak_MB"):
+        assert col in header
