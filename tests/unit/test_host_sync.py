@@ -68,7 +68,8 @@ class _SyncCounter:
 
         def to(t, *args, **kwargs):
             out = orig_to(t, *args, **kwargs)
-            if self.active and out.device != t.device:
+            # an asynchronous copy (CUDA -> pinned host memory, non_blocking) does not wait for the device
+            if self.active and out.device != t.device and not (t.is_cuda and kwargs.get("non_blocking")):
                 self.calls.append(f"to({out.device})")
             return out
 
