@@ -35,6 +35,7 @@ def main() -> None:
 
     import tokvis
     from tokvis import data, zoo
+    from tokvis.bench import SPREAD_WARNING
     from tokvis.store import _shard_arrays, _write_shard, load_run
 
     if args.threads:
@@ -46,28 +47,47 @@ def main() -> None:
     tokvis.patch(model, args.method, keep_rate=args.keep_rate)
     tmp = Path(tempfile.mkdtemp(prefix="bench_record_"))
     try:
-        with torch.inference_mode():
-            model(x)  # warm-up
-            plain, rec_t = [], []
-            for b in range(args.batches):  # interleave to share any drift in machine load
-                t0 = time.perf_counter()
+
+        def plain_pass(b):
+            model(x)
+
+        def record_pass(b):
+            with tokvis.record(model, image_ids=[f"i{b}_{j}" for j in range(len(x))]) as rec:
                 model(x)
-                plain.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                with tokvis.record(model, image_ids=[f"i{b}_{j}" for j in range(len(x))]) as rec:
-                    model(x)
-                arrays, layers = _shard_arrays(rec.trace, None, soft=False)
-                _write_shard(tmp / f"shard-{b:05d}.safetensors", arrays, {"layers": layers})
-                rec_t.append(time.perf_counter() - t0)
+            arrays, layers = _shard_arrays(rec.trace, None, soft=False)
+            _write_shard(tmp / f"shard-{b:05d}.safetensors", arrays, {"layers": layers})
+            return rec
+
+        with torch.inference_mode():
+            times = {"plain": [], "record": []}
+            for b in range(-1, args.batches):  # round -1 warms up both paths; then interleaved rounds
+                for name, fn in (("plain", plain_pass), ("record", record_pass)):
+                    t0 = time.perf_counter()
+                    res = fn(max(b, 0))
+                    if b >= 0:
+                        times[name].append(time.perf_counter() - t0)
+                    if name == "record":
+                        rec = res
+        plain, rec_t = times["plain"], times["record"]
         ips_plain = len(x) / float(np.median(plain))
         ips_rec = len(x) / float(np.median(rec_t))
         size = (tmp / "shard-00000.safetensors").stat().st_size / len(x)
         print(
             f"model {args.model} {args.method} keep_rate={args.keep_rate}, batch {len(x)}, "
-            f"{torch.get_num_threads()} threads"
+            f"{torch.get_num_threads()} threads, {args.batches} interleaved rounds after one warm-up round"
         )
-        print(f"plain inference  {ips_plain:8.2f} img/s")
-        print(f"record + store   {ips_rec:8.2f} img/s   ratio {ips_rec / ips_plain:.3f} (target >= 0.95)")
+        for label, t in (("plain inference ", plain), ("record + store  ", rec_t)):
+            print(
+                f"{label} {len(x) / float(np.median(t)):8.2f} img/s (min {len(x) / max(t):.2f}, "
+                f"max {len(x) / min(t):.2f})"
+            )
+        print(f"ratio record/plain {ips_rec / ips_plain:.3f} (target >= 0.95)")
+        for label, t in (("plain", plain), ("record", rec_t)):
+            if max(t) / min(t) > SPREAD_WARNING:
+                print(
+                    f"warning: {label}: rounds differ by {max(t) / min(t):.2f}x (> {SPREAD_WARNING:g}): the machine "
+                    "was busy, the figures are not trustworthy; rerun on an idle machine or with more --batches"
+                )
         print(f"store size       {size:8.0f} bytes/image (labels, kept, depth, dst, keep, scores; no CLS features)")
 
         # a synthetic 5,000-image store: the recorded batch repeated, written through the real writer

@@ -8,6 +8,8 @@ timed unit tests.
 from __future__ import annotations
 
 import contextlib
+import copy
+import math
 import os
 import statistics
 import time
@@ -46,133 +48,231 @@ def count_flops(model: nn.Module, images: torch.Tensor) -> float:
 
 
 def time_forward(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) -> list[float]:
-    """Wall times (s) of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
+    """Wall times (s) of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls (CUDA: synchronised)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t0)
     return times
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+#: a configuration's slowest round over its fastest (plain forwards) above this: the machine was busy
+SPREAD_WARNING = 1.3
 
 
 @dataclass
 class BenchRow:
     config: str
-    images_per_s: float
+    images_per_s: float  # median over the timed rounds
     gflops_per_image: float
     flops_ratio: float  # FLOPs of the unpatched model / FLOPs of this one
-    speedup: float  # throughput / unpatched throughput
+    speedup: float  # throughput / unpatched throughput (medians)
     speedup_per_flops: float  # speedup / flops_ratio
     recorded_images_per_s: float
-    record_overhead: float  # recorded wall time / unrecorded wall time
+    record_overhead: float  # recorded wall time / unrecorded wall time (medians)
     fidelity: float  # mean cosine similarity of the outputs to the unpatched model's
+    images_per_s_min: float = math.nan  # slowest round
+    images_per_s_max: float = math.nan  # fastest round
+    peak_memory_mb: float = math.nan  # CUDA: peak allocated memory of a plain forward
+    spread: float = math.nan  # slowest / fastest round (plain forwards)
 
 
 def benchmark(
     model: nn.Module,
     images: torch.Tensor,
-    configs: Sequence[tuple[str, str | None, dict]],
+    configs: Sequence[tuple[str, object, dict]],
     *,
     repeats: int = 5,
     warmup: int = 1,
     progress: Callable[[str], None] | None = print,
+    compile: bool = False,
+    record: bool = True,
 ) -> list[BenchRow]:
-    """Measure throughput, FLOPs and recording overhead for several patch configurations.
+    """Measure throughput, FLOPs and recording overhead of several configurations in interleaved rounds.
+
+    Every round runs every configuration once (plain, then recorded): ``A B C A B C ...``, so that a
+    change in machine load hits all of them alike and no configuration absorbs the warm-up.  The
+    ``warmup`` first rounds are not timed (with ``compile``, they compile).  Rows report the median,
+    slowest and fastest round; a configuration whose rounds differ by more than :data:`SPREAD_WARNING`
+    is reported with a warning line (the machine was busy: the figures are not trustworthy).
 
     Parameters
     ----------
     model : timm VisionTransformer
-        Patched and unpatched in turn (left unpatched at the end).
+        Patched and unpatched in turn (left unpatched at the end); on the device of ``images``.
     images : Tensor [B, 3, H, W]
-    configs : list of (label, method or None, patch kwargs)
-        ``None`` = the unpatched model (the reference; put it first).
+    configs : list of (label, method, patch kwargs)
+        ``method``: ``None`` = the unpatched model (the reference; put it first), a registered name or a
+        :class:`~tokvis.methods.base.Method`, or a callable ``f(model_copy) -> model`` for a model prepared
+        elsewhere (e.g. the official ToMe; not recorded).
     repeats, warmup : int
-        Timed and untimed forward passes per measurement.  Recorded and plain
-        passes are interleaved so both see the same machine load.
+        Timed and untimed rounds.
+    compile : bool
+        ``torch.compile`` each configuration's model (one copy of the model per configuration).
+    record : bool
+        Also time recorded forwards (``tokvis.record``).
     """
-    from tokvis import patch, record, unpatch
+    from tokvis import patch, unpatch
+    from tokvis import record as record_ctx
 
-    label_width = max(len(label) for label, _, _ in configs) if configs else 0
-
-    rows: list[BenchRow] = []
-    base_ips = base_flops = None
     unpatch(model)
     with torch.no_grad():
-        reference = model(images).flatten(1)
+        reference = model(images).flatten(1).float()
     B = images.shape[0]
+    cuda = images.is_cuda
+    # one model per configuration: a copy when compiling or prepared elsewhere, else the shared model re-patched
+    runners = []
     for label, method, kw in configs:
-        unpatch(model)
-        if method is not None:
-            patch(model, method, **kw)
-        flops = count_flops(model, images)
+        if callable(method) and not isinstance(method, (str, nn.Module)):
+            m = method(copy.deepcopy(model))
+            runners.append((label, m, None, False))
+        elif compile:
+            m = copy.deepcopy(model)
+            if method is not None:
+                patch(m, copy.deepcopy(method) if isinstance(method, nn.Module) else method, **kw)
+            runners.append((label, m, None, method is not None and record))
+        else:
+            runners.append((label, model, (method, kw), method is not None and record))
+    flops = []
+    for _label, m, how, _ in runners:
+        _activate(model, how)
+        flops.append(count_flops(m, images))
+    fns = [torch.compile(m) if compile else m for _, m, _, _ in runners]
 
-        def plain() -> None:
-            with torch.no_grad():
-                model(images)
+    plain_t: list[list[float]] = [[] for _ in runners]
+    rec_t: list[list[float]] = [[] for _ in runners]
+    peak = [math.nan] * len(runners)
+    rounds = warmup + repeats
+    with torch.no_grad():
+        for rnd in range(rounds):
+            for i, (_label, m, how, rec) in enumerate(runners):
+                _activate(model, how)
+                last = rnd == rounds - 1
+                if cuda and last:
+                    torch.cuda.reset_peak_memory_stats(images.device)
+                t = _timed(lambda i=i: fns[i](images))
+                if cuda and last:
+                    peak[i] = torch.cuda.max_memory_allocated(images.device) / 2**20
+                tr = math.nan
+                if rec:
 
-        def recorded() -> None:
-            with torch.no_grad(), record(model):
-                model(images)
+                    def recorded(i=i, m=m):
+                        with record_ctx(m) as r:
+                            fns[i](images)
+                        return r.trace  # the host copy is part of recording
 
-        for _ in range(warmup):
-            plain()
-            recorded()
-        t_plain, t_rec = [], []
-        for _ in range(repeats):  # interleaved
-            t_plain += time_forward(plain, repeats=1, warmup=0)
-            t_rec += time_forward(recorded, repeats=1, warmup=0)
-        tp, tr = statistics.median(t_plain), statistics.median(t_rec)
-        with torch.no_grad():
-            out = model(images).flatten(1)
-        fidelity = float(torch.nn.functional.cosine_similarity(out, reference, dim=-1).mean())
-        ips = B / tp
-        if base_ips is None:
-            base_ips, base_flops = ips, flops
-        fr = base_flops / flops
-        row = BenchRow(
-            config=label,
-            images_per_s=ips,
-            gflops_per_image=flops / B / 1e9,
-            flops_ratio=fr,
-            speedup=ips / base_ips,
-            speedup_per_flops=(ips / base_ips) / fr,
-            recorded_images_per_s=B / tr,
-            record_overhead=tr / tp,
-            fidelity=fidelity,
-        )
-        rows.append(row)
-        if progress:
-            progress(format_rows([row], header=len(rows) == 1, label_width=label_width))
+                    tr = _timed(recorded)
+                if rnd >= warmup:
+                    plain_t[i].append(t)
+                    rec_t[i].append(tr)
+        outs = []
+        for i, (_label, _m, how, _) in enumerate(runners):
+            _activate(model, how)
+            outs.append(fns[i](images).flatten(1).float())
     unpatch(model)
+
+    rows = []
+    base_ips = B / statistics.median(plain_t[0])
+    base_flops = flops[0]
+    for i, (label, *_rest) in enumerate(runners):
+        tp = statistics.median(plain_t[i])
+        tr = statistics.median(rec_t[i]) if not any(math.isnan(v) for v in rec_t[i]) else math.nan
+        ips = B / tp
+        fr = base_flops / flops[i]
+        rows.append(
+            BenchRow(
+                config=label,
+                images_per_s=ips,
+                gflops_per_image=flops[i] / B / 1e9,
+                flops_ratio=fr,
+                speedup=ips / base_ips,
+                speedup_per_flops=(ips / base_ips) / fr,
+                recorded_images_per_s=B / tr,
+                record_overhead=tr / tp,
+                fidelity=float(torch.nn.functional.cosine_similarity(outs[i], reference, dim=-1).mean()),
+                images_per_s_min=B / max(plain_t[i]),
+                images_per_s_max=B / min(plain_t[i]),
+                peak_memory_mb=peak[i],
+                spread=max(plain_t[i]) / min(plain_t[i]),
+            )
+        )
+    if progress:
+        progress(format_rows(rows))
+        for line in spread_warnings(rows):
+            progress(line)
     return rows
 
 
-_COLUMNS = [  # (field, width, format)
-    ("config", 26, "s"),
-    ("images_per_s", 12, ".2f"),
-    ("gflops_per_image", 16, ".2f"),
-    ("flops_ratio", 11, ".2f"),
-    ("speedup", 8, ".2f"),
-    ("speedup_per_flops", 17, ".2f"),
-    ("recorded_images_per_s", 21, ".2f"),
-    ("record_overhead", 15, ".3f"),
-    ("fidelity", 8, ".3f"),
+def _activate(model: nn.Module, how) -> None:
+    """Patch the shared model for one configuration (``how = (method, kwargs)``); ``None``: nothing to do."""
+    if how is None:
+        return
+    from tokvis import patch, unpatch
+
+    method, kw = how
+    unpatch(model)
+    if method is not None:
+        patch(model, method, **kw)
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    _sync()
+    t0 = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - t0
+
+
+def spread_warnings(rows: Sequence[BenchRow], limit: float = SPREAD_WARNING) -> list[str]:
+    """One warning line per configuration whose slowest round took more than ``limit`` x its fastest."""
+    return [
+        f"warning: {r.config}: rounds differ by {r.spread:.2f}x (> {limit:g}): the machine was busy, the figures "
+        "are not trustworthy; rerun on an idle machine or with more --repeats"
+        for r in rows
+        if r.spread > limit
+    ]
+
+
+_COLUMNS = [  # (field, header, width, format)
+    ("config", "config", 26, "s"),
+    ("images_per_s", "images_per_s", 12, ".2f"),
+    ("images_per_s_min", "min", 9, ".2f"),
+    ("images_per_s_max", "max", 9, ".2f"),
+    ("gflops_per_image", "gflops_per_image", 16, ".2f"),
+    ("flops_ratio", "flops_ratio", 11, ".2f"),
+    ("speedup", "speedup", 8, ".2f"),
+    ("speedup_per_flops", "speedup_per_flops", 17, ".2f"),
+    ("recorded_images_per_s", "recorded_images_per_s", 21, ".2f"),
+    ("record_overhead", "record_overhead", 15, ".3f"),
+    ("peak_memory_mb", "peak_MB", 8, ".0f"),
+    ("fidelity", "fidelity", 8, ".3f"),
 ]
 
 
 def format_rows(rows: Sequence[BenchRow], *, header: bool = True, label_width: int = 0) -> str:
-    """Fixed-width text table of benchmark rows; the config column is at least ``label_width`` wide."""
-    width = max([label_width, _COLUMNS[0][1], *(len(r.config) for r in rows)])
-    columns = [("config", width, "s"), *_COLUMNS[1:]]
+    """Fixed-width text table of benchmark rows; the config column is at least ``label_width`` wide.
+
+    Images/s are the median round with the slowest (``min``) and fastest (``max``) rounds.
+    """
+    width = max([label_width, _COLUMNS[0][2], *(len(r.config) for r in rows)])
+    columns = [("config", "config", width, "s"), *_COLUMNS[1:]]
     lines = []
     if header:
-        lines.append(" ".join(f"{name:<{w}}" if fmt == "s" else f"{name:>{w}}" for name, w, fmt in columns))
+        lines.append(" ".join(f"{h:<{w}}" if fmt == "s" else f"{h:>{w}}" for _, h, w, fmt in columns))
     for r in rows:
         d = asdict(r)
         lines.append(
-            " ".join(f"{d[name]:<{w}{fmt}}" if fmt == "s" else f"{d[name]:>{w}{fmt}}" for name, w, fmt in columns)
+            " ".join(f"{d[name]:<{w}{fmt}}" if fmt == "s" else f"{d[name]:>{w}{fmt}}" for name, _, w, fmt in columns)
         )
     return "\n".join(lines)
 
@@ -221,3 +321,107 @@ def method_configs(
     configs: list[tuple[str, str | None, dict]] = [("unpatched", None, {})]
     configs += [(f"{m} keep_rate={k:g}", m, {"keep_rate": k}) for m in methods for k in keep_rates]
     return configs
+
+
+# --------------------------------------------------------------------------------------------------
+# the GPU table (benchmarks/bench_gpu.py, tokvis bench --device cuda --dtype fp16)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def gpu_configs(
+    methods: Sequence[str], *, keep_rate: float = 0.5, tome_r: int = 16, mctf_keep_rate: float = 0.7
+) -> list[tuple[str, object, dict]]:
+    """The issue-12 table: unpatched, ToMe at ``r``, every method at ``keep_rate`` (MCTF at its own)."""
+    configs: list[tuple[str, object, dict]] = [("unpatched", None, {})]
+    if "tome" in methods and tome_r:
+        configs.append((f"tome r={tome_r}", "tome", {"r": tome_r}))
+    for m in methods:
+        k = mctf_keep_rate if m == "mctf" else keep_rate
+        configs.append((f"{m} keep_rate={k:g}", m, {"keep_rate": k}))
+    return configs
+
+
+def official_tome(repo: str | os.PathLike | None, r: int) -> Callable[[nn.Module], nn.Module] | None:
+    """A configuration preparer for the official ToMe (``tome.patch.timm``) from a checkout, or ``None``
+    (with the reason printed) when it is not given or not importable."""
+    if not repo:
+        return None
+    import sys
+
+    sys.path.insert(0, str(repo))
+    try:
+        import tome  # noqa: F401  (facebookresearch/ToMe)
+    except Exception as e:  # noqa: BLE001  (any import failure: the column is skipped, with the reason)
+        print(f"official ToMe skipped: cannot import tome from {repo}: {type(e).__name__}: {e}")
+        return None
+
+    def prepare(model: nn.Module) -> nn.Module:
+        tome.patch.timm(model)
+        model.r = r
+        return model
+
+    return prepare
+
+
+def create_bench_model(name: str, *, img_size: int | None = None, pretrained: bool = False) -> nn.Module:
+    """A timm model for the GPU table: random weights by default (no internet needed)."""
+    import timm
+
+    kw = {"img_size": img_size} if img_size else {}
+    return timm.create_model(name, pretrained=pretrained, **kw).eval()
+
+
+def run_gpu_table(
+    *,
+    model_name: str = "vit_base_patch16_224",
+    device: str = "cuda",
+    dtype: str = "fp16",
+    batch_size: int = 256,
+    repeats: int = 5,
+    warmup: int = 2,
+    methods: Sequence[str] | None = None,
+    keep_rate: float = 0.5,
+    tome_r: int = 16,
+    compile: bool = False,
+    tome_repo: str | None = None,
+    img_size: int | None = None,
+    record: bool = True,
+    progress: Callable[[str], None] = print,
+) -> list[BenchRow]:
+    """Every method on a random-init timm ViT: unpatched / plain / recorded images/s, speed-up, speed-up per
+    FLOPs ratio, peak memory; the official ToMe as a row when ``tome_repo`` is importable."""
+    import warnings
+
+    import tokvis
+
+    torch.manual_seed(0)
+    model = create_bench_model(model_name, img_size=img_size).to(device=device, dtype=DTYPES[dtype])
+    size = model.patch_embed.img_size
+    images = torch.randn(batch_size, 3, *size, device=device, dtype=DTYPES[dtype])
+    methods = list(methods or tokvis.list_methods())
+    configs = gpu_configs(methods, keep_rate=keep_rate, tome_r=tome_r)
+    off = official_tome(tome_repo, tome_r)
+    if off is not None:
+        configs.insert(1, (f"official tome r={tome_r}", off, {}))
+    ok = []
+    for label, method, kw in configs:  # a method that cannot run on this model is listed, not fatal
+        if isinstance(method, str):
+            try:
+                tokvis.patch(model, method, **kw)
+            except tokvis.errors.TokvisError as e:
+                progress(f"skipped {label}: {e}")
+                continue
+            finally:
+                tokvis.unpatch(model)
+        ok.append((label, method, kw))
+    progress(
+        f"model {model_name} (random init), batch {batch_size}, input {tuple(size)}, {dtype}, device {device}"
+        f"{' ' + torch.cuda.get_device_name(device) if torch.device(device).type == 'cuda' else ''}, "
+        f"{'compiled' if compile else 'eager'}, torch {torch.__version__}, {repeats} rounds after {warmup} warm-up"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unfitted learned methods warn once each
+        return benchmark(
+            model, images, ok, repeats=repeats, warmup=warmup, progress=progress, compile=compile, record=record
+        )

@@ -68,6 +68,22 @@ def _method(text: str) -> str:
     return text
 
 
+def _device(text: str) -> str:
+    import torch
+
+    from tokvis.errors import DataError
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, TypeError):
+        raise DataError(f"device must be cpu, cuda or cuda:<n>: got {text!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"device {text}: CUDA is not available on this machine; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise DataError(f"device must be cpu, cuda or cuda:<n>: got {text!r}")
+    return text
+
+
 def _check_out_dir(path: str) -> Path:
     """``--out`` folders: refuse an existing file before any work is done."""
     from tokvis.errors import DataError
@@ -146,6 +162,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device != "cpu" or args.dtype != "fp32" or args.methods or args.compile or args.tome_repo:
+        # the method table of benchmarks/bench_gpu.py (random-init timm model, no download)
+        from tokvis.bench import run_gpu_table
+
+        run_gpu_table(
+            model_name="vit_base_patch16_224" if args.model == DEFAULT_MODEL else args.model, device=args.device,
+            dtype=args.dtype, batch_size=args.batch_size, repeats=args.repeats, methods=args.methods,
+            compile=args.compile, tome_repo=args.tome_repo,
+        )  # fmt: skip
+        return 0
     model = zoo.create(args.model, **({"pretrained": False} if args.no_pretrained else {}))
     imgs, _ = data.load_images(model)
     reps = -(-args.batch_size // imgs.shape[0])
@@ -196,6 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=pos, default=16, help="images per forward (default 16; >= 1)")
     b.add_argument("--repeats", type=pos, default=5, help="timed repeats (default 5; >= 1)")
     b.add_argument("--threads", type=int_at_least(0), default=0, help="torch threads (default 0: torch's choice)")
+    b.add_argument(
+        "--device", type=_arg(_device), default="cpu", help="cpu (default), cuda or cuda:<n>; not cpu: the method table"
+    )
+    b.add_argument(
+        "--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="weights and inputs (default fp32)"
+    )
+    b.add_argument("--methods", nargs="+", type=_arg(_method), default=None, help="the method table for these methods")
+    b.add_argument("--compile", action="store_true", help="torch.compile every configuration")
+    b.add_argument("--tome-repo", default=None, help="checkout of facebookresearch/ToMe: adds the official ToMe row")
     b.set_defaults(func=cmd_bench)
 
     m = sub.add_parser("methods", help="list the registered reduction methods")

@@ -17,6 +17,7 @@ method declares in ``needs``.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -26,7 +27,7 @@ from torch import nn
 
 from tokvis.errors import TokvisError
 from tokvis.methods.base import Method, ReductionContext
-from tokvis.methods.ops import apply_decision
+from tokvis.methods.ops import apply_decision, decision_dtype
 from tokvis.methods.registry import create_method
 from tokvis.model import (  # noqa: F401  (model_info, check_images, ... stay importable from here)
     ModelInfo,
@@ -98,7 +99,7 @@ def attention_forward(
             q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0, scale=attn.scale
         )
         if need_cls:
-            extras.cls_attn = _probs(attn, q[:, :, :1], k, mask)[:, :, 0, num_prefix:].mean(1)
+            extras.cls_attn = _cls_row(attn, q, k, mask, num_prefix)
     return _attention_output(attn, out, gate), extras
 
 
@@ -116,6 +117,20 @@ def _probs(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor
     if mask is not None:
         logits = logits + mask
     return logits.softmax(dim=-1)
+
+
+def _cls_row(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, num_prefix: int):
+    """Head-mean attention of the class token to the patch tokens ``[B, T - num_prefix]``: one query row
+    (``q_cls @ k^T``, not the full map), in float32 for fp16 / bf16 models so that rankings do not tie."""
+    dt = decision_dtype(q.dtype)
+    off = (
+        torch.autocast(q.device.type, enabled=False)
+        if torch.amp.is_autocast_available(q.device.type)
+        else nullcontext()
+    )
+    with off:
+        row = _probs(attn, q[:, :, :1].to(dt), k.to(dt), None if mask is None else mask.to(dt))
+    return row[:, :, 0, num_prefix:].mean(1)
 
 
 def _attention_output(attn: nn.Module, out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
@@ -215,7 +230,8 @@ def _patched_block_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None
 
 
 def _context(st: PatchState, layer: int, x: torch.Tensor, target: int, **extras) -> ReductionContext:
-    size = st.size if st.size is not None else x.new_ones(x.shape[:2])
+    # sizes are float32 whatever the model's dtype (fp16 / bf16 count sizes > 256 / 2048 inexactly)
+    size = st.size if st.size is not None else x.new_ones(x.shape[:2], dtype=decision_dtype(x.dtype))
     grid = st.grid if st.grid is not None and st.grid[0] * st.grid[1] == st.n_patches else None
     if grid is None and st.info.num_patches == st.n_patches:
         grid = st.info.grid_size

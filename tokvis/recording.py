@@ -3,8 +3,13 @@
 Recording is a context manager whose hooks are removed in ``finally``, also
 when the forward raises.  Patched tokvis blocks announce their decisions with
 :func:`report`; third-party reduction code can do the same.  Decisions are
-detached and moved to the CPU; nothing else is changed, so outputs are
+detached and moved to the CPU (see below); nothing else is changed, so outputs are
 identical with and without a recorder.
+
+No host sync while recording: decisions stay on the model's device during the
+forward; at its end one asynchronous copy per tensor goes to the host (pinned
+memory, ``non_blocking`` on CUDA) and the :class:`Trace` is built (and checked)
+only when ``rec.trace`` / ``rec.batches`` is first read.
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ class Recorder:
         self.store_scores = store_scores
         self._given_ids = list(image_ids) if image_ids is not None else None
         self._batches: list[Trace] = []
+        self._pending: list[tuple] = []  # forwards whose decisions are on their way to the host
+        self._images = 0
         self._current: list[LayerDecision] | None = None
         self._grid: tuple[int, int] | None = None
         self._hooks: list[Any] = []
@@ -115,19 +122,37 @@ class Recorder:
     def _add(self, decision: LayerDecision) -> None:
         if self._current is None:  # a forward that bypassed model() (e.g. forward_features)
             self._current, self._grid, self._batch_size = [], self.info.grid_size, None
-        d = decision.to("cpu")
+        # kept on the model's device during the forward: no device-to-host copy (a host sync) per block
+        d = decision._map(lambda t: t.detach())
         if not self.store_scores and d.score is not None:
             d = dataclasses.replace(d, score=None)
         self._current.append(d)
 
     def _flush(self) -> None:
+        """End of a forward: start one asynchronous copy of its decisions to the host (CUDA: pinned memory,
+        ``non_blocking``, one event); the trace is built when first asked for, never inside the forward."""
         if self._current is None:
             return
         decisions, self._current = self._current, None
         batch = self._batch_size if self._batch_size is not None else (decisions[0].batch_size if decisions else 0)
-        start = sum(t.num_images for t in self._batches)
-        self._batches.append(Trace(decisions, self._meta(self._grid or self.info.grid_size, start, batch)))
+        start = self._images
+        self._images += batch
+        meta = self._meta(self._grid or self.info.grid_size, start, batch)
+        host = [d._map(_start_copy) for d in decisions]
+        event = None
+        if any(d.dst.is_cuda for d in decisions):
+            event = torch.cuda.Event()
+            event.record()
+        self._pending.append((host, meta, event))
         self._trace = None
+
+    def _materialise(self) -> None:
+        self._flush()
+        while self._pending:
+            host, meta, event = self._pending.pop(0)
+            if event is not None:
+                event.synchronize()  # the copies of that forward have landed
+            self._batches.append(Trace([d._map(_on_host) for d in host], meta))
 
     def _meta(self, grid: tuple[int, int], start: int, n: int) -> TraceMeta:
         st = patch_state(self.model)
@@ -163,7 +188,7 @@ class Recorder:
     @property
     def trace(self) -> Trace:
         """All batches recorded so far, in order, as one :class:`Trace`."""
-        self._flush()
+        self._materialise()
         if not self._batches:
             raise TraceMismatchError("nothing was recorded: run the model inside the `with record(model)` block")
         if self._trace is None:
@@ -173,8 +198,17 @@ class Recorder:
     @property
     def batches(self) -> list[Trace]:
         """One trace per forward call."""
-        self._flush()
+        self._materialise()
         return list(self._batches)
+
+
+def _start_copy(t: torch.Tensor) -> torch.Tensor:
+    """CUDA: start the copy into pinned host memory without waiting for the device; other devices later."""
+    return t.to("cpu", non_blocking=True) if t.is_cuda else t
+
+
+def _on_host(t: torch.Tensor) -> torch.Tensor:
+    return t if t.device.type == "cpu" else t.to("cpu")
 
 
 def record(

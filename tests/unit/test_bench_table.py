@@ -1,8 +1,16 @@
-"""tokvis.bench.format_rows: the printed table stays aligned whatever the config labels."""
+"""tokvis.bench: the printed table stays aligned whatever the config labels; configurations run in interleaved
+rounds with min / median / max and a warning when the machine was busy."""
 
 from __future__ import annotations
 
-from tokvis.bench import BenchRow, format_rows
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from tests.models import make_images, make_model
+from tokvis.bench import SPREAD_WARNING, BenchRow, benchmark, format_rows, spread_warnings
 
 
 def _row(label: str) -> BenchRow:
@@ -20,3 +28,143 @@ def test_columns_align_with_long_labels():
     single = [format_rows([r], header=False, label_width=width) for r in rows]
     assert [len(s) for s in single] == [len(lines[1])] * 3
     assert single[1] == lines[2]
+
+
+# -- interleaved rounds, min / median / max, busy-machine warning (issue 12 §4) ---------------------
+
+
+class _Logged(nn.Module):
+    """Wraps the model: logs each call under ``label`` and sleeps ``delays[call]`` seconds (default 0)."""
+
+    def __init__(self, model, label, log, delays=()):
+        super().__init__()
+        self.model, self.label, self.log, self.delays = model, label, log, list(delays)
+
+    def forward(self, x):
+        self.log.append(self.label)
+        if self.delays:
+            time.sleep(self.delays.pop(0))
+        return self.model(x)
+
+
+def test_configurations_run_in_interleaved_rounds():
+    """A B C A B C ...: the first configuration no longer absorbs the warm-up (bench_record reported
+    recording 1.8x faster than plain inference)."""
+    model, x = make_model("cls"), make_images("cls", n=2)
+    log: list[str] = []
+    configs = [(c, (lambda m, c=c: _Logged(m, c, log)), {}) for c in "ABC"]
+    rows = benchmark(model, x, configs, repeats=3, warmup=2, progress=None)
+    timed = [c for c in log if c in "ABC"]
+    assert timed[:3] == ["A", "B", "C"]  # the flop count, one call each
+    assert timed[3 : 3 + 15] == list("ABC") * 5  # 2 warm-up + 3 timed rounds, interleaved
+    for r in rows:
+        assert r.images_per_s_min <= r.images_per_s <= r.images_per_s_max
+
+
+def test_busy_machine_is_reported():
+    """A configuration whose rounds differ by more than SPREAD_WARNING gets a warning line."""
+    model, x = make_model("cls"), make_images("cls", n=2)
+    log: list[str] = []
+    # calls: flop count, warm-up, three timed rounds, output; sleeps dwarf the tiny model's own noise
+    calm, busy = [0.1] * 6, [0.1, 0.1, 0.1, 0.4, 0.1, 0.1]
+    configs = [("calm", lambda m: _Logged(m, "calm", log, calm)), ("busy", lambda m: _Logged(m, "busy", log, busy))]
+    printed: list[str] = []
+    rows = benchmark(model, x, [(label, f, {}) for label, f in configs], repeats=3, warmup=1, progress=printed.append)
+    by = {r.config: r for r in rows}
+    assert by["busy"].spread > SPREAD_WARNING
+    warnings_ = [line for line in printed if line.startswith("warning:")]
+    assert any(line.startswith("warning: busy:") and "machine was busy" in line for line in warnings_)
+    # (calm is warned only if this shared machine really was busy during it)
+    assert len(warnings_) == sum(r.spread > SPREAD_WARNING for r in rows)
+    assert by["busy"].images_per_s_min < by["busy"].images_per_s
+
+
+def test_spread_warnings_threshold():
+    calm, busy = _row("calm"), _row("busy")
+    calm.spread, busy.spread = 1.29, 1.31
+    assert spread_warnings([calm]) == []
+    assert [w.split(":")[1].strip() for w in spread_warnings([calm, busy])] == ["busy"]
+
+
+def test_benchmark_patched_tiny_model_rows():
+    model, x = make_model("cls"), make_images("cls", n=2)
+    configs = [("unpatched", None, {}), ("tome r=4", "tome", {"r": 4}), ("topk keep 0.5", "topk", {"keep_rate": 0.5})]
+    rows = benchmark(model, x, configs, repeats=2, warmup=1, progress=None)
+    assert [r.config for r in rows] == ["unpatched", "tome r=4", "topk keep 0.5"]
+    assert rows[0].speedup == 1.0 and rows[0].fidelity > 0.999
+    assert rows[1].flops_ratio > 1.0 and rows[2].flops_ratio > 1.0
+    assert all(r.recorded_images_per_s > 0 for r in rows[1:])
+    assert not hasattr(model, "_tokvis")  # left unpatched
+
+
+@pytest.mark.slow  # compiling takes about a minute on the CPU
+def test_benchmark_compiled_equals_eager_outputs():
+    """compile=True: one compiled copy per configuration; fidelity (same outputs) as in eager."""
+    pytest_ = pytest
+    if not hasattr(torch, "compile"):
+        pytest_.skip("no torch.compile")
+    model, x = make_model("cls"), make_images("cls", n=2)
+    configs = [("unpatched", None, {}), ("topk keep 0.5", "topk", {"keep_rate": 0.5})]
+    eager = benchmark(model, x, configs, repeats=1, warmup=1, progress=None, record=False)
+    try:
+        compiled = benchmark(model, x, configs, repeats=1, warmup=1, progress=None, compile=True, record=False)
+    except Exception as e:  # no C compiler for inductor on this machine
+        pytest_.skip(f"torch.compile unavailable: {type(e).__name__}")
+    for a, b in zip(eager, compiled, strict=True):
+        assert abs(a.fidelity - b.fidelity) < 1e-4 and a.flops_ratio == b.flops_ratio
+
+
+# -- tokvis bench --device / --dtype / --methods (the GPU table) and benchmarks/bench_gpu.py ------------
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--device", "tpu"], "device must be cpu, cuda or cuda:<n>: got 'tpu'"),
+        (["--device", "cuda:x"], "device must be cpu, cuda or cuda:<n>"),
+        (["--dtype", "fp8"], "invalid choice: 'fp8'"),
+        (["--methods", "tomee"], "tomee"),
+    ],
+)
+def test_cli_bench_bad_gpu_arguments_are_one_line(argv, needle, capsys):
+    from tokvis.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["bench", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and needle in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_cli_bench_cuda_without_cuda_says_use_cpu(capsys):
+    from tokvis.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--device", "cuda", "--dtype", "fp16"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "CUDA is not available" in err and "--device cpu" in err
+
+
+def test_bench_gpu_script_runs_on_cpu_with_tiny_settings(capsys):
+    """benchmarks/bench_gpu.py on a random-init tiny timm ViT (no internet, no weights)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "benchmarks" / "bench_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--device", "cpu", "--dtype", "bf16", "--model", "vit_tiny_patch16_224", "--img-size", "64",
+              "--batch-size", "2", "--repeats", "1", "--warmup", "1", "--methods", "tome", "topk", "mctf",
+              "--tome-r", "2", "--tome-repo", "/nonexistent/ToMe"])  # fmt: skip
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert "official ToMe skipped" in out
+    assert "bf16" in lines[1] and "eager" in lines[1]
+    rows = [line for line in lines if line.split(" ")[0] in ("unpatched", "tome", "topk", "mctf")]
+    assert [" ".join(r.split()[:2]) for r in rows][1:] == [
+        "tome r=2", "tome keep_rate=0.5", "topk keep_rate=0.5", "mctf keep_rate=0.7"
+    ]  # fmt: skip
+    header = next(line for line in lines if line.startswith("config"))
+    for col in ("images_per_s", "min", "max", "speedup_per_flops", "recorded_images_per_s", "peak_MB"):
+        assert col in header

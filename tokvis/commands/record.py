@@ -92,7 +92,14 @@ def register(subparsers) -> None:
     r.add_argument("--no-scores", action="store_true", help="do not store the methods' ranking scores")
     r.add_argument("--cls", action="store_true", help="store the class-token feature after every block")
     r.add_argument("--soft", action="store_true", help="store soft assignment matrices (large)")
-    r.add_argument("--amp", action="store_true", help="mixed precision (float16 autocast; CUDA only)")
+    r.add_argument(
+        "--amp",
+        nargs="?",
+        const="fp16",
+        default=None,
+        choices=("fp16", "bf16"),
+        help="mixed precision: fp16 autocast (the default of a bare --amp; CUDA only) or bf16 (CUDA or CPU)",
+    )
     _add_common(r)
     r.set_defaults(func=cmd_record)
 
@@ -120,7 +127,7 @@ def _specs(args) -> list:
         backbone=args.model, dataset=args.data, pretrained=not args.no_pretrained, model_kwargs=args.model_kwargs,
         seed=args.seed, locations=args.locations, method_options=args.method_options, dataset_name=args.dataset_name,
         limit=args.limit, shard_size=args.shard_size, scores=not args.no_scores, cls=args.cls, soft=args.soft,
-        amp=args.amp,
+        amp={None: False, "fp16": True}.get(args.amp, args.amp),
     )  # fmt: skip
     specs = []
     for method in args.method:
@@ -209,7 +216,7 @@ def load_sweep(path: str | Path) -> tuple[list, dict[str, Any]]:
                     seed=cfg.get("seed", 0), locations=cfg.get("locations"),
                     method_options=dict(method_options.get(method, {})), limit=cfg.get("limit"),
                     shard_size=cfg.get("shard_size", 256), scores=bool(cfg.get("scores", True)),
-                    cls=bool(cfg.get("cls", False)), soft=bool(cfg.get("soft", False)), amp=bool(cfg.get("amp", False)),
+                    cls=bool(cfg.get("cls", False)), soft=bool(cfg.get("soft", False)), amp=cfg.get("amp", False),
                 )  # fmt: skip
                 specs += [RunSpec(keep_rate=k, **common) for k in keep_rates]
                 specs += [RunSpec(r=v, **common) for v in rs]

@@ -6,7 +6,7 @@ import torch
 
 from tokvis.errors import MethodOptionError
 from tokvis.methods.base import Method, ReductionContext
-from tokvis.methods.ops import slots_from_keep
+from tokvis.methods.ops import decision_dtype, slots_from_keep
 from tokvis.methods.registry import register_method
 from tokvis.trace import LayerDecision
 from tokvis.validate import check_choice, check_int
@@ -29,6 +29,7 @@ def pairwise_distance(x: torch.Tensor, metric: str) -> torch.Tensor:
     -------
     Tensor [B, n, n]
     """
+    x = x.to(decision_dtype(x.dtype))  # no fp16 / bf16 cdist kernel, and float32 distances keep partitions stable
     if metric == "euclidean":
         return torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
     u = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)

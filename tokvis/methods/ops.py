@@ -55,19 +55,21 @@ def apply_decision(
     if decision.size_scale is not None:  # soft keep: scale the input sizes, not the tokens
         tsize = tsize * decision.size_scale.to(tsize.dtype)
     if decision.soft is not None:
-        soft = decision.soft.to(patches.dtype)
-        out = _soft_apply(soft, patches, decision)
-        new_size = torch.bmm(soft, tsize.unsqueeze(-1)).squeeze(-1)
-    elif _is_identity(decision):
-        if decision.size_scale is None:
-            return x, size
-        return x, torch.cat([psize, tsize], 1)
+        out = _soft_apply(decision.soft.to(patches.dtype), patches, decision)
+        new_size = torch.bmm(decision.soft.to(tsize.dtype), tsize.unsqueeze(-1)).squeeze(-1)
+    elif n_out == n_in and patches.device.type == "cpu" and bool(_identity_rows(decision).all()):
+        # the CPU has no device to wait for: return the very tensor (bit for bit, the same memory layout)
+        return (x, size) if decision.size_scale is None else (x, torch.cat([psize, tsize], 1))
     else:
         w = decision.weight
-        w = torch.ones_like(tsize) if w is None else w.to(patches.dtype)
+        w = torch.ones_like(tsize) if w is None else w  # merge_mean sums in float32 whatever the dtypes
         out = merge_mean(patches, decision.dst, n_out, w)
         idx = torch.where(decision.dst >= 0, decision.dst, n_out)  # dropped tokens go to a spare slot
         new_size = tsize.new_zeros(B, n_out + 1).scatter_add_(1, idx, tsize)[:, :n_out]
+        if n_out == n_in:  # images the decision leaves in place keep their tokens bit for bit
+            same = _identity_rows(decision)  # [B, 1] on the device: no host sync
+            out = torch.where(same[..., None], patches, out)
+            new_size = torch.where(same, tsize, new_size)
     return torch.cat([prefix, out], 1), torch.cat([psize, new_size], 1)
 
 
@@ -142,11 +144,11 @@ def mix_matrix(kept: torch.Tensor, removed: torch.Tensor, weight: torch.Tensor, 
     return soft / soft.sum(-1, keepdim=True)
 
 
-def _is_identity(d: LayerDecision) -> bool:
-    if d.n_out != d.n_in:
-        return False
+def _identity_rows(d: LayerDecision) -> torch.Tensor:
+    """``[B, 1]`` bool: the decision keeps every token of the image in its own slot.  A device tensor, so
+    that applying a decision never waits for the device (a ``bool(...)`` here was a host sync per block)."""
     ar = torch.arange(d.n_in, device=d.dst.device)
-    return bool((d.dst == ar).all())
+    return (d.dst == ar).all(1, keepdim=True)
 
 
 def rank_keep(score: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,6 +246,7 @@ def bipartite_matching(
     B, n, _ = metric.shape
     dev = metric.device
     a_pos, b_pos = bipartite_split(n, num_prefix, device=dev)
+    metric = metric.to(decision_dtype(metric.dtype))  # fp16 / bf16 keys: similarities in float32
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     sim = metric[:, a_pos] @ metric[:, b_pos].transpose(1, 2)  # [B, na, nb]
     best, partner = sim.max(dim=-1)  # [B, na]
@@ -283,11 +286,27 @@ def merge_mean(values: torch.Tensor, dst: torch.Tensor, n_out: int, weight: torc
     """Weighted mean of ``values [B, n, c]`` per output slot ``dst [B, n]`` (-1 = dropped).
 
     Output slots that receive no input are 0.
+
+    Sums are accumulated in float32 (or float64 for float64 inputs) whatever the dtypes of ``values`` and
+    ``weight`` (fp16 / bf16 models, autocast): a sum of up to ``n`` weighted tokens in half precision loses
+    the small contributions; the result has the dtype of ``values``.
     """
     B, n, c = values.shape
+    acc = decision_dtype(values.dtype, weight.dtype)
     idx = torch.where(dst >= 0, dst, n_out)
-    num = values.new_zeros(B, n_out + 1, c).scatter_add_(
-        1, idx[..., None].expand(-1, -1, c), values * weight[..., None]
+    w = weight.to(acc)
+    num = values.new_zeros(B, n_out + 1, c, dtype=acc).scatter_add_(
+        1, idx[..., None].expand(-1, -1, c), values.to(acc) * w[..., None]
     )
-    den = weight.new_zeros(B, n_out + 1).scatter_add_(1, idx, weight)
-    return num[:, :n_out] / den[:, :n_out, None].clamp_min(torch.finfo(den.dtype).tiny)
+    den = w.new_zeros(B, n_out + 1).scatter_add_(1, idx, w)
+    return (num[:, :n_out] / den[:, :n_out, None].clamp_min(torch.finfo(acc).tiny)).to(values.dtype)
+
+
+def decision_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype tokvis does decision maths in: float64 when an input is float64, else float32.
+
+    Used for matching similarities, distances, merge sums and the class-token attention row, so that
+    fp16 / bf16 models and autocast rank and partition tokens from float32 values (bf16 has 8 bits of
+    mantissa: ranking cosine similarities in it ties most of them).
+    """
+    return torch.float64 if torch.float64 in dtypes else torch.float32

@@ -114,8 +114,9 @@ class RunSpec:
         Images per shard.
     scores, cls, soft : bool
         Store ranking scores, class-token features per block, soft assignments.
-    amp : bool
-        Mixed precision (CUDA only).
+    amp : bool or {"fp16", "bf16"}
+        Mixed precision: ``True`` / ``"fp16"`` float16 autocast (CUDA only; stored as ``True``, as before),
+        ``"bf16"`` bfloat16 autocast (CUDA or CPU).
     """
 
     backbone: str
@@ -134,10 +135,14 @@ class RunSpec:
     scores: bool = True
     cls: bool = False
     soft: bool = False
-    amp: bool = False
+    amp: bool | str = False
 
     def __post_init__(self) -> None:
         E = RunConfigError
+        if self.amp not in (False, True, "fp16", "bf16"):
+            raise E(f"amp must be fp16 or bf16 (or true for fp16): got {self.amp!r}")
+        if self.amp == "fp16":  # the same run (and fingerprint) as the former --amp
+            object.__setattr__(self, "amp", True)
         if (self.keep_rate is None) == (self.r is None):
             raise E("give exactly one of keep_rate and r for a run")
         if self.keep_rate is not None:

@@ -431,7 +431,8 @@ class _ShardRecorder:
             _Images(), batch_sampler=batches, num_workers=workers, collate_fn=lambda items: items
         )
         spec = self.spec
-        autocast = torch.autocast("cuda", dtype=torch.float16) if spec.amp else _null()
+        amp_dtype = torch.bfloat16 if spec.amp == "bf16" else torch.float16
+        autocast = torch.autocast(torch.device(self.device).type, dtype=amp_dtype) if spec.amp else _null()
         with torch.inference_mode(), _ClsHooks(self.model) if spec.cls else _null() as hooks:
             for b, items in enumerate(loader):
                 if self.k is not None and self.k != owner[b]:
@@ -567,8 +568,10 @@ def record_run(
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise RunConfigError(f"device must be cpu, cuda or cuda:<n>: got {device!r}") from e
-    if spec.amp and dev.type != "cuda":
-        raise RunConfigError("--amp (mixed precision) needs a CUDA device; drop --amp to record on the CPU")
+    if spec.amp is True and dev.type != "cuda":
+        raise RunConfigError(
+            "--amp fp16 (mixed precision) needs a CUDA device; use --amp bf16 or drop --amp to record on the CPU"
+        )
     has_cls = bool(getattr(model, "cls_token", None) is not None)
     if spec.cls and not has_cls:
         raise RunConfigError("cls=True needs a model with a class token; this model has none")

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# GPU check of issue 12, in one go (~8 minutes on an H200).  Run from the repository root:
+#     OUT=/some/folder bash benchmarks/gpu_check.sh        [TOME_REPO=path/to/facebookresearch/ToMe]
+# Needs torch, timm, numpy, scipy, sklearn, pandas; no internet (random-init timm models).
+# Every part has its own timeout and never stops the others; everything is printed and kept under $OUT.
+set -u
+OUT=${OUT:-/tmp/tokvis_gpu_check}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+TOME_ARG=()
+if [ -n "${TOME_REPO:-}" ]; then TOME_ARG=(--tome-repo "$TOME_REPO"); fi
+part() { echo; echo "=================== $* ($(date +%T)) ==================="; }
+
+part environment
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+  python -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" || true
+} 2>&1 | tee "$OUT/environment.txt"
+
+part "1. precision (fp16/bf16 autocast, .half()/.bfloat16() models) and host syncs, on CUDA"
+TOKVIS_TEST_DEVICE=cuda timeout 180 python -m pytest -q -p no:cacheprovider -rxf -s \
+    tests/unit/test_precision.py tests/unit/test_host_sync.py 2>&1 | tee "$OUT/tests_cuda.txt" | tail -80 || true
+
+part "2. ViT-B/16 fp16 batch 256, every method, eager (plain and recorded)"
+timeout 150 python benchmarks/bench_gpu.py --device cuda --dtype fp16 --model vit_base_patch16_224 \
+    --batch-size 256 --repeats 5 --warmup 2 "${TOME_ARG[@]}" 2>&1 | tee "$OUT/vit_b16_fp16_eager.txt" || true
+
+part "3. ViT-L/16 fp16 batch 128, ToMe r=8, eager"
+timeout 90 python benchmarks/bench_gpu.py --device cuda --dtype fp16 --model vit_large_patch16_224 \
+    --batch-size 128 --repeats 5 --warmup 2 --methods tome --tome-r 8 "${TOME_ARG[@]}" 2>&1 \
+    | tee "$OUT/vit_l16_fp16_eager.txt" || true
+
+part "4. ViT-B/16 fp16 batch 256, torch.compile: unpatched, ToMe r=16, tome/topk keep 0.5 (compiles ~2-3 min)"
+timeout 240 python benchmarks/bench_gpu.py --device cuda --dtype fp16 --model vit_base_patch16_224 \
+    --batch-size 256 --repeats 5 --warmup 2 --methods tome topk --compile --no-record 2>&1 \
+    | tee "$OUT/vit_b16_fp16_compiled.txt" || true
+
+part done
+echo "outputs in $OUT"

@@ -1,0 +1,208 @@
+"""Mixed precision (issue 12 §1): every registered method under bf16 autocast on the CPU, on ``.bfloat16()``
+and ``.half()`` models; decision maths (matching similarities, distances, merge sums, class-token row,
+token sizes) in float32.
+
+The same tests run on CUDA (fp16 and bf16 autocast too) with ``TOKVIS_TEST_DEVICE=cuda``
+(``benchmarks/gpu_check.sh``); on a machine without CUDA the CUDA cases are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import tokvis
+from tests.invariants import METHOD_MATRIX, block_token_counts, case_for, expected_counts, method_for
+from tests.models import make_images, make_model
+from tokvis.methods.ops import apply_decision, bipartite_matching, decision_dtype, merge_mean
+from tokvis.trace import LayerDecision
+
+DEVICE = os.environ.get("TOKVIS_TEST_DEVICE", "cpu")
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    pytest.skip("TOKVIS_TEST_DEVICE=cuda but CUDA is not available", allow_module_level=True)
+
+# (mode, dtype): "autocast" runs the float32 model under torch.autocast; "model" converts the model and images
+# fp16 CPU kernels are slow: the .half() cases run with the slow tests (and on CUDA)
+_HALF = pytest.param("model", torch.float16, marks=() if DEVICE == "cuda" else pytest.mark.slow)
+MODES = [("autocast", torch.bfloat16), ("model", torch.bfloat16), _HALF]
+if DEVICE == "cuda":
+    MODES.append(("autocast", torch.float16))
+
+#: per method the first schedule of the matrix (and its own conventions)
+CASES = [(name, METHOD_MATRIX[name].schedules[0]) for name in sorted(METHOD_MATRIX)]
+
+# (method, mode, dtype) -> fraction of patches whose final label differs from float32, for the report
+AGREEMENT: dict[tuple, float] = {}
+# (mode, dtype) -> relative error of the *unpatched* model against float32: the precision's own error
+BASELINE: dict[tuple, float] = {}
+
+
+def _run(name, kw, mode, dtype):
+    model, x = make_model("cls").to(DEVICE), make_images("cls", n=4).to(DEVICE)
+    obj, sched = method_for(name, kw)
+    with torch.no_grad():
+        base_ref = model(x)
+        with torch.autocast(DEVICE, dtype=dtype, enabled=mode == "autocast"):
+            base = model.to(dtype if mode == "model" else torch.float32)(x.to(dtype) if mode == "model" else x)
+        model.float()
+        BASELINE[(mode, str(dtype))] = ((base.float() - base_ref).norm() / base_ref.norm()).item()
+    tokvis.patch(model, obj, **sched)
+    with torch.no_grad():
+        ref, ref_trace = tokvis.run_with_trace(model, x)
+        if mode == "autocast":
+            with torch.autocast(DEVICE, dtype=dtype):
+                out, trace = tokvis.run_with_trace(model, x)
+                counts = block_token_counts(model, x)
+        else:
+            model.to(dtype)
+            out, trace = tokvis.run_with_trace(model, x.to(dtype))
+            counts = block_token_counts(model, x.to(dtype))
+    return ref, ref_trace, out, trace, counts
+
+
+@pytest.mark.parametrize("mode,dtype", MODES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("name,kw", CASES, ids=[n for n, _ in CASES])
+def test_method_runs_in_low_precision(name, kw, mode, dtype):
+    ref, ref_trace, out, trace, counts = _run(name, kw, mode, dtype)
+    # follows the schedule
+    expect = expected_counts(name, kw, 64, 6)
+    if case_for(name).adaptive:
+        assert all(c <= e for c, e in zip(counts, expect, strict=True)), (counts, expect)
+    else:
+        assert counts == expect, (counts, expect)
+    assert trace.layers == ref_trace.layers
+    # agrees with float32 up to the precision (partitions may differ: measured, not asserted identical)
+    assert torch.isfinite(out.float()).all()
+    err = (out.float() - ref).norm() / ref.norm()
+    base = BASELINE[(mode, str(dtype))]
+    last = trace.layers[-1]
+    differ = (trace.kept(last) != ref_trace.kept(last)).float().mean().item()
+    AGREEMENT[(name, mode, str(dtype))] = (differ, err.item(), base)
+    same = all(torch.equal(trace.labels(layer), ref_trace.labels(layer)) for layer in ref_trace.layers)
+    if same:  # the same partitions: the output differs by the precision's own rounding only
+        assert err < max(0.05, 4 * base), f"{name} {mode} {dtype}: relative error {err:.3f} (unpatched: {base:.3f})"
+    else:  # partitions flipped on near-ties (random-init scorers): loose, but never garbage
+        assert err < 0.6, f"{name} {mode} {dtype}: relative error {err:.3f} (unpatched: {base:.3f})"
+    # the decisions a recorder stores are float32 / int64 / bool whatever the model's precision
+    for d in trace.decisions:
+        assert d.dst.dtype == torch.int64 and d.keep.dtype == torch.bool
+
+
+def test_deterministic_partitions_mostly_agree_under_bf16_autocast():
+    """Decision maths in float32: deterministic ToMe / Top-K partitions under bf16 autocast mostly agree
+    with float32's (the tokens themselves are bf16, so not bit for bit)."""
+    for name, kw in (("tome", {"r": 5}), ("topk", {"keep_rate": 0.7})):
+        _, ref_trace, _, trace, _ = _run(name, kw, "autocast", torch.bfloat16)
+        for layer in ref_trace.layers:
+            same = (trace.kept(layer) == ref_trace.kept(layer)).float().mean().item()
+            assert same > 0.6, f"{name} block {layer}: only {same:.2f} of the patches agree with float32"
+
+
+def test_merge_mean_mixed_dtypes_sums_in_float32():
+    """bf16 tokens with float32 sizes (ToMe's metric merge under autocast) crashed in scatter_add_."""
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(2, 10, 8, generator=g)
+    w = torch.rand(2, 10, generator=g) + 0.5
+    dst = torch.tensor([[0, 0, 1, 1, 2, 2, 3, 3, -1, 4]] * 2)
+    ref = merge_mean(v.double(), dst, 5, w.double())
+    out = merge_mean(v.bfloat16(), dst, 5, w)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+    # float32 accumulation: many small contributions are not lost (a bf16 running sum would lose them)
+    many = torch.full((1, 4096, 1), 1.0, dtype=torch.bfloat16)
+    many[0, 0, 0] = 256.0
+    total = merge_mean(many, torch.zeros(1, 4096, dtype=torch.long), 1, torch.ones(1, 4096))
+    assert total.item() == pytest.approx((256 + 4095) / 4096, rel=1e-2)
+
+
+def test_decision_maths_dtype():
+    assert decision_dtype(torch.float16) == torch.float32
+    assert decision_dtype(torch.bfloat16, torch.float32) == torch.float32
+    assert decision_dtype(torch.float64) == torch.float64
+
+
+def test_matching_of_bf16_metric_equals_float32_matching_of_the_same_values():
+    """The similarities are computed in float32: matching bf16 keys equals matching their float32 values."""
+    g = torch.Generator().manual_seed(1)
+    m = torch.randn(3, 40, 16, generator=g).bfloat16()
+    dst16, keep16 = bipartite_matching(m, 10, num_prefix=1)
+    dst32, keep32 = bipartite_matching(m.float(), 10, num_prefix=1)
+    assert torch.equal(dst16, dst32) and torch.equal(keep16, keep32)
+
+
+def test_soft_decision_on_bf16_tokens_keeps_float32_sizes():
+    x = torch.randn(2, 5, 4).bfloat16()
+    size = torch.ones(2, 5)
+    soft = torch.softmax(torch.randn(2, 2, 4), -1)
+    d = LayerDecision(0, "soft", soft.argmax(1), torch.zeros(2, 4, dtype=torch.bool), n_out=2, soft=soft)
+    out, new_size = apply_decision(x, size, d, num_prefix=1)
+    assert out.dtype == torch.bfloat16 and new_size.dtype == torch.float32
+    torch.testing.assert_close(new_size[:, 1:], (soft @ size[:, 1:, None]).squeeze(-1))
+
+
+def teardown_module(module):
+    if AGREEMENT:
+        print(
+            "\nmethod mode dtype: patches kept/merged otherwise than in float32 after the last reduction, "
+            "relative output error (unpatched model's own error)"
+        )
+        for key, (v, e, b) in sorted(AGREEMENT.items()):
+            print(f"  {key[0]:12s} {key[1]:9s} {key[2]:15s} {v:.3f}  {e:.3f} ({b:.3f})")
+
+
+# -- tokvis record --amp fp16|bf16 -----------------------------------------------------------------
+
+
+def test_record_run_with_bf16_autocast_on_cpu(tmp_path):
+    """``--amp bf16`` records on the CPU (ToMe crashed under bf16 autocast); the run is complete."""
+    from tests.unit.test_store import N_IMAGES, _record
+
+    res, _ = _record(tmp_path, method="tome", amp="bf16")
+    run = tokvis.load_run(res.path)
+    assert run.num_images == N_IMAGES
+    assert run.complete
+    from tokvis.store.format import read_manifest
+
+    assert "bf16" in json.dumps(read_manifest(res.path))
+
+
+def test_amp_values():
+    from tokvis.store import RunConfigError, RunSpec
+
+    base = dict(backbone="b", method="tome", dataset="d", r=4)
+    assert RunSpec(**base, amp="fp16").amp is True  # the former --amp: same run, same fingerprint
+    assert RunSpec(**base, amp="bf16").amp == "bf16"
+    with pytest.raises(RunConfigError, match="fp16 or bf16"):
+        RunSpec(**base, amp="fp8")
+
+
+def test_amp_fp16_on_cpu_says_use_bf16(tmp_path):
+    from tests.unit.test_store import _record
+    from tokvis.store import RunConfigError
+
+    with pytest.raises(RunConfigError, match="--amp bf16"):
+        _record(tmp_path, amp="fp16")
+
+
+@pytest.mark.parametrize(
+    "argv,amp", [([], False), (["--amp"], True), (["--amp", "fp16"], True), (["--amp", "bf16"], "bf16")]
+)
+def test_cli_amp_argument(argv, amp):
+    from tokvis.cli import build_parser
+    from tokvis.commands.record import _specs
+
+    args = build_parser().parse_args(["record", "--model", "m", "--method", "tome", "--r", "4", *argv])
+    assert [s.amp for s in _specs(args)] == [amp]
+
+
+def test_cli_bad_amp_is_one_line(capsys):
+    from tokvis.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["record", "--model", "m", "--method", "tome", "--r", "4", "--amp", "fp8"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fp8" in err[0] and "Traceback" not in err[0]
