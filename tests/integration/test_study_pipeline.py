@@ -1,0 +1,114 @@
+"""The study end to end on tiny random-model runs: record -> evaluate -> compare -> figures (fast, in-process).
+
+The glue between the commands: ``tokvis evaluate``'s table (every measure column, empty where a measure is
+unavailable, a text ``measure`` note, the backbone as asked for) is what ``tokvis figures`` reads by default
+from ``<runs>/metrics.csv``; ``tokvis compare --convention study`` works next to the standard convention.
+"""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tokvis.cli import main
+
+KW = '{"img_size": 32, "patch_size": 8, "depth": 4}'
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """Six runs (topk, evit, tome x keep 0.7, 0.5), their metrics.csv, and the two compare tables."""
+    root = tmp_path_factory.mktemp("study")
+    runs = root / "runs"
+    assert main(["record", "--model", "vit_tiny_patch16_224", "--no-pretrained", "--model-kwargs", KW,
+                 "--method", "topk", "evit", "tome", "--keep-rate", "0.7", "0.5", "--data", "digits",
+                 "--limit", "12", "--batch-size", "12", "--device", "cpu", "--no-progress", "--cls",
+                 "--out", str(runs)]) == 0  # fmt: skip
+    assert main(["evaluate", str(runs), "--out", str(runs / "metrics.csv"), "--device", "cpu", "--no-progress"]) == 0
+    for name, extra in (("s.parquet", []), ("study.parquet", ["--convention", "study"])):
+        assert main(["compare", str(runs), "--by", "keep_rate", "--out", str(root / name), *extra]) == 0
+    return root
+
+
+def test_evaluate_table_has_the_runs_and_a_text_measure_note(study):
+    table = pd.read_csv(study / "runs" / "metrics.csv")
+    assert len(table) == 6 and table["run"].is_unique
+    assert set(table["method"]) == {"topk", "evit", "tome"} and set(table["keep_rate"]) == {0.7, 0.5}
+    assert table["top1"].isna().all()  # a 1000-class head on 10-class digits: no top-1 ...
+    assert table["measure"].str.contains("no top1").all()  # ... and the note says why
+    assert table["knn_agreement"].notna().all() and table["fidelity"].between(-1, 1).all()
+
+
+def test_compare_standard_and_study_conventions_agree_where_they_must(study):
+    std = pd.read_parquet(study / "s.parquet")
+    stu = pd.read_parquet(study / "study.parquet")
+    assert {"run_a", "run_b", "stage", "layer", "metric", "value"} <= set(std.columns)
+    assert {"iou", "v_measure"} <= set(std["metric"]) and {"IoU", "NMI"} <= set(stu["metric"])
+    keys = ["run_a", "run_b", "layer", "image_id"]
+    # IoU of non-empty kept sets and the V-measure (symmetric in homogeneity/completeness) are the same number
+    # in both conventions
+    for mine, theirs in (("iou", "IoU"), ("v_measure", "NMI")):
+        a = std[std.metric == mine].set_index(keys)["value"].sort_index()
+        b = stu[stu.metric == theirs].set_index(keys)["value"].sort_index()
+        assert len(a) > 0 and a.index.equals(b.index)
+        np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), atol=1e-9)
+    assert std.groupby(["run_a", "run_b"]).ngroups == 3  # one pair of keep rates per method
+
+
+def test_figures_finds_and_uses_evaluates_metrics_csv(study, tmp_path, capsys):
+    figs = tmp_path / "figs"
+    rc = main(["figures", str(study / "runs"), "--out", str(figs), "--only", "performance", "--n-boot", "50"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    # the empty top1 column is not chosen; the first preferred measure with values is
+    assert "performance measure: knn_agreement" in out
+    also = out.split("also in the table:")[1].split(";")[0]
+    assert "'top1'" not in also and "decisions_match" not in also and "_unreduced" not in also
+    assert "skipped performance" not in out
+    assert (figs / "performance_correlation.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_figure_4_deltas_equal_the_metrics_table(study):
+    """Two paths: pair_performance on compare's table and evaluate's CSV vs a difference read off the CSV."""
+    from tokvis.commands.figures import _align_table
+    from tokvis.plotting.figures import pair_performance
+    from tokvis.store import find_runs, load_run
+
+    runs = [load_run(p) for p in find_runs(study / "runs")]
+    table = pd.read_csv(study / "runs" / "metrics.csv")
+    pairs = pd.read_parquet(study / "s.parquet")
+    got = pair_performance(pairs, _align_table(table, runs), by="keep_rate", measure="fidelity", metric="iou")
+    assert len(got) == 2  # topk and evit (tome is merging: no IoU)
+    by_name = table.set_index(["method", "keep_rate"])["fidelity"]
+    for _, row in got.iterrows():
+        want = by_name[(row["method"], float(row["keep_rate_a"]))] - by_name[(row["method"], float(row["keep_rate_b"]))]
+        assert row["delta"] == pytest.approx(want)
+        direct = pairs[(pairs.method == row["method"]) & (pairs.metric == "iou")]["value"].mean()
+        assert row["similarity"] == pytest.approx(direct)
+
+
+def test_figures_measure_that_evaluate_left_empty_is_one_line_exit_2(study, tmp_path, capsys):
+    rc = main(["figures", str(study / "runs"), "--out", str(tmp_path / "f"), "--only", "performance",
+               "--measure", "top1"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "--measure 'top1': the column is empty" in err and "knn_agreement" in err
+
+
+def test_a_users_csv_naming_the_backbone_without_random_label_meets_the_runs(study, tmp_path, capsys):
+    """An external table by fields (no run column) names the timm model; the runs label it '(random)'."""
+    table = pd.read_csv(study / "runs" / "metrics.csv")
+    user = table[["backbone", "method", "keep_rate", "dataset"]].assign(accuracy=np.linspace(0.5, 0.8, len(table)))
+    assert (user["backbone"] == "vit_tiny_patch16_224").all()
+    path = tmp_path / "acc.csv"
+    user.to_csv(path, index=False)
+    rc = main(["figures", str(study / "runs"), "--out", str(tmp_path / "f"), "--only", "performance",
+               "--metrics", str(path), "--n-boot", "50"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "skipped performance" not in out and (tmp_path / "f" / "performance_correlation.png").is_file()
