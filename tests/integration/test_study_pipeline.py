@@ -7,6 +7,8 @@ from ``<runs>/metrics.csv``; ``tokvis compare --convention study`` works next to
 
 from __future__ import annotations
 
+import json
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -112,3 +114,62 @@ def test_a_users_csv_naming_the_backbone_without_random_label_meets_the_runs(stu
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert "skipped performance" not in out and (tmp_path / "f" / "performance_correlation.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------------
+# a local checkpoint through the CLI (tokvis record passes pretrained=True unless --no-pretrained)
+# ------------------------------------------------------------------------------------------------
+CKPT_KW = {"img_size": 32, "patch_size": 8, "depth": 2}
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **CKPT_KW)
+    path = tmp_path / "tiny.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_record_a_checkpoint_without_no_pretrained_records_its_weights(checkpoint, tmp_path, capsys):
+    import torch
+
+    from tokvis import zoo
+    from tokvis.store import load_run
+
+    kw = json.dumps({"arch": "vit_tiny_patch16_224", **CKPT_KW})
+    out = tmp_path / "runs"
+    rc = main(["record", "--model", str(checkpoint), "--model-kwargs", kw, "--method", "topk", "--keep-rate", "0.5",
+               "--data", "digits", "--limit", "4", "--device", "cpu", "--no-progress", "--out", str(out)])  # fmt: skip
+    _, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "Traceback" not in err
+    run = load_run(next(out.iterdir()))
+    assert run.config["pretrained"] is True  # as asked; the file's weights were used
+    # evaluate rebuilds the model from the manifest and reproduces the stored decisions
+    assert main(["evaluate", str(out), "--out", str(tmp_path / "m.csv"), "--device", "cpu", "--no-progress"]) == 0
+    assert pd.read_csv(tmp_path / "m.csv")["decisions_match"].tolist() == [1.0]
+    # the same weights through zoo.create with pretrained=False (the other path) give the same model
+    a = zoo.create(str(checkpoint), arch="vit_tiny_patch16_224", pretrained=True, **CKPT_KW)
+    b = zoo.create(str(checkpoint), arch="vit_tiny_patch16_224", pretrained=False, **CKPT_KW)
+    state = torch.load(checkpoint, weights_only=True)
+    for name, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[name]) and torch.equal(value, state[name])
+
+
+def test_record_a_checkpoint_without_arch_is_one_line_exit_2(checkpoint, tmp_path, capsys):
+    from tokvis.errors import TokvisError
+    from tokvis.zoo import CheckpointArchError, create
+
+    rc = main(["record", "--model", str(checkpoint), "--model-kwargs", json.dumps(CKPT_KW), "--method", "topk",
+               "--keep-rate", "0.5", "--data", "digits", "--limit", "4", "--device", "cpu", "--no-progress",
+               "--out", str(tmp_path / "runs")])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("tokvis record: error:") and '"arch"' in err
+    with pytest.raises(CheckpointArchError, match="arch=") as info:
+        create(str(checkpoint))
+    assert isinstance(info.value, TokvisError) and isinstance(info.value, ValueError)
