@@ -173,3 +173,44 @@ def test_record_a_checkpoint_without_arch_is_one_line_exit_2(checkpoint, tmp_pat
     with pytest.raises(CheckpointArchError, match="arch=") as info:
         create(str(checkpoint))
     assert isinstance(info.value, TokvisError) and isinstance(info.value, ValueError)
+
+
+# ------------------------------------------------------------------------------------------------
+# the offline study: its sweep file and its data
+# ------------------------------------------------------------------------------------------------
+def test_study_offline_sweep_file_parses_and_its_grid_validates():
+    """examples/study_offline.toml: every method x the study's keep rates; checked, not run."""
+    from pathlib import Path
+
+    import tokvis
+    from tokvis.commands._run import check_grid
+    from tokvis.commands.record import load_sweep
+
+    path = Path(__file__).parents[2] / "examples" / "study_offline.toml"
+    specs, opts = load_sweep(path)
+    assert {s.method for s in specs} == set(tokvis.list_methods())
+    assert sorted({s.keep_rate for s in specs}) == [0.25, 0.5, 0.7, 0.9]
+    assert {s.backbone for s in specs} == {"dinov2_small_offline"} and all(s.pretrained for s in specs)
+    assert {s.dataset for s in specs} == {"crops", "foolbox-imagenet"}
+    assert len(specs) == len(tokvis.list_methods()) * 4 * 2
+    assert opts["out"] == path.parent / "runs_study"
+    check_grid(specs)  # methods, options, model names and datasets: what `tokvis sweep` checks before recording
+
+
+def test_crops_dataset_is_deterministic_and_each_crop_is_its_photos_box():
+    from tokvis import data
+    from tokvis.datasets import CROP_SCALES, crop_photo, open_dataset
+
+    a, b = open_dataset("crops"), open_dataset("crops")
+    per_photo = sum(steps * steps for _, steps in CROP_SCALES)
+    photos = {crop_photo(i) for i in a.ids}
+    assert len(a) == len(photos) * per_photo and len(photos) >= 29 and a.ids == b.ids
+    assert len(set(a.ids)) == len(a.ids) and a.labels is None
+    idx = a.ids.index("samples:chelsea@s0.50_r2c2")  # bottom-right half-size crop of a 385 x 256 photo
+    got = np.asarray(a.load(idx))
+    photo = np.asarray(data.load_sample("chelsea"))
+    assert got.shape == (128, 128, 3)
+    np.testing.assert_array_equal(got, photo[128:256, 385 - 128 : 385])  # the other path: slicing the photo
+    np.testing.assert_array_equal(np.asarray(b.load(idx)), got)
+    centre = np.asarray(a.load(a.ids.index("samples:chelsea@s1.00_r0c0")))
+    np.testing.assert_array_equal(centre, photo[:, (385 - 256) // 2 : (385 - 256) // 2 + 256])
