@@ -10,6 +10,13 @@ recorded.  :func:`open_dataset` understands these specifications:
     foolbox's labelled samples, e.g. ``"foolbox-imagenet"`` (foolbox is never imported);
 ``"digits"``
     scikit-learn's 1797 labelled 8x8 digits, scaled to 0..255 and converted to RGB;
+``"crops"``
+    551 deterministic square crops of the 29 photos packages ship (the 6 bundled samples,
+    foolbox's 20 ImageNet photos, scikit-learn's 2 and matplotlib's 1): per photo the centre
+    square, and 3 x 3 positions at 75 % and at 50 % of the short side (no labels: crops of one
+    photo share content, so a k-NN label would leak).  Ids name the photo first
+    (``"samples:astronaut@s0.50_r0c2"``), so analyses can split by photo (:func:`crop_photo`);
+    needs foolbox installed (its files are read, it is never imported);
 a directory path
     an ImageFolder (``root/<class>/<image>``; labels from the sorted folder names) when it
     has sub-folders holding images, otherwise a flat folder of images (no labels).
@@ -32,7 +39,10 @@ from typing import Any, Callable, Sequence
 
 from tokvis.errors import DataError
 
-__all__ = ["Dataset", "open_dataset", "IMAGE_SUFFIXES", "SUPPORTED_MODES"]
+__all__ = ["Dataset", "open_dataset", "crop_photo", "IMAGE_SUFFIXES", "SUPPORTED_MODES", "CROP_SCALES"]
+
+#: ``"crops"``: (fraction of the photo's short side, positions per axis) of the square crops.
+CROP_SCALES = ((1.0, 1), (0.75, 3), (0.5, 3))
 
 #: File suffixes treated as images in folders (case-insensitive).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -219,13 +229,53 @@ def _digits_dataset() -> Dataset:
     )
 
 
+def _crop_photos() -> list[tuple[str, Any]]:
+    """The photos of ``"crops"``, in a fixed order: (name, RGB PIL image)."""
+    import matplotlib
+    from sklearn.datasets import load_sample_images
+
+    from tokvis import data
+
+    photos = [(f"samples:{n}", data.load_sample(n)) for n in data.sample_names()]
+    photos += [(f"foolbox:{i}", im) for i, im, _ in data.foolbox_samples("imagenet")]
+    sk = load_sample_images()
+    for fname in sk.filenames:
+        photos.append((f"sklearn:{Path(fname).stem}", data.read_image(fname)))
+    hopper = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    photos.append(("matplotlib:grace_hopper", data.read_image(hopper)))
+    return photos
+
+
+def _crops_dataset() -> Dataset:
+    photos = _crop_photos()
+    boxes: list[tuple[int, tuple[int, int, int, int]]] = []
+    ids: list[str] = []
+    for p, (pname, im) in enumerate(photos):
+        w, h = im.size
+        for scale, steps in CROP_SCALES:
+            side = max(1, round(scale * min(w, h)))
+            for row in range(steps):
+                for col in range(steps):
+                    x = (w - side) // 2 if steps == 1 else round(col * (w - side) / (steps - 1))
+                    y = (h - side) // 2 if steps == 1 else round(row * (h - side) / (steps - 1))
+                    boxes.append((p, (x, y, x + side, y + side)))
+                    ids.append(f"{pname}@s{scale:.2f}_r{row}c{col}")
+    return Dataset(name="crops", spec="crops", ids=ids, loader=lambda i: photos[boxes[i][0]][1].crop(boxes[i][1]))
+
+
+def crop_photo(image_id: str) -> str:
+    """The photo a ``"crops"`` image id was cut from (``"samples:astronaut@s0.50_r0c2"`` -> ``"samples:astronaut"``);
+    other ids are returned unchanged (each image its own photo)."""
+    return str(image_id).split("@", 1)[0]
+
+
 def open_dataset(spec: str | os.PathLike, *, name: str | None = None) -> Dataset:
     """Open a dataset by specification (see the module docstring).
 
     Parameters
     ----------
     spec : str or path
-        ``"samples"``, ``"foolbox-<kind>"``, ``"digits"`` or a directory.
+        ``"samples"``, ``"foolbox-<kind>"``, ``"digits"``, ``"crops"`` or a directory.
     name : str, optional
         Override the dataset name (folders default to the folder's name).
 
@@ -250,10 +300,12 @@ def open_dataset(spec: str | os.PathLike, *, name: str | None = None) -> Dataset
         ds = _foolbox_dataset(text[len("foolbox-") :])
     elif text == "digits":
         ds = _digits_dataset()
+    elif text == "crops":
+        ds = _crops_dataset()
     else:
         raise DataError(
             f"unknown dataset {text!r}: not a directory, and not one of 'samples', 'digits', "
-            "'foolbox-<kind>' (imagenet, cifar10, cifar100, mnist, fashionMNIST)"
+            "'crops', 'foolbox-<kind>' (imagenet, cifar10, cifar100, mnist, fashionMNIST)"
         )
     if name:
         ds.name = name

