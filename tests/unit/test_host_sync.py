@@ -24,7 +24,6 @@ DEVICE = os.environ.get("TOKVIS_TEST_DEVICE", "cpu")
 #: the test until it is removed from here)
 SYNCING = {
     "ats": "adaptive: the number of output tokens (a Python int) is the data-dependent maximum over the batch",
-    "vomix": "vomix.py reads int(keep[0].sum()) for the number of output tokens",
     "dynamicvit": "_learned.Method.decide reads bool(self.fitted) (a device buffer) at every reducing block",
     "patchmerger": "_learned: bool(self.fitted) per reducing block",
     "sinkhorn": "_learned: bool(self.fitted) per reducing block",
@@ -35,6 +34,11 @@ CASES = [
     pytest.param(name, METHOD_MATRIX[name].schedules[0], id=name,
                  marks=pytest.mark.xfail(strict=True, reason=SYNCING[name]) if name in SYNCING else ())
     for name in sorted(METHOD_MATRIX)
+] + [
+    # VoMix's default (residual="drop") makes hard decisions; soft mixing applies them sparsely after
+    # checking their structure on the host (ops._soft_apply)
+    pytest.param("vomix", {"r": 4, "residual": "mix"}, id="vomix-mix",
+                 marks=pytest.mark.xfail(strict=True, reason="ops._soft_apply checks the soft structure on the host")),
 ]  # fmt: skip
 
 
