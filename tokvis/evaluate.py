@@ -39,7 +39,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from tokvis.errors import DataError
-from tokvis.store import RunConfigError, RunSpec, StoreError, find_runs, load_run
+from tokvis.store import RunConfigError, RunSpec, StoreError, find_runs_in, load_run
 from tokvis.validate import check_int
 
 __all__ = ["COLUMNS", "MEASURES", "evaluate", "knn_predict", "merge_accuracy", "read_accuracy_csv"]
@@ -209,19 +209,6 @@ def _head_matches(model, dataset) -> tuple[bool, str]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _run_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    found: list[Path] = []
-    for p in paths:
-        runs = find_runs(p)  # StoreError: no such directory
-        if not runs:
-            raise StoreError(
-                f"{p}: no run stores found (folders with a manifest.json); record some with `tokvis record` "
-                "or `tokvis sweep`"
-            )
-        found += [r for r in runs if r not in found]
-    return found
-
-
 def evaluate(
     paths: str | os.PathLike | Iterable[str | os.PathLike],
     *,
@@ -277,7 +264,7 @@ def evaluate(
     external = read_accuracy_csv(accuracy_csv) if accuracy_csv is not None else None
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    run_dirs = _run_paths(paths)
+    run_dirs = find_runs_in(paths)
     runs = []
     for p in run_dirs:
         try:

@@ -64,21 +64,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_compare)
 
 
-def _find(paths) -> list[Path]:
-    from tokvis.store import StoreError, find_runs
-
-    found: list[Path] = []
-    for p in paths:
-        runs = find_runs(p)  # StoreError: no such directory
-        if not runs:
-            raise StoreError(
-                f"{p}: no run stores found (folders with a manifest.json); record some with `tokvis record` "
-                "or `tokvis sweep`"
-            )
-        found += [r for r in runs if r not in found]
-    return found
-
-
 def _load(paths: list[Path]) -> list:
     from tokvis.store import StoreError, load_run
 
@@ -208,9 +193,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from tokvis.commands.evaluate import check_table_out, write_table
+    from tokvis.store import find_runs_in
 
     out = check_table_out(args.out)
-    runs = _load(_find(args.paths))
+    runs = _load(find_runs_in(args.paths))
     names = [r.path.name for r in runs]
     if len(runs) < 2:
         raise TraceMismatchError(

@@ -29,7 +29,7 @@ from tokvis.store.format import versions as _versions  # noqa: F401
 from tokvis.store.format import write_manifest as _write_manifest  # noqa: F401
 from tokvis.store.format import write_shard as _write_shard  # noqa: F401
 from tokvis.store.reader import Run, ShardView, load_run
-from tokvis.store.verify import RunReport, find_runs, verify_run, verify_tree
+from tokvis.store.verify import RunReport, find_runs, find_runs_in, verify_run, verify_tree
 from tokvis.store.writer import DELAY_ENV, LOCK_FILE, RunLock, RunLockedError, RunResult, record_run
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "verify_run",
     "verify_tree",
     "find_runs",
+    "find_runs_in",
     "shard_file",
     "DELAY_ENV",
     "LOCK_FILE",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from tokvis.store.format import (
     LOCK_FILE,
@@ -110,6 +110,21 @@ def find_runs(root: str | os.PathLike) -> list[Path]:
         if p.is_dir() and ((p / MANIFEST).exists() or any(SHARD_RE.match(c.name) for c in p.iterdir())):
             found.add(p)
     return sorted(found)
+
+
+def find_runs_in(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """:func:`find_runs` over several folders, in order, without duplicates; a folder with no run store
+    is a :class:`StoreError` saying how to make some (the commands that read many runs use this)."""
+    found: list[Path] = []
+    for p in paths:
+        runs = find_runs(p)  # StoreError: no such directory
+        if not runs:
+            raise StoreError(
+                f"{p}: no run stores found (folders with a manifest.json); record some with `tokvis record` "
+                "or `tokvis sweep`"
+            )
+        found += [r for r in runs if r not in found]
+    return found
 
 
 def verify_tree(root: str | os.PathLike) -> list[RunReport]:
