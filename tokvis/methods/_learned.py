@@ -87,6 +87,8 @@ class LearnedMethod(Method):
         self.seed = check_int("seed", seed, minimum=0, error=MethodOptionError)
         self.reducers = nn.ModuleDict()
         self.register_buffer("fitted", torch.tensor(False))
+        # a host copy of the buffer, so that a forward never reads the (device) buffer: a sync per block
+        self._is_fitted = False
         self._warned = False
         self._fitting = False
 
@@ -110,10 +112,12 @@ class LearnedMethod(Method):
 
     @property
     def is_fitted(self) -> bool:
-        return bool(self.fitted)
+        """Whether the parameters were fitted or loaded (a host flag kept equal to the ``fitted`` buffer)."""
+        return self._is_fitted
 
     def mark_fitted(self, value: bool = True) -> None:
         self.fitted.fill_(bool(value))
+        self._is_fitted = bool(value)
 
     def reducer(self, layer: int, dim: int, n_out: int, like: torch.Tensor) -> nn.Module:
         """The module of block ``layer``, created (seeded) if it does not exist yet."""
@@ -173,6 +177,9 @@ class LearnedMethod(Method):
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(block))
             self.reducers[block] = self.make_reducer(dim, n_out, g).to(dtype=like.dtype)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        flag = state_dict.get(prefix + "fitted")
+        if isinstance(flag, torch.Tensor) and flag.numel() == 1 and not flag.is_meta:
+            self._is_fitted = bool(flag)  # once, at load time (not in a forward)
 
 
 def load_study_checkpoint(
