@@ -62,6 +62,13 @@ class LayerDecision:
         proportional attention (``log(size)`` added to the attention logits) a
         token scaled towards 0 stops being attended; DynamicViT's fitting uses it
         with an identity ``dst`` as a differentiable keep mask.
+    soft_kept_own : bool
+        A promise by the method, for ``soft`` decisions: every image keeps exactly
+        ``n_out`` tokens (``keep``) and each kept token feeds only its own ``dst``
+        slot (its column of ``soft`` is zero elsewhere), as VoMix's mixing does by
+        construction.  :func:`tokvis.methods.ops.apply_decision` then computes
+        ``soft @ x`` sparsely without checking the structure on the host.  A
+        runtime hint only: not saved with a trace (a loaded decision gets the dense product).
     """
 
     layer: int
@@ -73,6 +80,7 @@ class LayerDecision:
     soft: torch.Tensor | None = None
     score: torch.Tensor | None = None
     size_scale: torch.Tensor | None = None
+    soft_kept_own: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -96,6 +104,8 @@ class LayerDecision:
                 raise ValueError(f"soft must have shape {expect}: got {tuple(self.soft.shape)}")
         elif self.kind == "soft":
             raise ValueError("a decision of kind 'soft' needs the soft assignment matrix")
+        if self.soft_kept_own and self.soft is None:
+            raise ValueError("soft_kept_own describes a soft assignment matrix: the decision has none")
 
     @property
     def batch_size(self) -> int:

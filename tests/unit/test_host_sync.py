@@ -24,10 +24,6 @@ DEVICE = os.environ.get("TOKVIS_TEST_DEVICE", "cpu")
 #: the test until it is removed from here)
 SYNCING = {
     "ats": "adaptive: the number of output tokens (a Python int) is the data-dependent maximum over the batch",
-    "dynamicvit": "_learned.Method.decide reads bool(self.fitted) (a device buffer) at every reducing block",
-    "patchmerger": "_learned: bool(self.fitted) per reducing block",
-    "sinkhorn": "_learned: bool(self.fitted) per reducing block",
-    "sit": "_learned: bool(self.fitted) per reducing block",
 }
 
 CASES = [
@@ -35,10 +31,9 @@ CASES = [
                  marks=pytest.mark.xfail(strict=True, reason=SYNCING[name]) if name in SYNCING else ())
     for name in sorted(METHOD_MATRIX)
 ] + [
-    # VoMix's default (residual="drop") makes hard decisions; soft mixing applies them sparsely after
-    # checking their structure on the host (ops._soft_apply)
-    pytest.param("vomix", {"r": 4, "residual": "mix"}, id="vomix-mix",
-                 marks=pytest.mark.xfail(strict=True, reason="ops._soft_apply checks the soft structure on the host")),
+    # VoMix's default (residual="drop") makes hard decisions; soft mixing declares its structure
+    # (LayerDecision.soft_kept_own), so ops._soft_apply applies it sparsely without checking it on the host
+    pytest.param("vomix", {"r": 4, "residual": "mix"}, id="vomix-mix"),
 ]  # fmt: skip
 
 
@@ -147,3 +142,79 @@ def test_identity_decision_applies_without_sync_and_exactly():
     out, _ = apply_decision(x, torch.ones(2, 5), d, num_prefix=1)
     assert torch.equal(out[0], x[0])
     assert torch.equal(out[1, 1:][[1, 0, 2, 3]], x[1, 1:])
+
+
+@pytest.mark.parametrize("name", ["dynamicvit", "sit", "patchmerger", "sinkhorn"])
+def test_learned_fitted_flag_is_a_host_mirror_of_the_buffer(name):
+    """``is_fitted`` no longer reads the ``fitted`` buffer (a sync per reducing block): a host flag follows
+    ``mark_fitted`` and state-dict loads, and the buffer still carries the flag through save / load."""
+    from tokvis.methods.registry import get_method_class
+
+    cls = get_method_class(name)
+    method = cls()
+    assert not method.is_fitted
+    method.mark_fitted(True)
+    assert method.is_fitted and bool(method.fitted)
+    fresh = cls()
+    fresh.load_state_dict(method.state_dict())
+    assert fresh.is_fitted and bool(fresh.fitted)
+    method.mark_fitted(False)
+    fresh.load_state_dict(method.state_dict())
+    assert not fresh.is_fitted and not bool(fresh.fitted)
+    fresh.mark_fitted(True)
+    fresh.to("meta")  # a buffer without a value: reading it would raise
+    assert fresh.is_fitted
+
+
+def test_vomix_declared_structure_applies_sparsely_and_agrees_with_the_dense_product():
+    """With ``soft_kept_own`` the sparse product runs without host checks (the meta-device test above); it
+    agrees with the dense product, which a decision without the hint gets."""
+    import dataclasses
+
+    from tokvis.methods.ops import apply_decision
+
+    model, images = make_model("cls"), make_images("cls", n=3)
+    tokvis.patch(model, "vomix", r=4, residual="mix")
+    with torch.no_grad():
+        _, trace = tokvis.run_with_trace(model, images)
+    d = trace.decision(trace.layers[0])
+    assert d.kind == "soft" and d.n_out < d.n_in
+    torch.manual_seed(1)
+    x = torch.randn(d.batch_size, 1 + d.n_in, 8, dtype=torch.float64)
+    size = torch.rand(d.batch_size, 1 + d.n_in, dtype=torch.float64) + 0.5
+    out_h, size_h = apply_decision(x, size, dataclasses.replace(d, soft_kept_own=True), num_prefix=1)
+    out_p, size_p = apply_decision(x, size, dataclasses.replace(d, soft_kept_own=False), num_prefix=1)
+    torch.testing.assert_close(out_h, out_p)
+    assert torch.equal(size_h, size_p)  # sizes: the same dense product on both paths
+    assert not torch.equal(out_h, x[:, : 1 + d.n_out])  # it mixed
+
+
+def test_vomix_mix_decisions_declare_their_structure_and_traces_do_not_keep_it(tmp_path):
+    """The recorded decision carries the hint only at run time: a saved and loaded trace has it off (the dense
+    product applies it), and a hint without a soft matrix is refused."""
+    from tokvis.trace import LayerDecision
+
+    model, x = make_model("cls"), make_images("cls", n=2)
+    tokvis.patch(model, "vomix", r=4, residual="mix")
+    seen = []
+    from tokvis.methods import ops
+
+    orig = ops._soft_apply
+
+    def spy(soft, patches, d):
+        seen.append(d.soft_kept_own)
+        return orig(soft, patches, d)
+
+    ops._soft_apply = spy
+    try:
+        with torch.no_grad():
+            _, trace = tokvis.run_with_trace(model, x)
+    finally:
+        ops._soft_apply = orig
+    assert seen and all(seen)
+    trace.save(tmp_path / "t.safetensors")
+    loaded = tokvis.load_trace(tmp_path / "t.safetensors")
+    assert not any(loaded.decision(layer).soft_kept_own for layer in loaded.layers)
+    dst = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="soft_kept_own"):
+        LayerDecision(0, "merge", dst, torch.ones(1, 3, dtype=torch.bool), n_out=1, soft_kept_own=True)

@@ -278,6 +278,7 @@ class VoMix(Method):
             soft=soft,
             score=score.to(ctx.x.dtype),
             size_scale=size_scale,
+            soft_kept_own=True,  # exactly n_out = n - m kept per image, each only in its own row (mix_matrix)
         )
 
     def reduced_attention(
