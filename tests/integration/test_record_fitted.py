@@ -232,3 +232,14 @@ def test_bad_sweep_fitted_tables(tmp_path, fits, capsys, body, match):
     assert match in str(e.value)
     _fails_cleanly(capsys, ["sweep", str(f), "--no-progress"], match)
     assert not (tmp_path / "runs").exists()
+
+
+def test_evaluate_uses_the_runs_fitted_file(tmp_path, fits, capsys):
+    p = tmp_path / "sit.safetensors"
+    p.write_bytes(Path(fits["a"]).read_bytes())
+    out = tmp_path / "runs"
+    assert main(["record", *TINY, "--fitted", str(p), *COMMON, "--out", str(out)]) == 0
+    assert main(["evaluate", str(out), "--out", str(tmp_path / "m.csv")]) == 0
+    p.write_bytes(Path(fits["b"]).read_bytes())  # another fit under the run's path: evaluating it would be wrong
+    capsys.readouterr()
+    _fails_cleanly(capsys, ["evaluate", str(out), "--out", str(tmp_path / "m2.csv")], "changed")
