@@ -295,10 +295,9 @@ def evaluate(
         if ukey not in unreduced:
             unreduced[ukey] = _outputs(model, dataset, positions, transform, batch_size=batch_size, device=device)
         base = unreduced[ukey]
-        kw: dict[str, Any] = dict(spec.method_options)
-        if spec.locations is not None:
-            kw["locations"] = list(spec.locations)
-        tokvis.patch(model, spec.method, keep_rate=spec.keep_rate, r=spec.r, **kw)
+        from tokvis.commands._run import patch_for
+
+        patch_for(model, spec)  # a run's fitted method file (checked against its SHA-256), when it names one
         try:
             red = _outputs(
                 model, dataset, positions, transform, batch_size=batch_size, device=device,

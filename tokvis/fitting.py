@@ -418,6 +418,57 @@ def load_method(path: str | os.PathLike):
     return method
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's bytes: the identity of a fitted-method file in a run's configuration."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def method_file_info(path: str | os.PathLike) -> dict[str, Any]:
+    """What a method file saved by :func:`save_method` holds, without building the method.
+
+    Returns
+    -------
+    dict
+        ``method`` (name), ``options`` (dict), ``fit_info`` (dict or ``None``: the schedule
+        ``keep_rate`` / ``r`` / ``locations`` it was fitted for) and ``sha256`` (of the file's bytes).
+
+    Raises
+    ------
+    WeightsError
+        Missing file, not a readable safetensors file, not a tokvis method file, unknown version.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"no method file at {path}; save one with tokvis.fitting.save_method or `tokvis fit`")
+    digest = file_sha256(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise WeightsError(f"{path} is not a readable safetensors file: {e}") from e
+    if meta.get("format") != METHOD_FORMAT:
+        raise WeightsError(f"{path} is not a tokvis method file (format {meta.get('format')!r})")
+    if meta.get("version") != str(METHOD_VERSION):
+        raise WeightsError(f"{path} has method-file version {meta.get('version')}; this tokvis reads {METHOD_VERSION}")
+    try:
+        options = json.loads(meta["options"])
+        info = json.loads(meta.get("fit_info", "null"))
+        name = meta["method"]
+    except (KeyError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path} has a damaged method header ({e}); fit and save it again") from e
+    if not isinstance(options, dict) or not isinstance(name, str) or not isinstance(info, (dict, type(None))):
+        raise WeightsError(f"{path} has a damaged method header; fit and save it again")
+    return {"method": name, "options": options, "fit_info": info, "sha256": digest}
+
+
 def fit_summary(method) -> dict[str, Any]:
     """The schedule and losses a method was fitted with (empty if not fitted by :func:`fit`)."""
     return dict(getattr(method, "fit_info", None) or {})

@@ -30,6 +30,13 @@ A sweep file (TOML)::
                                    # threads, hash_inputs
     [method_options.tome]          # options per method: a table named after one of `methods`
     prop_attn = false
+    [fitted]                       # fitted learned methods (`tokvis fit`), per method; {keep_rate} / {r} are
+    sit = "fits/sit_keep{keep_rate}.safetensors"   # filled in per run (relative paths: from the TOML's folder)
+
+A fitted-method file (``tokvis record --fitted FILE`` or the sweep's ``[fitted]`` table) gives the
+method its name, options and parameters; the run's keep rate / r (and locations) must be those it
+was fitted for, and the file's SHA-256 is part of the run's configuration (another fit is another
+run: refused in the same run directory).
 
 Every run of a sweep is checked (methods and their options, keep rates in (0, 1], r, model
 names, datasets) before the first one is recorded.
@@ -46,7 +53,7 @@ from typing import Any
 _SWEEP_KEYS = {
     "out", "backbones", "methods", "keep_rates", "r", "datasets", "batch_size", "shard_size", "device", "amp",
     "skip_bad", "scores", "cls", "soft", "pretrained", "model_kwargs", "method_options", "locations", "limit",
-    "seed", "workers", "threads", "hash_inputs",
+    "seed", "workers", "threads", "hash_inputs", "fitted",
 }  # fmt: skip
 
 
@@ -79,7 +86,12 @@ def register(subparsers) -> None:
     r.add_argument("--no-pretrained", action="store_true", help="random weights (seeded by --seed)")
     r.add_argument("--model-kwargs", type=_json_dict, default={}, help="JSON for zoo.create, e.g. '{\"img_size\": 32}'")
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--method", nargs="+", required=True, help="one or more registered methods")
+    r.add_argument("--method", nargs="+", default=None, help="one or more registered methods (or give --fitted)")
+    r.add_argument(
+        "--fitted", default=None, metavar="FILE",
+        help="a fitted learned method (tokvis fit --out FILE): its method, options and parameters; the default "
+        "schedule is the one it was fitted for",
+    )  # fmt: skip
     r.add_argument("--keep-rate", nargs="*", type=float, default=[], help="keep rates (one run each)")
     r.add_argument("--r", nargs="*", type=int, default=[], help="tokens removed per block (one run each)")
     r.add_argument("--locations", nargs="*", type=int, default=None, help="reducing blocks (default: the method's)")
@@ -121,18 +133,68 @@ def register(subparsers) -> None:
 def _specs(args) -> list:
     from tokvis.store import RunConfigError, RunSpec
 
+    if args.fitted is not None:
+        return _fitted_specs(args)
+    if not args.method:
+        raise RunConfigError("give --method (one or more registered methods) or --fitted FILE (a fitted method)")
     if not args.keep_rate and not args.r:
         raise RunConfigError("give --keep-rate and/or --r (one run per value)")
-    common = dict(
-        backbone=args.model, dataset=args.data, pretrained=not args.no_pretrained, model_kwargs=args.model_kwargs,
-        seed=args.seed, locations=args.locations, method_options=args.method_options, dataset_name=args.dataset_name,
-        limit=args.limit, shard_size=args.shard_size, scores=not args.no_scores, cls=args.cls, soft=args.soft,
-        amp={None: False, "fp16": True}.get(args.amp, args.amp),
-    )  # fmt: skip
+    common = dict(_common(args), locations=args.locations, method_options=args.method_options)
     specs = []
     for method in args.method:
         specs += [RunSpec(method=method, keep_rate=k, **common) for k in args.keep_rate]
         specs += [RunSpec(method=method, r=v, **common) for v in args.r]
+    return specs
+
+
+def _common(args) -> dict[str, Any]:
+    return dict(
+        backbone=args.model, dataset=args.data, pretrained=not args.no_pretrained, model_kwargs=args.model_kwargs,
+        seed=args.seed, dataset_name=args.dataset_name, limit=args.limit, shard_size=args.shard_size,
+        scores=not args.no_scores, cls=args.cls, soft=args.soft,
+        amp={None: False, "fp16": True}.get(args.amp, args.amp),
+    )  # fmt: skip
+
+
+def _fitted_specs(args) -> list:
+    """``--fitted FILE``: one method from the file; its fitted schedule unless --keep-rate / --r say otherwise."""
+    from tokvis.commands._run import fitted_fields
+    from tokvis.errors import WeightsError
+    from tokvis.fitting import method_file_info
+    from tokvis.store import RunConfigError, RunSpec
+
+    if args.method is not None and len(args.method) != 1:
+        raise RunConfigError(
+            f"--fitted gives one method; --method names {len(args.method)} ({' '.join(args.method)}): "
+            "record the others in another command"
+        )
+    method = args.method[0] if args.method else None
+    schedules = [dict(keep_rate=k) for k in args.keep_rate] + [dict(r=v) for v in args.r]
+    if not schedules:  # the schedule the file was fitted for (a missing or bad file is reported here)
+        if not Path(args.fitted).is_file():
+            raise RunConfigError(
+                f"--fitted {args.fitted}: no such file; fit one with `tokvis fit --method <name> --keep-rate <k> "
+                f"--out {args.fitted}`"
+            )
+        try:
+            fit = method_file_info(args.fitted)["fit_info"] or {}
+        except WeightsError as e:
+            raise RunConfigError(f"--fitted {args.fitted}: {e}") from e
+        if fit.get("keep_rate") is not None:
+            schedules = [dict(keep_rate=fit["keep_rate"])]
+        elif fit.get("r") is not None:
+            schedules = [dict(r=fit["r"])]
+        else:
+            raise RunConfigError(
+                f"--fitted {args.fitted} does not say which schedule it was fitted for; give --keep-rate or --r"
+            )
+    specs = []
+    for sched in schedules:
+        fields = fitted_fields(
+            args.fitted, method=method, keep_rate=sched.get("keep_rate"), r=sched.get("r"),
+            locations=args.locations, method_options=args.method_options,
+        )  # fmt: skip
+        specs.append(RunSpec(**sched, **fields, **_common(args)))
     return specs
 
 
@@ -203,6 +265,19 @@ def load_sweep(path: str | Path) -> tuple[list, dict[str, Any]]:
             )
         if not isinstance(opts, dict):
             raise RunConfigError(f"{path}: method_options.{name} must be a table of options: got {opts!r}")
+    fitted = cfg.get("fitted", {})
+    if not isinstance(fitted, dict):
+        raise RunConfigError(f'{path}: fitted must be a table of path patterns, one per method: [fitted] sit = "..."')
+    for name, pattern in fitted.items():
+        if name not in cfg["methods"]:
+            raise RunConfigError(
+                f"{path}: fitted must be keyed by a method of the sweep ({', '.join(cfg['methods'])}): got {name!r}"
+            )
+        if not isinstance(pattern, str) or not pattern:
+            raise RunConfigError(
+                f'{path}: fitted.{name} must be a path pattern such as "fits/{name}_keep{{keep_rate}}.safetensors": '
+                f"got {pattern!r}"
+            )
     for key in ("batch_size", "workers", "threads", "shard_size", "seed"):
         if key in cfg:
             check_int(f"{path}: {key}", cfg[key], minimum=None if key == "seed" else 0, error=RunConfigError)
@@ -218,8 +293,12 @@ def load_sweep(path: str | Path) -> tuple[list, dict[str, Any]]:
                     shard_size=cfg.get("shard_size", 256), scores=bool(cfg.get("scores", True)),
                     cls=bool(cfg.get("cls", False)), soft=bool(cfg.get("soft", False)), amp=cfg.get("amp", False),
                 )  # fmt: skip
-                specs += [RunSpec(keep_rate=k, **common) for k in keep_rates]
-                specs += [RunSpec(r=v, **common) for v in rs]
+                scheds = [dict(keep_rate=k) for k in keep_rates] + [dict(r=v) for v in rs]
+                for sched in scheds:
+                    run = dict(common)
+                    if method in fitted:
+                        run.update(_sweep_fitted(path, method, fitted[method], sched, common))
+                    specs.append(RunSpec(**sched, **run))
     out = Path(cfg.get("out", "runs"))
     if not out.is_absolute():
         out = path.parent / out
@@ -229,6 +308,45 @@ def load_sweep(path: str | Path) -> tuple[list, dict[str, Any]]:
         hash_inputs=bool(cfg.get("hash_inputs", False)),
     )  # fmt: skip
     return specs, opts
+
+
+def _sweep_fitted(path: Path, method: str, pattern: str, sched: dict, common: dict) -> dict:
+    """The fitted-file fields of one sweep run: ``pattern`` with ``{keep_rate}`` / ``{r}`` filled in, checked."""
+    from string import Formatter
+
+    from tokvis.commands._run import fitted_fields
+    from tokvis.store import RunConfigError
+
+    values = {}
+    if sched.get("keep_rate") is not None:
+        values["keep_rate"] = f"{float(sched['keep_rate']):g}"
+    else:
+        r = sched["r"]
+        values["r"] = "-".join(str(v) for v in r) if isinstance(r, list) else str(r)
+    try:
+        names = {f for _, f, _, _ in Formatter().parse(pattern) if f is not None}
+        unknown = names - {"keep_rate", "r"}
+        if unknown:
+            raise RunConfigError(
+                f"{path}: fitted.{method} = {pattern!r} names {sorted(unknown)}; a pattern may only hold "
+                "{keep_rate} and {r}"
+            )
+        missing = names - set(values)
+        if missing:
+            raise RunConfigError(
+                f"{path}: fitted.{method} = {pattern!r} needs {{{sorted(missing)[0]}}}, but a run of this sweep has "
+                f"{', '.join(f'{k} {v}' for k, v in values.items())}; use {{{next(iter(values))}}} in the pattern"
+            )
+        name = pattern.format(**values)
+    except ValueError as e:
+        raise RunConfigError(f"{path}: fitted.{method} = {pattern!r} is not a valid pattern ({e})") from e
+    file = Path(name)
+    if not file.is_absolute():
+        file = path.parent / file
+    return fitted_fields(
+        file, method=method, keep_rate=sched.get("keep_rate"), r=sched.get("r"), locations=common["locations"],
+        method_options=common["method_options"], where=f"{path}: fitted.{method}:",
+    )  # fmt: skip
 
 
 def _as_list(value) -> list:

@@ -117,6 +117,11 @@ class RunSpec:
     amp : bool or {"fp16", "bf16"}
         Mixed precision: ``True`` / ``"fp16"`` float16 autocast (CUDA only; stored as ``True``, as before),
         ``"bf16"`` bfloat16 autocast (CUDA or CPU).
+    fitted, fitted_sha256 : str, optional
+        A fitted learned method's file (:func:`tokvis.fitting.save_method`, ``tokvis fit``) and the
+        SHA-256 of its bytes; both or neither.  Both are part of the configuration (and its hash), so a
+        run recorded with one fit is never resumed or mixed with another; runs without a fitted file
+        keep the configuration (and hash) they had before these fields existed.
     """
 
     backbone: str
@@ -136,9 +141,18 @@ class RunSpec:
     cls: bool = False
     soft: bool = False
     amp: bool | str = False
+    fitted: str | None = None
+    fitted_sha256: str | None = None
 
     def __post_init__(self) -> None:
         E = RunConfigError
+        if (self.fitted is None) != (self.fitted_sha256 is None):
+            raise E("give both fitted (a method file) and fitted_sha256 (its SHA-256), or neither")
+        if self.fitted is not None:
+            if not isinstance(self.fitted, str) or not self.fitted:
+                raise E(f"fitted must be the path of a fitted-method file: got {self.fitted!r}")
+            if not isinstance(self.fitted_sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", self.fitted_sha256):
+                raise E(f"fitted_sha256 must be a SHA-256 in hex (64 characters): got {self.fitted_sha256!r}")
         if self.amp not in (False, True, "fp16", "bf16"):
             raise E(f"amp must be fp16 or bf16 (or true for fp16): got {self.amp!r}")
         if self.amp == "fp16":  # the same run (and fingerprint) as the former --amp
@@ -170,6 +184,8 @@ class RunSpec:
         d = dataclasses.asdict(self)
         d["dataset_name"] = dataset_name
         d["keep_rate"] = None if self.keep_rate is None else float(self.keep_rate)
+        if self.fitted is None:  # the configuration (and hash) of runs from before fitted files
+            del d["fitted"], d["fitted_sha256"]
         return json.loads(json.dumps(d, sort_keys=True))
 
     def schedule_label(self) -> str:
