@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.conftest import fails_cleanly as _fails_cleanly
 from tokvis.cli import main
 from tokvis.commands.record import load_sweep
 from tokvis.store import RunConfigError
@@ -30,17 +31,6 @@ def _replace(args, flag, value):
     args = list(args)
     args[args.index(flag) + 1] = value
     return args
-
-
-def _fails_cleanly(capsys, argv, match):
-    code = main(argv)
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert code == 2, captured
-    assert len(lines) == 1 and lines[0].startswith(f"tokvis {argv[0]}: error: "), captured.err
-    assert "Traceback" not in captured.err + captured.out
-    assert match in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.mark.parametrize(

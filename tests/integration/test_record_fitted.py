@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import tokvis
+from tests.integration.conftest import fails_cleanly as _fails_cleanly
 from tokvis import fitting
 from tokvis.cli import main
 from tokvis.commands._run import build_model
@@ -51,16 +52,6 @@ def fits(tmp_path_factory):
         "k7": _fit(d / "sit_keep0.7.safetensors", keep_rate=0.7),
         "dir": d,
     }
-
-
-def _fails_cleanly(capsys, argv, match):
-    code = main(argv)
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert code == 2, captured
-    assert len(lines) == 1 and lines[0].startswith(f"tokvis {argv[0]}: error: "), captured.err
-    assert "Traceback" not in captured.err + captured.out
-    assert match in lines[0], lines[0]
 
 
 def _python_labels(path: Path, run) -> list[np.ndarray]:

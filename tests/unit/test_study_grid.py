@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import tokvis
+from tests.invariants import block_token_counts
 from tests.models import make_model
 from tokvis.methods.base import ReductionContext
 from tokvis.methods.mctf import MCTF
@@ -27,19 +28,6 @@ IMG, PATCH = 56, 4  # a 14 x 14 grid: N = 196 patches, as DeiT-S at 224 px in th
 
 def _expected(rho: float, n: int) -> list[int]:
     return [math.floor(n * rho**s + 1e-9) for s in (1, 2, 3)]
-
-
-def _block_outputs(model, x) -> list[int]:
-    p = model.num_prefix_tokens
-    counts: list[int] = []
-    hooks = [b.register_forward_hook(lambda m, i, o: counts.append(o.shape[1] - p)) for b in model.blocks]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return counts
 
 
 def test_grid_covers_every_registered_method():
@@ -57,7 +45,7 @@ def test_every_method_runs_the_study_schedule(method, rho):
         warnings.simplefilter("ignore")  # learned methods warn while unfitted
         tokvis.patch(model, method, keep_rate=rho)
         out, trace = tokvis.run_with_trace(model, x)
-        counts = _block_outputs(model, x)
+        counts = block_token_counts(model, x)
     assert bool(torch.isfinite(out).all())
     assert trace.layers == STUDY_LOCATIONS
     expected = _expected(rho, n)
