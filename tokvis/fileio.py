@@ -10,6 +10,7 @@ which colleagues on a shared server cannot read; ``open()`` applies the process 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from pathlib import Path
@@ -67,3 +68,13 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def sha256_file(path: str | os.PathLike, start: int = 0) -> str:
+    """SHA-256 (hex) of a file's bytes from offset ``start``, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(start)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from tokvis.errors import MethodOptionError, WeightsError
+from tokvis.fileio import sha256_file
 
 __all__ = ["fit", "distillation_loss", "augmented_images", "save_method", "load_method", "load_study_checkpoint"]
 
@@ -380,75 +381,12 @@ def save_method(method, path: str | os.PathLike) -> Path:
     return atomic_write(path, save(tensors, metadata=meta))
 
 
-def load_method(path: str | os.PathLike):
-    """Load a method saved by :func:`save_method` (a new method object, in eval mode).
-
-    Raises
-    ------
-    WeightsError
-        Missing file, not a tokvis method file, unknown version, or tensors that
-        do not fit the method.
-    """
+def _read_method_header(path: Path) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
+    """``(method name, options, fit_info)`` from a method file's header, every check done; WeightsError else."""
     from safetensors import safe_open
 
-    from tokvis.methods import create_method
-
-    path = Path(path)
     if not path.is_file():
         raise WeightsError(f"no method file at {path}; save one with tokvis.fitting.save_method or `tokvis fit`")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise WeightsError(f"{path} is not a readable safetensors file: {e}") from e
-    if meta.get("format") != METHOD_FORMAT:
-        raise WeightsError(f"{path} is not a tokvis method file (format {meta.get('format')!r})")
-    if meta.get("version") != str(METHOD_VERSION):
-        raise WeightsError(f"{path} has method-file version {meta.get('version')}; this tokvis reads {METHOD_VERSION}")
-    method = _learned(create_method(meta["method"], **json.loads(meta["options"])))
-    try:
-        method.load_state_dict(tensors)
-    except RuntimeError as e:
-        raise WeightsError(f"the tensors in {path} do not fit method {meta['method']!r}: {e}") from e
-    info = json.loads(meta.get("fit_info", "null"))
-    if info is not None:
-        method.fit_info = info
-    method.eval()
-    return method
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 (hex) of a file's bytes: the identity of a fitted-method file in a run's configuration."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def method_file_info(path: str | os.PathLike) -> dict[str, Any]:
-    """What a method file saved by :func:`save_method` holds, without building the method.
-
-    Returns
-    -------
-    dict
-        ``method`` (name), ``options`` (dict), ``fit_info`` (dict or ``None``: the schedule
-        ``keep_rate`` / ``r`` / ``locations`` it was fitted for) and ``sha256`` (of the file's bytes).
-
-    Raises
-    ------
-    WeightsError
-        Missing file, not a readable safetensors file, not a tokvis method file, unknown version.
-    """
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"no method file at {path}; save one with tokvis.fitting.save_method or `tokvis fit`")
-    digest = file_sha256(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -466,7 +404,60 @@ def method_file_info(path: str | os.PathLike) -> dict[str, Any]:
         raise WeightsError(f"{path} has a damaged method header ({e}); fit and save it again") from e
     if not isinstance(options, dict) or not isinstance(name, str) or not isinstance(info, (dict, type(None))):
         raise WeightsError(f"{path} has a damaged method header; fit and save it again")
-    return {"method": name, "options": options, "fit_info": info, "sha256": digest}
+    return name, options, info
+
+
+def load_method(path: str | os.PathLike):
+    """Load a method saved by :func:`save_method` (a new method object, in eval mode).
+
+    Raises
+    ------
+    WeightsError
+        Missing file, not a tokvis method file, unknown version, or tensors that
+        do not fit the method.
+    """
+    from safetensors.torch import load_file
+
+    from tokvis.methods import create_method
+
+    path = Path(path)
+    name, options, info = _read_method_header(path)
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for corrupt data
+        raise WeightsError(f"{path} is not a readable safetensors file: {e}") from e
+    method = _learned(create_method(name, **options))
+    try:
+        method.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise WeightsError(f"the tensors in {path} do not fit method {name!r}: {e}") from e
+    if info is not None:
+        method.fit_info = info
+    method.eval()
+    return method
+
+
+#: SHA-256 (hex) of a file's bytes: the identity of a fitted-method file in a run's configuration
+file_sha256 = sha256_file
+
+
+def method_file_info(path: str | os.PathLike) -> dict[str, Any]:
+    """What a method file saved by :func:`save_method` holds, without building the method.
+
+    Returns
+    -------
+    dict
+        ``method`` (name), ``options`` (dict), ``fit_info`` (dict or ``None``: the schedule
+        ``keep_rate`` / ``r`` / ``locations`` it was fitted for) and ``sha256`` (of the file's bytes).
+
+    Raises
+    ------
+    WeightsError
+        Missing file, not a readable safetensors file, not a tokvis method file, unknown version.
+    """
+    path = Path(path)
+    name, options, info = _read_method_header(path)
+    return {"method": name, "options": options, "fit_info": info, "sha256": sha256_file(path)}
 
 
 def fit_summary(method) -> dict[str, Any]:

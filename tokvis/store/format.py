@@ -56,7 +56,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from tokvis.errors import TokvisError, TraceFileError
-from tokvis.fileio import atomic_write
+from tokvis.fileio import atomic_write, sha256_file
 from tokvis.validate import check_float, check_int
 
 RUN_FORMAT = "tokvis-run"
@@ -222,16 +222,6 @@ def versions() -> dict[str, str]:
     import tokvis
 
     return {"tokvis": tokvis.__version__, "torch": torch.__version__, "timm": timm.__version__}
-
-
-def sha256_file(path: Path, start: int = 0) -> str:
-    """SHA-256 of a file's bytes from offset ``start``."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(start)
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def shard_file(index: int) -> str:
