@@ -39,7 +39,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from tokvis.errors import DataError
-from tokvis.store import RunConfigError, RunSpec, StoreError, find_runs_in, load_run
+from tokvis.store import RunConfigError, RunSpec, StoreError, load_runs_in
 from tokvis.validate import check_int
 
 __all__ = ["COLUMNS", "MEASURES", "evaluate", "knn_predict", "merge_accuracy", "read_accuracy_csv"]
@@ -264,13 +264,7 @@ def evaluate(
     external = read_accuracy_csv(accuracy_csv) if accuracy_csv is not None else None
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    run_dirs = find_runs_in(paths)
-    runs = []
-    for p in run_dirs:
-        try:
-            runs.append(load_run(p))
-        except StoreError as e:
-            raise StoreError(f"{e} (check it with `tokvis verify {p}`)") from e
+    runs = load_runs_in(paths)
     device = resolve_device(device)
     specs = [_spec_of(r) for r in runs]
     order = sorted(range(len(runs)), key=lambda i: (_model_key(specs[i]), str(runs[i].path)))  # one model at a time

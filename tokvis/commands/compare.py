@@ -19,7 +19,6 @@ import dataclasses
 import inspect
 import json
 import warnings
-from pathlib import Path
 
 from tokvis.errors import DataError, TraceMismatchError
 
@@ -62,18 +61,6 @@ def register(subparsers) -> None:
         help="standard (default) or the study's conventions (tokvis.analysis.compare(convention='study'))",
     )  # fmt: skip
     p.set_defaults(func=cmd_compare)
-
-
-def _load(paths: list[Path]) -> list:
-    from tokvis.store import StoreError, load_run
-
-    runs = []
-    for p in paths:
-        try:
-            runs.append(load_run(p))
-        except StoreError as e:
-            raise StoreError(f"{e} (check it with `tokvis verify {p}`)") from e
-    return runs
 
 
 def _value(v):
@@ -193,10 +180,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from tokvis.commands.evaluate import check_table_out, write_table
-    from tokvis.store import find_runs_in
+    from tokvis.store import load_runs_in
 
     out = check_table_out(args.out)
-    runs = _load(find_runs_in(args.paths))
+    runs = load_runs_in(args.paths)
     names = [r.path.name for r in runs]
     if len(runs) < 2:
         raise TraceMismatchError(

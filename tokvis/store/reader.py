@@ -10,12 +10,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
 from tokvis.store.format import StoreError, check_shard, read_shard_index
-from tokvis.store.verify import inspect_run
+from tokvis.store.verify import find_runs_in, inspect_run
 
 
 class ShardView:
@@ -296,3 +296,15 @@ def load_run(path: str | os.PathLike, *, check: bool = True, allow_incomplete: b
             "rerun the same record command to finish it, or pass allow_incomplete=True"
         )
     return Run(run_dir, manifest, check=check)
+
+
+def load_runs_in(paths: Iterable[str | os.PathLike]) -> list[Run]:
+    """:func:`load_run` for every run store under ``paths`` (:func:`find_runs_in`); an unreadable one is a
+    :class:`StoreError` that says to check it with ``tokvis verify``."""
+    runs = []
+    for p in find_runs_in(paths):
+        try:
+            runs.append(load_run(p))
+        except StoreError as e:
+            raise StoreError(f"{e} (check it with `tokvis verify {p}`)") from e
+    return runs
