@@ -25,7 +25,10 @@ from torch import nn
 from tokvis.errors import MethodOptionError, WeightsError
 from tokvis.fileio import sha256_file
 
-__all__ = ["fit", "distillation_loss", "augmented_images", "save_method", "load_method", "load_study_checkpoint"]
+__all__ = [
+    "fit", "fit_to_file", "distillation_loss", "augmented_images", "save_method", "load_method",
+    "load_study_checkpoint",
+]  # fmt: skip
 
 METHOD_FORMAT = "tokvis-method"
 METHOD_VERSION = 1
@@ -286,6 +289,59 @@ def fit(
         "epoch_losses": history,
     }
     return method
+
+
+def fit_to_file(
+    model: nn.Module,
+    method: str,
+    out: str | os.PathLike,
+    *,
+    keep_rate: float | None = None,
+    r: int | Sequence[int] | None = None,
+    locations: Sequence[int] | None = None,
+    options: dict[str, Any] | None = None,
+    images: int = 256,
+    held_out: int = 32,
+    epochs: int = 3,
+    lr: float | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Create ``method``, fit it on ``model`` and save it to ``out``: what ``tokvis fit`` does.
+
+    ``images`` training images and ``held_out`` other ones (for the loss before and after fitting;
+    0: none) are drawn by :func:`augmented_images` with seeds ``seed`` and ``seed + 1``; the method
+    is created with ``seed`` and ``options`` (:func:`tokvis.create_method`), fitted with
+    :func:`fit` and written by :func:`save_method`.  The ``tokvis sweep`` ``[fit]`` table calls it
+    for a missing fitted file.
+
+    Returns
+    -------
+    dict
+        ``path``, ``epoch_losses``, ``held_out_before`` / ``held_out_after`` (``None`` without held-out
+        images) and ``seconds``.
+    """
+    import time
+
+    from tokvis.methods import create_method
+
+    t0 = time.perf_counter()
+    train = augmented_images(model, images, seed=seed)
+    test = augmented_images(model, held_out, seed=seed + 1) if held_out else None
+    schedule = dict(keep_rate=keep_rate, r=r, locations=locations)
+    obj = create_method(method, **{"seed": seed, **(options or {})})
+    before = after = None
+    if test is not None:
+        before = distillation_loss(model, obj, test, batch_size=batch_size, **schedule)
+    fit(model, obj, train, epochs=epochs, lr=lr, batch_size=batch_size, progress=progress, seed=seed, **schedule)
+    path = save_method(obj, out)
+    if test is not None:
+        after = distillation_loss(model, obj, test, batch_size=batch_size, **schedule)
+    return {
+        "path": path, "epoch_losses": list(obj.fit_info["epoch_losses"]), "held_out_before": before,
+        "held_out_after": after, "seconds": time.perf_counter() - t0,
+    }  # fmt: skip
 
 
 def augmented_images(

@@ -20,7 +20,7 @@ from tests.integration.conftest import fails_cleanly as _fails_cleanly
 from tokvis import fitting
 from tokvis.cli import main
 from tokvis.commands._run import build_model
-from tokvis.commands.record import load_sweep
+from tokvis.commands.record import _load_sweep, load_sweep
 from tokvis.store import RunConfigError, RunSpec, load_run
 
 KW = {"img_size": 32, "patch_size": 8}
@@ -210,7 +210,10 @@ def test_sweep_fitted_relative_to_the_toml(tmp_path, fits):
         ('keep_rates = [0.5]\n[fitted]\ntome = "x.safetensors"\n', "fitted must be keyed by a method of the sweep"),
         ('keep_rates = [0.5]\nfitted = "x"\n', "fitted must be a table"),
         ("keep_rates = [0.5]\n[fitted]\nsit = 3\n", "fitted.sit must be a path pattern"),
-        ('keep_rates = [0.5]\n[fitted]\nsit = "f{rate}.safetensors"\n', "may only hold {keep_rate} and {r}"),
+        (
+            'keep_rates = [0.5]\n[fitted]\nsit = "f{rate}.safetensors"\n',
+            "may only hold {keep_rate}, {r} and {backbone}",
+        ),
         ('keep_rates = [0.5]\n[fitted]\nsit = "f{r}.safetensors"\n', "needs {r}"),
         ('keep_rates = [0.5]\n[fitted]\nsit = "nope{keep_rate}.safetensors"\n', "no such file"),
         ('keep_rates = [0.9]\n[fitted]\nsit = "FITS/sit_keep0.5.safetensors"\n', "fitted for keep_rate 0.5"),
@@ -234,3 +237,74 @@ def test_evaluate_uses_the_runs_fitted_file(tmp_path, fits, capsys):
     p.write_bytes(Path(fits["b"]).read_bytes())  # another fit under the run's path: evaluating it would be wrong
     capsys.readouterr()
     _fails_cleanly(capsys, ["evaluate", str(out), "--out", str(tmp_path / "m2.csv")], "changed")
+
+
+# -- the sweep's [fit] table: missing fitted files are fitted first ------------------------------------------------
+FIT_TABLE = "[fit]\nimages = 4\nheld_out = 0\nepochs = 1\nbatch_size = 4\n"
+
+
+def test_sweep_fit_table_fits_missing_files_like_tokvis_fit_then_records(tmp_path, capsys):
+    f = _sweep(
+        tmp_path,
+        'keep_rates = [0.5, 0.7]\nlocations = [1, 2]\n[fitted]\nsit = "fits/sit_keep{keep_rate}.safetensors"\n'
+        + FIT_TABLE,
+    )
+    with pytest.raises(RunConfigError, match="no such file"):  # load_sweep alone does not fit
+        load_sweep(f)
+    assert main(["sweep", str(f), "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert said.count("fitting sit") == 2 and "(2/2)" in said
+    fitted = {k: tmp_path / "fits" / f"sit_keep{k}.safetensors" for k in ("0.5", "0.7")}
+    runs = [load_run(p) for p in (tmp_path / "runs").iterdir()]
+    assert len(runs) == 4
+    assert {r.config.get("fitted_sha256") for r in runs} == {None} | {fitting.file_sha256(p) for p in fitted.values()}
+    # the second path: tokvis fit with the same settings gives the same parameters and schedule
+    cli = tmp_path / "cli.safetensors"
+    args = [*TINY, "--method", "sit", "--keep-rate", "0.5", "--locations", "1", "2", "--images", "4"]
+    assert (
+        main(["fit", *args, "--held-out", "0", "--epochs", "1", "--batch-size", "4", "--quiet", "--out", str(cli)]) == 0
+    )
+    a, b = fitting.load_method(fitted["0.5"]), fitting.load_method(cli)
+    assert a.fit_info == b.fit_info
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
+    # run again: nothing to fit, every run complete
+    capsys.readouterr()
+    assert main(["sweep", str(f), "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert "fitting sit" not in said and " recorded " not in said and "already complete" in said
+
+
+@pytest.mark.parametrize(
+    "body, match",
+    [
+        ('keep_rates = [0.5]\n[fit]\nepochs = 1\n', "[fit] fits the files of the [fitted] table"),
+        ('keep_rates = [0.5]\nfit = 3\n[fitted]\nsit = "a{keep_rate}"\n', "fit must be a table"),
+        ('keep_rates = [0.5]\n[fitted]\nsit = "a{keep_rate}"\n[fit]\nepoch = 1\n', "unknown keys ['epoch'] in [fit]"),
+        ('keep_rates = [0.5]\n[fitted]\nsit = "a{keep_rate}"\n[fit]\nepochs = 0\n', "fit.epochs"),
+        ('keep_rates = [0.5]\n[fitted]\nsit = "a{keep_rate}"\n[fit]\nheld_out = -1\n', "fit.held_out"),
+        ('keep_rates = [0.5]\n[fitted]\nsit = "a{keep_rate}"\n[fit]\nlr = 0\n', "fit.lr"),
+        ('keep_rates = [0.5]\n[fitted]\ntopk = "a{keep_rate}"\n[fit]\n', "topk has no learned parameters"),
+        ('keep_rates = [0.5]\n[fitted]\nsit = "a{keep_rate}"\n[method_options.sit]\nbogus = 1\n[fit]\n',
+         "method_options.sit"),
+        ('keep_rates = [0.5]\nbatch_size = 0\n[fitted]\nsit = "a{keep_rate}"\n[fit]\n', "batch"),
+    ],
+)  # fmt: skip
+def test_bad_sweep_fit_tables_one_line_nothing_fitted(tmp_path, capsys, body, match):
+    f = _sweep(tmp_path, body)
+    _fails_cleanly(capsys, ["sweep", str(f), "--no-progress"], match)
+    assert not (tmp_path / "runs").exists()
+    assert not list(tmp_path.glob("a*"))  # nothing fitted
+
+
+def test_sweep_fit_one_file_for_two_backbones_needs_the_backbone_in_the_pattern(tmp_path, capsys):
+    f = _sweep(tmp_path, 'keep_rates = [0.5]\n[fitted]\nsit = "fits/sit{keep_rate}"\n' + FIT_TABLE)
+    text = f.read_text().replace(
+        'backbones = ["vit_tiny_patch16_224"]', 'backbones = ["vit_tiny_patch16_224", "deit_tiny_patch16_224"]'
+    )
+    assert text != f.read_text()
+    f.write_text(text)
+    _fails_cleanly(capsys, ["sweep", str(f), "--no-progress"], "put {backbone} in the pattern")
+    f.write_text(text.replace("fits/sit{keep_rate}", "fits/{backbone}_sit{keep_rate}"))
+    specs, _, jobs = _load_sweep(f, plan_fits=True)
+    assert sorted(Path(j["file"]).name for j in jobs) == ["deit_tiny_patch16_224_sit0.5", "vit_tiny_patch16_224_sit0.5"]

@@ -179,20 +179,27 @@ def test_record_a_checkpoint_without_arch_is_one_line_exit_2(checkpoint, tmp_pat
 # the offline study: its sweep file and its data
 # ------------------------------------------------------------------------------------------------
 def test_study_offline_sweep_file_parses_and_its_grid_validates():
-    """examples/study_offline.toml: every method x the study's keep rates; checked, not run."""
+    """examples/study_offline.toml: every method x the study's keep rates, the learned ones fitted first by the
+    sweep's [fit] table (a fit file not there yet is a planned fit); checked, not run."""
     from pathlib import Path
 
     import tokvis
     from tokvis.commands._run import check_grid
-    from tokvis.commands.record import load_sweep
+    from tokvis.commands.record import _load_sweep
+    from tokvis.methods import get_method_class
 
     path = Path(__file__).parents[2] / "examples" / "study_offline.toml"
-    specs, opts = load_sweep(path)
-    assert {s.method for s in specs} == set(tokvis.list_methods())
-    assert sorted({s.keep_rate for s in specs}) == [0.25, 0.5, 0.7, 0.9]
+    specs, opts, fits = _load_sweep(path, plan_fits=True)
+    learned = {m for m in tokvis.list_methods() if hasattr(get_method_class(m), "mark_fitted")} - {"dpcknn"}
+    assert learned == {"dynamicvit", "sit", "patchmerger", "sinkhorn"}
+    assert {s.method for s in specs} | {j["method"] for j in fits} == set(tokvis.list_methods())
+    assert all(s.fitted is not None for s in specs if s.method in learned)  # learned runs use fitted files
+    assert all(Path(j["file"]).parent == path.parent / "fits" for j in fits)
+    assert {(j["epochs"], j["images"], j["held_out"]) for j in fits} <= {(3, 256, 32)}
+    assert sorted({s.keep_rate for s in specs} | {j["keep_rate"] for j in fits}) == [0.25, 0.5, 0.7, 0.9]
     assert {s.backbone for s in specs} == {"dinov2_small_offline"} and all(s.pretrained for s in specs)
     assert {s.dataset for s in specs} == {"crops", "foolbox-imagenet"}
-    assert len(specs) == len(tokvis.list_methods()) * 4 * 2
+    assert len(specs) + 2 * len(fits) == len(tokvis.list_methods()) * 4 * 2  # a fit serves both datasets
     assert opts["out"] == path.parent / "runs_study"
     check_grid(specs)  # methods, options, model names and datasets: what `tokvis sweep` checks before recording
 

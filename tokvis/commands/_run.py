@@ -216,16 +216,21 @@ def check_grid(specs: Sequence[RunSpec]) -> None:
 
 def build_model(spec: RunSpec):
     """The unpatched backbone of ``spec`` (seeded, so random weights are the same in every process)."""
+    return create_backbone(spec.backbone, pretrained=spec.pretrained, model_kwargs=spec.model_kwargs, seed=spec.seed)
+
+
+def create_backbone(name: str, *, pretrained: bool = True, model_kwargs: dict | None = None, seed: int = 0):
+    """``zoo.create`` seeded with ``seed`` first: the same random weights for ``record``, ``fit`` and ``evaluate``."""
     import torch
 
     from tokvis import zoo
 
-    torch.manual_seed(int(spec.seed))
+    torch.manual_seed(int(seed))
     try:
-        return zoo.create(spec.backbone, pretrained=bool(spec.pretrained), **dict(spec.model_kwargs))
+        return zoo.create(name, pretrained=bool(pretrained), **dict(model_kwargs or {}))
     except TypeError as e:
         raise RunConfigError(
-            f"model {spec.backbone!r} does not accept the model keyword arguments {json.dumps(spec.model_kwargs)} "
+            f"model {name!r} does not accept the model keyword arguments {json.dumps(model_kwargs)} "
             f"({e}); check their names (--model-kwargs / model_kwargs), e.g. img_size"
         ) from e
 

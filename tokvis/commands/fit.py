@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from tokvis.cli import _arg, _keep_rate, _method, int_at_least
+from tokvis.commands.record import _json_dict
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -29,7 +30,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     import torch
 
-    from tokvis import fitting, zoo
+    from tokvis import fitting
+    from tokvis.commands._run import create_backbone
     from tokvis.errors import MethodOptionError
     from tokvis.methods import get_method_class, list_methods
 
@@ -45,27 +47,22 @@ def cmd_fit(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     print(f"loading {args.model} ...", flush=True)
-    model = zoo.create(args.model, **({"pretrained": False} if args.no_pretrained else {}))
-    images = fitting.augmented_images(model, args.images, seed=args.seed)
-    held_out = fitting.augmented_images(model, args.held_out, seed=args.seed + 1) if args.held_out else None
-    schedule = dict(keep_rate=args.keep_rate, r=args.r, locations=args.locations)
-    options = dict(args.option or [])
-    from tokvis.methods import create_method
-
-    method = create_method(args.method, **{"seed": args.seed, **options})
-    if held_out is not None:
-        before = fitting.distillation_loss(model, method, held_out, batch_size=args.batch_size, **schedule)
-    fitting.fit(
-        model, method, images, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-        progress=not args.quiet, seed=args.seed, **schedule,
+    # seeded as `tokvis record` builds it: a random backbone (--no-pretrained) is the one the runs will use
+    model = create_backbone(
+        args.model, pretrained=not args.no_pretrained, model_kwargs=args.model_kwargs, seed=args.seed
+    )
+    res = fitting.fit_to_file(
+        model, args.method, args.out, keep_rate=args.keep_rate, r=args.r, locations=args.locations,
+        options=dict(args.option or []), images=args.images, held_out=args.held_out, epochs=args.epochs,
+        lr=args.lr, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
     )  # fmt: skip
-    path = fitting.save_method(method, args.out)
-    losses = ", ".join(f"{v:.4f}" for v in method.fit_info["epoch_losses"])
-    print(f"training loss per epoch: {losses}")
-    if held_out is not None:
-        after = fitting.distillation_loss(model, method, held_out, batch_size=args.batch_size, **schedule)
-        print(f"held-out distillation loss ({args.held_out} images): {before:.4f} unfitted -> {after:.4f} fitted")
-    print(f"saved {path} ({time.perf_counter() - t0:.0f} s)")
+    print(f"training loss per epoch: {', '.join(f'{v:.4f}' for v in res['epoch_losses'])}")
+    if res["held_out_before"] is not None:
+        print(
+            f"held-out distillation loss ({args.held_out} images): {res['held_out_before']:.4f} unfitted -> "
+            f"{res['held_out_after']:.4f} fitted"
+        )
+    print(f"saved {res['path']} ({time.perf_counter() - t0:.0f} s)")
     return 0
 
 
@@ -75,6 +72,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--model", default="dinov2_small_offline", help="timm name, checkpoint or dinov2_small_offline")
     p.add_argument("--no-pretrained", action="store_true", help="random backbone weights (timm names: no download)")
+    p.add_argument("--model-kwargs", type=_json_dict, default={}, help="JSON for zoo.create, e.g. '{\"img_size\": 32}'")
     p.add_argument("--method", required=True, type=_arg(_method), help="learned method name")
     p.add_argument("--keep-rate", type=_arg(_keep_rate), default=None, help="per-stage keep rate, in (0, 1]")
     p.add_argument("--r", type=int_at_least(0), default=None, help="tokens removed per block (instead of --keep-rate)")

@@ -30,8 +30,10 @@ A sweep file (TOML)::
                                    # threads, hash_inputs
     [method_options.tome]          # options per method: a table named after one of `methods`
     prop_attn = false
-    [fitted]                       # fitted learned methods (`tokvis fit`), per method; {keep_rate} / {r} are
-    sit = "fits/sit_keep{keep_rate}.safetensors"   # filled in per run (relative paths: from the TOML's folder)
+    [fitted]                       # fitted learned methods (`tokvis fit`), per method; {keep_rate} / {r} /
+    sit = "fits/sit_keep{keep_rate}.safetensors"   # {backbone} are filled in per run (relative: the TOML's folder)
+    [fit]                          # optional: fit a missing [fitted] file first, with tokvis fit's settings
+    epochs = 3                     # images (256), held_out (32), epochs (3), lr (the method's), batch_size (16)
 
 A fitted-method file (``tokvis record --fitted FILE`` or the sweep's ``[fitted]`` table) gives the
 method its name, options and parameters; the run's keep rate / r (and locations) must be those it
@@ -53,8 +55,10 @@ from typing import Any
 _SWEEP_KEYS = {
     "out", "backbones", "methods", "keep_rates", "r", "datasets", "batch_size", "shard_size", "device", "amp",
     "skip_bad", "scores", "cls", "soft", "pretrained", "model_kwargs", "method_options", "locations", "limit",
-    "seed", "workers", "threads", "hash_inputs", "fitted",
+    "seed", "workers", "threads", "hash_inputs", "fitted", "fit",
 }  # fmt: skip
+#: the sweep's [fit] table: settings of ``tokvis fit`` for a missing fitted file, and their defaults
+_FIT_KEYS = {"images": 256, "held_out": 32, "epochs": 3, "lr": None, "batch_size": 16}
 
 
 def _json_dict(text: str) -> dict[str, Any]:
@@ -228,6 +232,17 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 def load_sweep(path: str | Path) -> tuple[list, dict[str, Any]]:
     """Parse a sweep TOML file into run specs and the execution options."""
+    specs, opts, _ = _load_sweep(path)
+    return specs, opts
+
+
+def _load_sweep(path: str | Path, *, plan_fits: bool = False) -> tuple[list, dict[str, Any], list[dict]]:
+    """:func:`load_sweep`, and with ``plan_fits`` the fits its ``[fit]`` table asks for.
+
+    With ``plan_fits``, a ``[fitted]`` file that does not exist yet is not an error when the sweep has a
+    ``[fit]`` table: it is returned as a fit job (``tokvis.fitting.fit_to_file`` keyword arguments plus
+    ``backbone`` and ``file``), one per file, and the run specs of those runs are ``None``.
+    """
     import tomllib
 
     from tokvis.store import RunConfigError, RunSpec
@@ -281,6 +296,8 @@ def load_sweep(path: str | Path) -> tuple[list, dict[str, Any]]:
     for key in ("batch_size", "workers", "threads", "shard_size", "seed"):
         if key in cfg:
             check_int(f"{path}: {key}", cfg[key], minimum=None if key == "seed" else 0, error=RunConfigError)
+    fit_cfg = _fit_settings(path, cfg)
+    jobs: dict[str, dict] = {}
     specs = []
     for backbone in cfg["backbones"]:
         for dataset in cfg["datasets"]:
@@ -297,7 +314,11 @@ def load_sweep(path: str | Path) -> tuple[list, dict[str, Any]]:
                 for sched in scheds:
                     run = dict(common)
                     if method in fitted:
-                        run.update(_sweep_fitted(path, method, fitted[method], sched, common))
+                        file = _fitted_file(path, method, fitted[method], sched, backbone)
+                        if plan_fits and fit_cfg is not None and not file.exists():
+                            _plan_fit(path, jobs, file, fitted[method], cfg, sched, common, fit_cfg)
+                            continue
+                        run.update(_sweep_fitted(path, method, file, sched, common))
                     specs.append(RunSpec(**sched, **run))
     out = Path(cfg.get("out", "runs"))
     if not out.is_absolute():
@@ -307,14 +328,97 @@ def load_sweep(path: str | Path) -> tuple[list, dict[str, Any]]:
         skip_bad=bool(cfg.get("skip_bad", False)), workers=cfg.get("workers", 0), threads=cfg.get("threads", 0),
         hash_inputs=bool(cfg.get("hash_inputs", False)),
     )  # fmt: skip
-    return specs, opts
+    return specs, opts, list(jobs.values())
 
 
-def _sweep_fitted(path: Path, method: str, pattern: str, sched: dict, common: dict) -> dict:
-    """The fitted-file fields of one sweep run: ``pattern`` with ``{keep_rate}`` / ``{r}`` filled in, checked."""
+def _fit_settings(path: Path, cfg: dict) -> dict | None:
+    """The sweep's ``[fit]`` table, checked, with defaults filled in (``None`` without one)."""
+    from tokvis.store import RunConfigError
+    from tokvis.validate import check_float, check_int
+
+    if "fit" not in cfg:
+        return None
+    table = cfg["fit"]
+    if not isinstance(table, dict):
+        raise RunConfigError(f"{path}: fit must be a table of tokvis fit settings: [fit] epochs = 3")
+    if not cfg.get("fitted"):
+        raise RunConfigError(f"{path}: [fit] fits the files of the [fitted] table, but the sweep has none; add one")
+    unknown = sorted(set(table) - set(_FIT_KEYS))
+    if unknown:
+        raise RunConfigError(f"{path}: unknown keys {unknown} in [fit]; known: {sorted(_FIT_KEYS)}")
+    out = {**_FIT_KEYS, **table}
+    for key in ("images", "epochs", "batch_size"):
+        check_int(f"{path}: fit.{key}", out[key], minimum=1, error=RunConfigError)
+    check_int(f"{path}: fit.held_out", out["held_out"], minimum=0, error=RunConfigError)
+    if out["lr"] is not None:
+        check_float(f"{path}: fit.lr", out["lr"], low=0.0, low_open=True, high_open=True, error=RunConfigError)
+    return out
+
+
+def _plan_fit(path: Path, jobs: dict, file: Path, pattern: str, cfg: dict, sched: dict, common: dict, fit: dict):
+    """Add the fit of the missing fitted file ``file`` to ``jobs`` (once per file)."""
+    from tokvis.errors import TokvisError
+    from tokvis.methods import create_method, get_method_class
+    from tokvis.store import RunConfigError
+
+    method, backbone = common["method"], common["backbone"]
+    key = str(file.resolve())
+    job = dict(
+        backbone=backbone, file=file, method=method, keep_rate=sched.get("keep_rate"), r=sched.get("r"),
+        locations=common["locations"], options=dict(common["method_options"]), seed=int(common["seed"]),
+        pretrained=common["pretrained"], model_kwargs=dict(common["model_kwargs"]), **fit,
+    )  # fmt: skip
+    if key in jobs:
+        if jobs[key] != job:
+            raise RunConfigError(
+                f"{path}: fitted.{method} = {pattern!r} names the one file {file} for runs that need different fits "
+                f"({jobs[key]['backbone']} and {backbone}); put {{backbone}} in the pattern"
+            )
+        return
+    if not hasattr(get_method_class(method), "mark_fitted"):
+        raise RunConfigError(
+            f"{path}: fitted.{method}: {method} has no learned parameters to fit; drop it from [fitted]"
+        )
+    try:
+        create_method(method, **job["options"])
+    except TokvisError as e:
+        raise RunConfigError(f"{path}: method_options.{method}: {e}") from e
+    jobs[key] = job
+
+
+def run_fits(jobs: list[dict], *, progress: bool = True) -> None:
+    """Fit the sweep's missing fitted files (on the CPU), one backbone loaded once, each file written atomically."""
+    from tokvis import fitting
+    from tokvis.commands._run import create_backbone
+
+    model, loaded = None, None
+    for i, job in enumerate(jobs, 1):
+        sched = f"keep_rate {job['keep_rate']:g}" if job["keep_rate"] is not None else f"r {job['r']}"
+        print(f"fitting {job['method']} ({sched}) on {job['backbone']} -> {job['file']} ({i}/{len(jobs)})", flush=True)
+        ident = (job["backbone"], job["pretrained"], json.dumps(job["model_kwargs"], sort_keys=True), job["seed"])
+        if ident != loaded:
+            model = create_backbone(
+                job["backbone"], pretrained=job["pretrained"], model_kwargs=job["model_kwargs"], seed=job["seed"]
+            )
+            loaded = ident
+        Path(job["file"]).parent.mkdir(parents=True, exist_ok=True)
+        res = fitting.fit_to_file(
+            model, job["method"], job["file"], keep_rate=job["keep_rate"], r=job["r"], locations=job["locations"],
+            options=job["options"], images=job["images"], held_out=job["held_out"], epochs=job["epochs"],
+            lr=job["lr"], batch_size=job["batch_size"], seed=job["seed"], progress=progress,
+        )  # fmt: skip
+        loss = (
+            f"held-out loss {res['held_out_before']:.4f} -> {res['held_out_after']:.4f}"
+            if res["held_out_before"] is not None
+            else f"training loss {res['epoch_losses'][-1]:.4f}"
+        )
+        print(f"  fitted in {res['seconds']:.0f} s, {loss}", flush=True)
+
+
+def _fitted_file(path: Path, method: str, pattern: str, sched: dict, backbone: str) -> Path:
+    """``pattern`` with ``{keep_rate}`` / ``{r}`` / ``{backbone}`` filled in, relative to the sweep file's folder."""
     from string import Formatter
 
-    from tokvis.commands._run import fitted_fields
     from tokvis.store import RunConfigError
 
     values = {}
@@ -325,24 +429,35 @@ def _sweep_fitted(path: Path, method: str, pattern: str, sched: dict, common: di
         values["r"] = "-".join(str(v) for v in r) if isinstance(r, list) else str(r)
     try:
         names = {f for _, f, _, _ in Formatter().parse(pattern) if f is not None}
-        unknown = names - {"keep_rate", "r"}
+        unknown = names - {"keep_rate", "r", "backbone"}
         if unknown:
             raise RunConfigError(
                 f"{path}: fitted.{method} = {pattern!r} names {sorted(unknown)}; a pattern may only hold "
-                "{keep_rate} and {r}"
+                "{keep_rate}, {r} and {backbone}"
             )
-        missing = names - set(values)
+        missing = names - set(values) - {"backbone"}
         if missing:
             raise RunConfigError(
                 f"{path}: fitted.{method} = {pattern!r} needs {{{sorted(missing)[0]}}}, but a run of this sweep has "
                 f"{', '.join(f'{k} {v}' for k, v in values.items())}; use {{{next(iter(values))}}} in the pattern"
             )
-        name = pattern.format(**values)
+        name = pattern.format(**values, backbone=backbone.replace("/", "_"))
     except ValueError as e:
         raise RunConfigError(f"{path}: fitted.{method} = {pattern!r} is not a valid pattern ({e})") from e
     file = Path(name)
-    if not file.is_absolute():
-        file = path.parent / file
+    return file if file.is_absolute() else path.parent / file
+
+
+def _sweep_fitted(path: Path, method: str, file: Path, sched: dict, common: dict) -> dict:
+    """The fitted-file fields of one sweep run, checked (:func:`tokvis.commands._run.fitted_fields`)."""
+    from tokvis.commands._run import fitted_fields
+    from tokvis.store import RunConfigError
+
+    if not file.exists():
+        raise RunConfigError(
+            f"{path}: fitted.{method}: {file}: no such file; fit it with `tokvis fit --method {method} ... --out "
+            f"{file}`, or add a [fit] table to the sweep to fit missing files first"
+        )
     return fitted_fields(
         file, method=method, keep_rate=sched.get("keep_rate"), r=sched.get("r"), locations=common["locations"],
         method_options=common["method_options"], where=f"{path}: fitted.{method}:",
@@ -355,6 +470,20 @@ def _as_list(value) -> list:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    specs, opts, jobs = _load_sweep(args.file, plan_fits=True)
+    if jobs:  # every run and fit is checked before the first fit
+        import torch
+
+        from tokvis.commands._run import check_backbone, check_grid, check_options
+
+        check_options(**{k: opts[k] for k in ("out", "batch_size", "workers", "threads", "device")})
+        if specs:
+            check_grid(specs)
+        for backbone in dict.fromkeys(job["backbone"] for job in jobs):
+            check_backbone(backbone)
+        if opts["threads"]:
+            torch.set_num_threads(opts["threads"])
+        run_fits(jobs, progress=not args.no_progress)
     specs, opts = load_sweep(args.file)
     return _run_all(specs, progress=not args.no_progress, **opts)
 
