@@ -15,7 +15,7 @@ from typing import Sequence, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["Context", "setup", "teardown", "barrier", "assign", "launched_by_torchrun"]
+__all__ = ["Context", "setup", "teardown", "barrier", "assign", "launched_by_torchrun", "resolve_device"]
 
 
 @dataclass(frozen=True)
@@ -106,3 +106,22 @@ def teardown(ctx: Context) -> None:
 def assign(items: Sequence[T], ctx: Context) -> list[T]:
     """This rank's share of ``items`` (round robin, disjoint, together complete)."""
     return list(items[ctx.rank :: ctx.world_size])
+
+
+def resolve_device(device: str, ctx=None) -> str:
+    """``cpu``, ``cuda``, ``cuda:<n>`` or ``auto`` as a torch device string for this process (``cuda`` under
+    torchrun: this process's ``cuda:<local rank>``).  ``RunConfigError`` for anything else or missing CUDA."""
+    import torch
+
+    from tokvis.store.format import RunConfigError
+
+    if not isinstance(device, str) or (device not in ("cpu", "cuda", "auto") and not device.startswith("cuda:")):
+        raise RunConfigError(f"device must be cpu, cuda, cuda:<n> or auto: got {device!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RunConfigError("device 'cuda' requested but CUDA is not available; use --device cpu or auto")
+        if device == "cuda" and ctx is not None and ctx.distributed:
+            device = f"cuda:{ctx.local_rank}"
+    return device

@@ -39,7 +39,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from tokvis.errors import DataError
-from tokvis.store import RunConfigError, RunSpec, StoreError, load_runs_in
+from tokvis.store import RunConfigError, RunSpec, build_model, load_runs_in, patch_for, run_spec
 from tokvis.validate import check_int
 
 __all__ = ["COLUMNS", "MEASURES", "evaluate", "knn_predict", "merge_accuracy", "read_accuracy_csv"]
@@ -109,20 +109,11 @@ def knn_predict(features: np.ndarray, labels: Sequence[int], *, k: int = 5, chun
 # ----------------------------------------------------------------------------------------------
 
 
-def _spec_of(run) -> RunSpec:
-    fields = set(RunSpec.__dataclass_fields__)
-    try:
-        return RunSpec(**{k: v for k, v in run.config.items() if k in fields})
-    except (TypeError, RunConfigError) as e:
-        raise StoreError(f"{run.path}: its configuration cannot be read as a run ({e}); run `tokvis verify`") from e
-
-
 def _model_key(spec: RunSpec) -> str:
     return json.dumps([spec.backbone, spec.pretrained, spec.model_kwargs, spec.seed], sort_keys=True)
 
 
 def _build(spec: RunSpec, run_path: Path):
-    from tokvis.commands._run import build_model
     from tokvis.errors import TokvisError
 
     try:
@@ -256,8 +247,8 @@ def evaluate(
     from tqdm import tqdm
 
     import tokvis
-    from tokvis.commands._run import resolve_device
     from tokvis.datasets import open_dataset
+    from tokvis.distributed import resolve_device
 
     batch_size = check_int("batch_size", batch_size, minimum=1, error=RunConfigError)
     k = check_int("k", k, minimum=1, error=RunConfigError)
@@ -266,7 +257,7 @@ def evaluate(
         paths = [paths]
     runs = load_runs_in(paths)
     device = resolve_device(device)
-    specs = [_spec_of(r) for r in runs]
+    specs = [run_spec(r) for r in runs]
     order = sorted(range(len(runs)), key=lambda i: (_model_key(specs[i]), str(runs[i].path)))  # one model at a time
     rows: dict[int, dict[str, Any]] = {}
     model, model_key = None, None
@@ -289,8 +280,6 @@ def evaluate(
         if ukey not in unreduced:
             unreduced[ukey] = _outputs(model, dataset, positions, transform, batch_size=batch_size, device=device)
         base = unreduced[ukey]
-        from tokvis.commands._run import patch_for
-
         patch_for(model, spec)  # a run's fitted method file (checked against its SHA-256), when it names one
         try:
             red = _outputs(

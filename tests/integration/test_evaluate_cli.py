@@ -187,11 +187,11 @@ def test_changed_weights_are_flagged(runs, tmp_path, monkeypatch):
     """A model rebuilt with other weights than recorded: decisions_match < 1 and a warning, not a silent result."""
     import dataclasses
 
-    from tokvis.commands import _run
+    from tokvis import evaluate as ev
     from tokvis.evaluate import evaluate
 
-    build = _run.build_model
-    monkeypatch.setattr(_run, "build_model", lambda spec: build(dataclasses.replace(spec, seed=spec.seed + 1)))
+    build = ev.build_model
+    monkeypatch.setattr(ev, "build_model", lambda spec: build(dataclasses.replace(spec, seed=spec.seed + 1)))
     name = run_dir(Path("."), "topk", "0.5").name
     with pytest.warns(UserWarning, match="reproduces the stored decisions on only"):
         df = evaluate(runs / name, device="cpu", batch_size=4)

@@ -95,3 +95,17 @@ def test_no_import_cycle_in_tokvis():
     for node in sorted(graph):
         if node not in state:
             visit(node)
+
+
+def test_library_modules_do_not_import_the_command_line():
+    """``tokvis.commands`` (and its private ``_run``) serve the CLI; the library (evaluate, store, plotting, ...)
+    rebuilds run models through the public ``tokvis.store.build_model`` / ``patch_for``."""
+    graph = _tokvis_import_graph()
+    assert "tokvis.distributed" in graph["tokvis.evaluate"]  # the graph sees function-level imports
+    cli = {"tokvis.cli", "tokvis.__main__"}
+    offenders = {
+        mod: sorted(e for e in edges if e.startswith("tokvis.commands"))
+        for mod, edges in graph.items()
+        if not mod.startswith("tokvis.commands") and mod not in cli
+    }
+    assert {m: e for m, e in offenders.items() if e} == {}

@@ -2,8 +2,8 @@
 
 The run store itself (:mod:`tokvis.store`) only writes what it is given; this module checks a
 whole grid of runs before anything is recorded (:func:`check_grid`, :func:`check_options`),
-builds and patches models (:func:`build_model`, :func:`execute`), resolves devices and sets up
-torchrun (:func:`run_all`).  Private to :mod:`tokvis.commands` (not a command: ``tokvis.cli``
+records runs (:func:`execute`) on models rebuilt by :mod:`tokvis.store.models`, and sets up torchrun
+(:func:`run_all`).  Private to :mod:`tokvis.commands` (not a command: ``tokvis.cli``
 skips modules whose name starts with ``_``).
 """
 
@@ -15,24 +15,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from tokvis.distributed import resolve_device
 from tokvis.store import RunConfigError, RunResult, RunSpec, record_run
+from tokvis.store.models import build_model, create_backbone, fitted_fields, load_fitted, patch_for  # noqa: F401
 from tokvis.validate import check_int
-
-
-def resolve_device(device: str, ctx=None) -> str:
-    """``cpu``, ``cuda``, ``cuda:<n>`` or ``auto`` as a torch device string for this process."""
-    import torch
-
-    if not isinstance(device, str) or (device not in ("cpu", "cuda", "auto") and not device.startswith("cuda:")):
-        raise RunConfigError(f"device must be cpu, cuda, cuda:<n> or auto: got {device!r}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RunConfigError("device 'cuda' requested but CUDA is not available; use --device cpu or auto")
-        if device == "cuda" and ctx is not None and ctx.distributed:
-            device = f"cuda:{ctx.local_rank}"
-    return device
 
 
 def check_options(*, out, batch_size, workers, threads, device) -> None:
@@ -69,117 +55,6 @@ def check_backbone(name: str) -> None:
         raise zoo._unknown_model(name)
 
 
-def _same_schedule(a, b) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
-        return [int(v) for v in (a if isinstance(a, (list, tuple)) else [a])] == [
-            int(v) for v in (b if isinstance(b, (list, tuple)) else [b])
-        ]
-    return abs(float(a) - float(b)) < 1e-9
-
-
-def fitted_fields(
-    path: str | os.PathLike,
-    *,
-    method: str | None,
-    keep_rate: float | None,
-    r: int | list[int] | None,
-    locations: list[int] | None,
-    method_options: dict[str, Any],
-    where: str = "--fitted",
-) -> dict[str, Any]:
-    """The :class:`RunSpec` fields of a run that uses the fitted-method file ``path``, checked up front.
-
-    The method name and options come from the file (``method`` / ``method_options``, when given,
-    must agree with it); the run's schedule must be the one the file was fitted for (``fit_info``:
-    keep rate or r, and locations; the fit's locations are used when the run gives none).  Returns
-    ``method``, ``method_options``, ``locations``, ``fitted`` (absolute path) and ``fitted_sha256``.
-
-    Raises
-    ------
-    RunConfigError
-        Missing file, not a tokvis method file, another method, other options or another schedule.
-    """
-    from tokvis.errors import WeightsError
-    from tokvis.fitting import method_file_info
-
-    path = Path(path)
-    fix = "fit one with `tokvis fit --method <name> --keep-rate <k> --out <file>`"
-    if not path.is_file():
-        raise RunConfigError(f"{where} {path}: no such file; {fix}")
-    try:
-        info = method_file_info(path)
-    except WeightsError as e:
-        raise RunConfigError(f"{where} {path}: {e}; {fix}") from e
-    name = info["method"]
-    if method is not None and method != name:
-        raise RunConfigError(
-            f"{where} {path} holds a fitted {name!r}, not {method!r}; give --method {name} (or leave --method out)"
-        )
-    for key, value in method_options.items():
-        if key not in info["options"] or info["options"][key] != value:
-            raise RunConfigError(
-                f"{where} {path}: method option {key}={json.dumps(value)} differs from the fitted file's options "
-                f"{json.dumps(info['options'], sort_keys=True)}; a fitted method's options come from its file: drop it"
-            )
-    fit = info["fit_info"] or {}
-    if fit:
-        ran = f"keep_rate {keep_rate:g}" if keep_rate is not None else f"r {r}"
-        done = f"keep_rate {fit.get('keep_rate'):g}" if fit.get("keep_rate") is not None else f"r {fit.get('r')}"
-        if not (_same_schedule(keep_rate, fit.get("keep_rate")) and _same_schedule(r, fit.get("r"))):
-            raise RunConfigError(
-                f"{where} {path} was fitted for {done}, but this run uses {ran}; record it with the {done.split()[0]} "
-                f"it was fitted for, or fit one for {ran}"
-            )
-        fit_loc = fit.get("locations")
-        if locations is not None and fit_loc is not None and [int(v) for v in locations] != list(fit_loc):
-            raise RunConfigError(
-                f"{where} {path} was fitted for locations {list(fit_loc)}, but this run uses {list(locations)}; "
-                "drop --locations (the fit's are used) or fit for these locations"
-            )
-        if locations is None and fit_loc is not None:
-            locations = [int(v) for v in fit_loc]
-    return dict(
-        method=name, method_options=dict(info["options"]), locations=locations,
-        fitted=str(path.resolve()), fitted_sha256=info["sha256"],
-    )  # fmt: skip
-
-
-def load_fitted(spec: RunSpec):
-    """The fitted method of ``spec``, loaded after checking the file is still the one hashed into the run."""
-    from tokvis.errors import WeightsError
-    from tokvis.fitting import file_sha256, load_method
-
-    path = Path(str(spec.fitted))
-    again = "rerun with the file it was recorded with, or record into another --out"
-    if not path.is_file():
-        raise RunConfigError(f"the fitted-method file {path} of this run is gone; {again}")
-    try:
-        before = file_sha256(path)
-        method = load_method(path)
-        after = file_sha256(path)
-    except WeightsError as e:
-        raise RunConfigError(f"the fitted-method file {path} of this run cannot be loaded: {e}") from e
-    if before != spec.fitted_sha256 or after != spec.fitted_sha256:
-        raise RunConfigError(
-            f"the fitted-method file {path} changed (SHA-256 {after[:12]}..., the run was set up with "
-            f"{str(spec.fitted_sha256)[:12]}...); {again}"
-        )
-    return method
-
-
-def patch_for(model, spec: RunSpec) -> None:
-    """Patch ``model`` with ``spec``'s method and schedule (its fitted file, when it names one)."""
-    import tokvis
-
-    kw: dict[str, Any] = {} if spec.fitted is not None else dict(spec.method_options)
-    if spec.locations is not None:
-        kw["locations"] = list(spec.locations)
-    method = load_fitted(spec) if spec.fitted is not None else spec.method
-    tokvis.patch(model, method, keep_rate=spec.keep_rate, r=spec.r, **kw)
-
-
 def check_grid(specs: Sequence[RunSpec]) -> None:
     """Every run of a grid is valid before the first is recorded: methods, their options, models, data.
 
@@ -212,27 +87,6 @@ def check_grid(specs: Sequence[RunSpec]) -> None:
         if spec.dataset not in seen_data:
             open_dataset(spec.dataset, name=spec.dataset_name)  # lists files only; reads no image
             seen_data.add(spec.dataset)
-
-
-def build_model(spec: RunSpec):
-    """The unpatched backbone of ``spec`` (seeded, so random weights are the same in every process)."""
-    return create_backbone(spec.backbone, pretrained=spec.pretrained, model_kwargs=spec.model_kwargs, seed=spec.seed)
-
-
-def create_backbone(name: str, *, pretrained: bool = True, model_kwargs: dict | None = None, seed: int = 0):
-    """``zoo.create`` seeded with ``seed`` first: the same random weights for ``record``, ``fit`` and ``evaluate``."""
-    import torch
-
-    from tokvis import zoo
-
-    torch.manual_seed(int(seed))
-    try:
-        return zoo.create(name, pretrained=bool(pretrained), **dict(model_kwargs or {}))
-    except TypeError as e:
-        raise RunConfigError(
-            f"model {name!r} does not accept the model keyword arguments {json.dumps(model_kwargs)} "
-            f"({e}); check their names (--model-kwargs / model_kwargs), e.g. img_size"
-        ) from e
 
 
 def execute(

@@ -64,7 +64,7 @@ def register(subparsers) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from tokvis.commands._run import resolve_device
+    from tokvis.distributed import resolve_device
     from tokvis.evaluate import MEASURES, evaluate, read_accuracy_csv
 
     out = check_table_out(args.out)

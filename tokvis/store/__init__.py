@@ -4,8 +4,9 @@ A run directory holds ``manifest.json`` and ``shard-XXXXX.safetensors`` files (t
 checksums and input fingerprints: :mod:`tokvis.store.format`).  :func:`load_run` opens one
 lazily (:mod:`tokvis.store.reader`); :func:`verify_run` / :func:`verify_tree` check them
 without changing anything (:mod:`tokvis.store.verify`); :func:`record_run` writes, resumes and
-repairs them under a per-run lock (:mod:`tokvis.store.writer`).  Building models, devices and
-torchrun are the command line's business (:mod:`tokvis.commands._run`).
+repairs them under a per-run lock (:mod:`tokvis.store.writer`).  :func:`build_model` and
+:func:`patch_for` rebuild the model a run was recorded on (:mod:`tokvis.store.models`); devices
+and torchrun are the command line's business (:mod:`tokvis.commands._run`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from tokvis.store.format import ids_hash as _ids_hash  # noqa: F401
 from tokvis.store.format import versions as _versions  # noqa: F401
 from tokvis.store.format import write_manifest as _write_manifest  # noqa: F401
 from tokvis.store.format import write_shard as _write_shard  # noqa: F401
+from tokvis.store.models import build_model, patch_for, run_spec
 from tokvis.store.reader import Run, ShardView, load_run, load_runs_in
 from tokvis.store.verify import RunReport, find_runs, find_runs_in, verify_run, verify_tree
 from tokvis.store.writer import DELAY_ENV, LOCK_FILE, RunLock, RunLockedError, RunResult, record_run
@@ -49,6 +51,9 @@ __all__ = [
     "verify_tree",
     "find_runs",
     "find_runs_in",
+    "build_model",
+    "patch_for",
+    "run_spec",
     "shard_file",
     "DELAY_ENV",
     "LOCK_FILE",
