@@ -182,3 +182,27 @@ def test_bad_inputs_one_line_exit_2(case, runs, tmp_path, capsys):
         assert out_dir.read_text() == "keep me"  # nothing already written is lost
     else:
         assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+def test_global_maps_of_crops_report_reliability_over_halves_of_the_photos(tmp_path):
+    """Crops of one photo share content: the figure's split-half r splits whole photos (and says so)."""
+    from tokvis.commands.figures import _fig_global_maps
+    from tokvis.datasets import crop_photo
+    from tokvis.plotting.maps import split_half_reliability
+
+    root = tmp_path / "runs"
+    argv = ["record", "--model", "vit_tiny_patch16_224", "--method", "topk", "evit", "--keep-rate", "0.5",
+            "--no-pretrained", "--model-kwargs", KW, "--data", "crops", "--limit", "40", "--batch-size", "20",
+            "--device", "cpu", "--no-progress", "--out", str(root)]  # fmt: skip
+    assert main(argv) == 0
+    runs = [tokvis.load_run(p) for p in find_runs(root)]
+    photos = [crop_photo(i) for i in runs[0].image_ids]
+    assert 2 <= len(set(photos)) < len(photos)  # 40 crops of 3 photos
+    figs = {}
+    _fig_global_maps(runs, 0.5, lambda fig, name: figs.setdefault(name, fig))
+    fig = figs["global_maps"]
+    assert "halves of the photos" in fig._suptitle.get_text()
+    want = {str(r.meta.method): split_half_reliability(r, groups=photos)["r"] for r in runs}
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    for method, r in want.items():
+        assert any(t.startswith(method) and f"split-half r = {r:.2f}" in t for t in titles), (method, titles)

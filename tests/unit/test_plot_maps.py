@@ -46,6 +46,37 @@ def test_split_half_reliability_matches_a_loop_reference():
     assert plain["r"] == pytest.approx(plain["r_half"]) and plain["r"] < got["r"]
 
 
+def test_split_half_reliability_by_groups_matches_a_loop_reference():
+    """Whole groups on each side of a split: a plain loop over groups is the second path."""
+    v = _values(n=13)
+    groups = ["p3", "p1", "p1", "p2", "p3", "p0", "p2", "p4", "p4", "p1", "p0", "p3", "p2"]
+    got = split_half_reliability(v, n_splits=30, seed=5, groups=groups)
+    names = sorted(set(groups))  # the order np.unique gives
+    rng = np.random.default_rng(5)
+    perms = np.argsort(rng.random((30, len(names))), axis=1)
+    rs = []
+    for p in perms:
+        left = [i for i, g in enumerate(groups) if g in {names[k] for k in p[:2]}]
+        right = [i for i, g in enumerate(groups) if g in {names[k] for k in p[2:4]}]
+        assert not set(left) & set(right)
+        rs.append(np.corrcoef(v[left].mean(0), v[right].mean(0))[0, 1])
+    assert got["r_half"] == pytest.approx(np.mean(rs))
+    assert got["r"] == pytest.approx(np.mean([2 * r / (1 + r) for r in rs]))
+    assert got["n_groups"] == 5 and got["n_images"] == 13
+
+
+def test_split_half_reliability_by_groups_is_lower_when_groups_share_content():
+    """Crops of one photo share content: random halves overstate the reliability, halves of photos do not."""
+    rng = np.random.default_rng(0)
+    photos = rng.normal(size=(8, 36))  # each photo its own map, no common signal
+    v = np.repeat(photos, 10, axis=0) + 0.1 * rng.normal(size=(80, 36))
+    groups = np.repeat(np.arange(8), 10)
+    assert split_half_reliability(v)["r"] > 0.9
+    assert abs(split_half_reliability(v, groups=groups)["r"]) < 0.5
+    singletons = split_half_reliability(v, groups=np.arange(80), n_splits=400)["r"]
+    assert singletons == pytest.approx(split_half_reliability(v, n_splits=400)["r"], abs=0.02)
+
+
 def test_split_half_reliability_orders_signal_and_noise():
     clean = split_half_reliability(_values(noise=0.1))["r"]
     noisy = split_half_reliability(_values(noise=30.0))["r"]
@@ -69,6 +100,10 @@ def test_split_half_reliability_bad_inputs():
         split_half_reliability(np.zeros(4))
     with pytest.raises(DataError, match="n_splits"):
         split_half_reliability(np.zeros((4, 4)), n_splits=0)
+    with pytest.raises(DataError, match="one label per image"):
+        split_half_reliability(np.zeros((4, 4)), groups=[0, 1])
+    with pytest.raises(DataError, match="at least 2 groups"):
+        split_half_reliability(np.zeros((4, 4)), groups=[0, 0, 0, 0])
     constant = split_half_reliability(np.ones((4, 4)))
     assert np.isnan(constant["r"]) and constant["n_splits"] == 0
 

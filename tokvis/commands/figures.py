@@ -243,6 +243,7 @@ def _fig_global_maps(runs, keep_rate, emit) -> None:
     import matplotlib.pyplot as plt
 
     from tokvis.analysis.compare import global_maps
+    from tokvis.datasets import crop_photo
     from tokvis.plotting.maps import global_map_grid, map_correlation_matrix, map_correlations, split_half_reliability
 
     chosen = [r for r in runs if _m(r, "keep_rate") == keep_rate] if keep_rate is not None else []
@@ -257,12 +258,16 @@ def _fig_global_maps(runs, keep_rate, emit) -> None:
             _skip(f"global_maps {key}", f"several runs of one method at keep rate {keep_rate:g}: {names}")
             continue
         maps = {n: global_maps(r)["depth"] for n, r in zip(names, members, strict=True)}
-        rel = {}
+        rel, by_photo = {}, False
         for n, r in zip(names, members, strict=True):
-            if r.num_images >= 2:
-                rel[n] = split_half_reliability(r)["r"]
+            photos = [crop_photo(i) for i in r.image_ids]  # crops of one photo stay on one side of a split
+            if len(set(photos)) >= 2:
+                rel[n] = split_half_reliability(r, groups=photos)["r"]
+                by_photo |= len(set(photos)) < r.num_images
         n_img = min(r.num_images for r in members)
         title = f"{key[0]}, {key[1]}, keep rate {keep_rate:g}: mean token depth ({n_img} images)"
+        if by_photo:
+            title += "; split-half r over halves of the photos"
         fig = global_map_grid(maps, reliability=rel or None, suptitle=title)
         emit(fig, "global_maps" + _suffix(key, len(groups) > 1))
         if len(members) >= 2:

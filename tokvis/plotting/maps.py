@@ -16,6 +16,11 @@ half holds only half of the images, the coefficient underestimates the reliabili
 all images; the Spearman-Brown prophecy formula ``2 r / (1 + r)`` corrects for that
 (``spearman_brown=True``, the default).  A correlation between two methods' maps cannot exceed (about)
 the square root of the product of their reliabilities; values near 0 mean the map is noise.
+
+Images that are not independent (several crops of one photo) make a random split overstate the
+reliability: crops of one photo land on both sides.  ``groups`` (e.g. the photo of each crop,
+:func:`tokvis.datasets.crop_photo`) splits whole groups instead, which is the honest figure;
+``tokvis figures`` passes the photo of each image (for other datasets every image is its own group).
 """
 
 from __future__ import annotations
@@ -73,7 +78,7 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def split_half_reliability(
-    values, *, n_splits: int = 200, spearman_brown: bool = True, seed: int = 0
+    values, *, n_splits: int = 200, spearman_brown: bool = True, seed: int = 0, groups=None
 ) -> dict[str, float | int]:
     """Split-half reliability of a global map (see the module docstring).
 
@@ -88,19 +93,23 @@ def split_half_reliability(
         Correct each half-sample coefficient to the full sample: ``2 r / (1 + r)``.
     seed : int
         Random state of the splits (fixed: repeated calls agree).
+    groups : sequence [num_images], optional
+        A label per image (e.g. the photo a crop was cut from): each split puts half of the groups,
+        whole, on each side (with an odd number of groups one is left out), and each half's map is the
+        mean over its images.  Default: every image its own group, halves of equal size.
 
     Returns
     -------
     dict
         ``r`` (the mean coefficient, corrected when ``spearman_brown``), ``r_half`` (the mean
-        uncorrected half-vs-half Pearson r), ``n_images``, ``n_splits`` (splits with a defined
-        coefficient), ``spearman_brown`` (bool).  ``r`` is NaN when every split has a constant half
-        map (e.g. a method that reduces nothing).
+        uncorrected half-vs-half Pearson r), ``n_images``, ``n_groups``, ``n_splits`` (splits with a
+        defined coefficient), ``spearman_brown`` (bool).  ``r`` is NaN when every split has a constant
+        half map (e.g. a method that reduces nothing).
 
     Raises
     ------
     DataError
-        Fewer than 2 images, or not a 2-D array.
+        Fewer than 2 images (or groups), not a 2-D array, or ``groups`` of another length.
     """
     n_splits = check_int("n_splits", n_splits, minimum=1, error=DataError)
     if hasattr(values, "depth") and not isinstance(values, np.ndarray):
@@ -111,14 +120,38 @@ def split_half_reliability(
     n = arr.shape[0]
     if n < 2:
         raise DataError(f"split-half reliability needs at least 2 images: got {n}; record more images")
-    half = n // 2
     rng = np.random.default_rng(seed)
-    perms = np.argsort(rng.random((n_splits, n)), axis=1)
-    first = arr[perms[:, :half]].mean(axis=1)  # [n_splits, num_patches]
-    second = arr[perms[:, half : 2 * half]].mean(axis=1)
+    if groups is None:
+        half = n // 2
+        perms = np.argsort(rng.random((n_splits, n)), axis=1)
+        first = arr[perms[:, :half]].mean(axis=1)  # [n_splits, num_patches]
+        second = arr[perms[:, half : 2 * half]].mean(axis=1)
+        n_groups = n
+    else:
+        labels = np.asarray(list(groups), dtype=object)
+        if labels.shape != (n,):
+            raise DataError(f"groups must give one label per image ({n}): got {labels.shape[0]}")
+        _, member = np.unique(labels.astype(str), return_inverse=True)
+        n_groups = int(member.max()) + 1
+        if n_groups < 2:
+            raise DataError("split-half reliability by groups needs at least 2 groups: every image is in one")
+        sums = np.zeros((n_groups, arr.shape[1]))
+        np.add.at(sums, member, arr)
+        counts = np.bincount(member, minlength=n_groups).astype(np.float64)
+        half = n_groups // 2
+        perms = np.argsort(rng.random((n_splits, n_groups)), axis=1)
+        rows = np.arange(n_splits)[:, None]
+        sides = []
+        for part in (perms[:, :half], perms[:, half : 2 * half]):
+            mask = np.zeros((n_splits, n_groups))
+            mask[rows, part] = 1.0
+            sides.append((mask @ sums) / (mask @ counts)[:, None])
+        first, second = sides
     r = _pearson(first, second)
     r = r[np.isfinite(r)]
-    out: dict[str, float | int] = {"n_images": int(n), "n_splits": int(r.size), "spearman_brown": bool(spearman_brown)}
+    out: dict[str, float | int] = {
+        "n_images": int(n), "n_groups": int(n_groups), "n_splits": int(r.size), "spearman_brown": bool(spearman_brown),
+    }  # fmt: skip
     if not r.size:
         out.update(r=float("nan"), r_half=float("nan"))
         return out
