@@ -40,7 +40,8 @@ class MethodCase:
     r_capped_at_half: bool = False
     #: one extra token holds the dropped ones when something is dropped (EViT)
     fused_token: bool = False
-    #: keeps *up to* the budget per image (ATS samples with repetition); batches pad token counts
+    #: keeps *up to* the budget per image (ATS samples with repetition); the sequence keeps the budget's length,
+    #: an image with fewer tokens gets padding slots (size 0, masked), so real-token counts are upper-bounded
     adaptive: bool = False
     #: the same input gives the same decisions and output (no sampling without a seed)
     deterministic: bool = True
@@ -186,7 +187,7 @@ def block_token_counts(model, x) -> list[int]:
 
 def expected_counts(method, kw, n, depth):
     """Patch tokens leaving each block under schedule ``kw``, from the schedule's definition alone
-    (upper bounds for adaptive methods)."""
+    (adaptive methods: the sequence length, padding included; each image's real tokens are at most this)."""
     case = case_for(method)
     counts, cur = [], n
     if "keep_rate" in kw:
@@ -281,5 +282,4 @@ def check_batch_items_independent(method, kw):
             # identical partitions (integer labels: exact comparison is right here)
             assert torch.equal(single.labels(layer)[0], batch.labels(layer)[i])
             assert torch.equal(single.kept(layer)[0], batch.kept(layer)[i])
-            if not case_for(method).adaptive:  # adaptive methods pad a batch to its largest count
-                assert torch.equal(one.dst[0], many.dst[i])
+            assert torch.equal(one.dst[0], many.dst[i])  # adaptive methods too: padded to a fixed budget

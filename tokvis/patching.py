@@ -11,8 +11,10 @@ for a decision after the attention residual and before the MLP; the one shared
 
 Extension points of the patched attention (:func:`attention_forward`): an
 additive logit ``bias`` (ToMe's proportional attention adds ``log(size)``),
-and the returned keys / class-token attention row / full attention map that a
-method declares in ``needs``.
+and the returned keys / class-token attention row (head mean or per head) /
+full attention map that a method declares in ``needs``.  Only ``"attn"``
+computes the explicit ``[B, H, T, T]`` map; the class-token rows come from the
+class token's query alone, beside the fused ``scaled_dot_product_attention``.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ __all__ = ["patch", "unpatch", "is_patched", "model_info", "attention_forward", 
 class AttentionExtras:
     keys: torch.Tensor | None = None
     cls_attn: torch.Tensor | None = None
+    cls_attn_heads: torch.Tensor | None = None
     attn: torch.Tensor | None = None
 
 
@@ -65,6 +68,7 @@ def attention_forward(
     num_prefix: int = 1,
     need_keys: bool = False,
     need_cls: bool = False,
+    need_cls_heads: bool = False,
     need_attn: bool = False,
 ) -> tuple[torch.Tensor, AttentionExtras]:
     """timm ``Attention.forward`` through the module's own layers, with extension points.
@@ -79,14 +83,17 @@ def attention_forward(
         attention: ``log(size)``).
     num_prefix : int
         Prefix tokens; the class token, when asked for, is token 0.
-    need_keys, need_cls, need_attn : bool
+    need_keys, need_cls, need_cls_heads, need_attn : bool
         Also return the keys ``[B, H, T, d]``, the head-mean class-token attention
-        to the patch tokens ``[B, T - num_prefix]``, or the full attention
-        probabilities ``[B, H, T, T]``.
+        to the patch tokens ``[B, T - num_prefix]``, the per-head one
+        ``[B, H, T - num_prefix]`` (always the one-row path, :func:`_cls_heads`),
+        or the full attention probabilities ``[B, H, T, T]``.
     """
     q, k, v, gate = _qkv(attn, x)
     mask = None if bias is None else bias[:, None, None, :].to(q.dtype)
     extras = AttentionExtras(keys=k if need_keys else None)
+    if need_cls_heads:
+        extras.cls_attn_heads = _cls_heads(attn, q, k, mask, num_prefix)
     if need_attn or not attn.fused_attn:
         probs = _probs(attn, q, k, mask)
         out = attn.attn_drop(probs) @ v
@@ -120,8 +127,14 @@ def _probs(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor
 
 
 def _cls_row(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, num_prefix: int):
-    """Head-mean attention of the class token to the patch tokens ``[B, T - num_prefix]``: one query row
-    (``q_cls @ k^T``, not the full map), in float32 for fp16 / bf16 models so that rankings do not tie."""
+    """Head-mean attention of the class token to the patch tokens ``[B, T - num_prefix]`` (:func:`_cls_heads`)."""
+    return _cls_heads(attn, q, k, mask, num_prefix).mean(1)
+
+
+def _cls_heads(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, num_prefix: int):
+    """Attention of the class token to the patch tokens per head ``[B, H, T - num_prefix]``: one query row
+    (``q_cls @ k^T``, not the full map; ``mask`` is the additive logit bias ``[B, 1, 1, T]``), in float32
+    for fp16 / bf16 models so that rankings do not tie."""
     dt = decision_dtype(q.dtype)
     off = (
         torch.autocast(q.device.type, enabled=False)
@@ -130,7 +143,7 @@ def _cls_row(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, mask: torch.Tens
     )
     with off:
         row = _probs(attn, q[:, :, :1].to(dt), k.to(dt), None if mask is None else mask.to(dt))
-    return row[:, :, 0, num_prefix:].mean(1)
+    return row[:, :, 0, num_prefix:]
 
 
 def _attention_output(attn: nn.Module, out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
@@ -195,11 +208,15 @@ def _patched_block_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None
     if target is not None and method.stage == "in_attention":
         q, k, v, gate = _qkv(self.attn, h)
         mask = None if bias is None else bias[:, None, None, :].to(q.dtype)
-        probs = _probs(self.attn, q, k, mask) if {"attn", "cls_attn"} & method.needs else None
+        # the explicit [B, H, T, T] map only for a method that uses it (MCTF); the class-token rows are one
+        # query row each, and the reduced attention itself stays fused (Method.reduced_attention)
+        probs = _probs(self.attn, q, k, mask) if "attn" in method.needs else None
+        cls_attn = None
+        if "cls_attn" in method.needs:
+            cls_attn = probs[:, :, 0, p:].mean(1) if probs is not None else _cls_row(self.attn, q, k, mask, p)
         ctx = _context(
-            st, layer, x, target, stage="in_attention", keys=k, queries=q, values=v,
-            attn=probs if "attn" in method.needs else None,
-            cls_attn=probs[:, :, 0, p:].mean(1) if "cls_attn" in method.needs else None,
+            st, layer, x, target, stage="in_attention", keys=k, queries=q, values=v, attn=probs, cls_attn=cls_attn,
+            cls_attn_heads=_cls_heads(self.attn, q, k, mask, p) if "cls_attn_heads" in method.needs else None,
             project=lambda t: _qkv(self.attn, self.norm1(t))[:3],
         )  # fmt: skip
         x, decision = _decide_and_apply(self, st, ctx)
@@ -214,17 +231,22 @@ def _patched_block_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None
             num_prefix=p,
             need_keys="keys" in needs,
             need_cls="cls_attn" in needs,
+            need_cls_heads="cls_attn_heads" in needs,
             need_attn="attn" in needs,
         )
         x = x + self.drop_path1(self.ls1(out))
         if target is not None and method.stage == "after_attn":
-            ctx = _context(st, layer, x, target, keys=extras.keys, cls_attn=extras.cls_attn, attn=extras.attn)
+            ctx = _context(
+                st, layer, x, target, keys=extras.keys, cls_attn=extras.cls_attn,
+                cls_attn_heads=extras.cls_attn_heads, attn=extras.attn,
+            )  # fmt: skip
             x, _ = _decide_and_apply(self, st, ctx)
     x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
     if target is not None and method.stage == "after_block":  # on the block's output (MCTF without one-step-ahead)
         ctx = _context(
-            st, layer, x, target, stage="after_block", keys=extras.keys, cls_attn=extras.cls_attn, attn=extras.attn
-        )
+            st, layer, x, target, stage="after_block", keys=extras.keys, cls_attn=extras.cls_attn,
+            cls_attn_heads=extras.cls_attn_heads, attn=extras.attn,
+        )  # fmt: skip
         x, _ = _decide_and_apply(self, st, ctx)
     return x
 

@@ -13,7 +13,10 @@ from tests.models import make_images, make_model
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("method,kw", [("tome", {"r": 4}), ("topk", {"keep_rate": 0.5}), ("evit", {"keep_rate": 0.7})])
+@pytest.mark.parametrize(
+    "method,kw",
+    [("tome", {"r": 4}), ("topk", {"keep_rate": 0.5}), ("evit", {"keep_rate": 0.7}), ("ats", {"keep_rate": 0.5})],
+)
 def test_compiled_patched_model_equals_eager(method, kw):
     model, x = make_model("cls"), make_images("cls", n=2)
     tokvis.patch(model, method, **kw)
@@ -50,12 +53,14 @@ def test_recording_a_compiled_model_gives_the_eager_partitions():
         assert torch.equal(trace.labels(layer), ref.labels(layer))
 
 
-def test_no_graph_break_in_a_patched_forward():
-    """The whole patched forward is one graph (the input check's host read used to break it)."""
+@pytest.mark.parametrize("method", ["topk", "ats"])
+def test_no_graph_break_in_a_patched_forward(method):
+    """The whole patched forward is one graph (the input check's host read used to break it; ATS's
+    data-dependent token count did, before it padded to its fixed budget)."""
     import torch._dynamo
 
     model, x = make_model("cls"), make_images("cls", n=2)
-    tokvis.patch(model, "topk", keep_rate=0.5)
+    tokvis.patch(model, method, keep_rate=0.5)
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(model)(x)
     assert explanation.graph_break_count == 0, explanation.break_reasons

@@ -7,7 +7,7 @@ import torch
 
 import tokvis
 from tests.models import make_images, make_model
-from tokvis.methods.base import ReductionContext
+from tokvis.methods.base import Method, ReductionContext
 from tokvis.methods.ops import apply_decision, bipartite_matching, rank_keep
 from tokvis.trace import LayerDecision
 
@@ -189,3 +189,57 @@ def test_proportional_attention_changes_output():
         tokvis.patch(model, "tome", r=8, prop_attn=False)
         without = model(x)
     assert not torch.allclose(with_prop, without)
+
+
+class _AttentionSpy(Method):
+    """Merges the first ``2 m`` patch tokens pairwise (sizes 2 next to sizes 1: a proportional-attention bias
+    that is not uniform) and keeps what the block handed it for the asked ``needs``."""
+
+    kind = "merge"
+    proportional_attention = True
+
+    def __init__(self, stage: str, needs: set[str]) -> None:
+        super().__init__()
+        self.stage, self.needs = stage, frozenset(needs)
+        self.seen: list[ReductionContext] = []
+
+    def decide(self, ctx: ReductionContext) -> LayerDecision:
+        self.seen.append(ctx)
+        B, n = ctx.x.shape[0], ctx.n_in
+        m = n - ctx.target
+        j = torch.arange(n, device=ctx.x.device)
+        dst = torch.where(j < 2 * m, j // 2, j - m).expand(B, n).clone()
+        keep = ((j % 2 == 0) | (j >= 2 * m)).expand(B, n).clone()
+        return LayerDecision(ctx.layer, "merge", dst, keep, n_out=n - m)
+
+
+@pytest.mark.parametrize("stage", ["after_attn", "in_attention", "after_block"])
+def test_cls_attn_heads_is_the_class_row_of_the_full_map(stage):
+    """``needs={"cls_attn_heads"}``: the per-head class-token row ``[B, H, n]`` from the one-row path equals the
+    explicit map's row (proportional bias included), and its head mean is ``cls_attn``, at every stage."""
+    model, x = make_model("registers"), make_images("registers")
+    spy = _AttentionSpy(stage, {"attn", "cls_attn", "cls_attn_heads"})
+    tokvis.patch(model, spy, r=6, locations=[1, 3])
+    with torch.no_grad():
+        model(x)
+    assert len(spy.seen) == 2 and not bool((spy.seen[1].size == 1).all())  # the second block has a real bias
+    for ctx in spy.seen:
+        p, H = ctx.num_prefix, model.blocks[0].attn.num_heads
+        heads = ctx.cls_attn_heads
+        assert heads.shape == (x.shape[0], H, ctx.n_in) and heads.dtype == torch.float32
+        torch.testing.assert_close(heads, ctx.attn[:, :, 0, p:])
+        torch.testing.assert_close(ctx.cls_attn, heads.mean(1))
+
+
+@pytest.mark.parametrize("stage", ["after_attn", "in_attention"])
+def test_cls_attn_heads_alone_builds_no_map_and_is_float32_on_a_bf16_model(stage):
+    model, x = make_model("cls").bfloat16(), make_images("cls").bfloat16()
+    spy = _AttentionSpy(stage, {"cls_attn_heads"})
+    tokvis.patch(model, spy, r=6, locations=[1, 3])
+    with torch.no_grad():
+        model(x)
+    for ctx in spy.seen:
+        assert ctx.attn is None and ctx.cls_attn is None
+        heads = ctx.cls_attn_heads
+        assert heads.dtype == torch.float32 and bool(torch.isfinite(heads).all())
+        assert bool((heads.sum(-1) < 1).all())  # the class token's attention to itself and the prefix is not in it

@@ -3,6 +3,7 @@ and each method against a slow loop reference written from its paper."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import warnings
@@ -15,11 +16,12 @@ import tokvis
 from tests.invariants import expected_counts
 from tests.models import make_images, make_model
 from tokvis.errors import MethodOptionError, UnsupportedModelError
-from tokvis.methods.ats import ats_scores, inverse_transform_sample
-from tokvis.methods.base import ReductionContext
+from tokvis.methods.ats import ATS, ats_scores, inverse_transform_sample
+from tokvis.methods.base import Method, ReductionContext
 from tokvis.methods.dpcknn import dpc_centres, dpc_knn
 from tokvis.methods.kmedoids import kmedoids, pairwise_distance
 from tokvis.schedule import default_locations
+from tokvis.trace import LayerDecision
 
 METHODS = ["ats", "kmedoids", "dpcknn", "radial"]
 SCHEDULES = [{"keep_rate": 0.7}, {"keep_rate": 0.5, "locations": [0, 2, 5]}, {"r": 6}]
@@ -53,14 +55,15 @@ def test_ats_token_counts_at_most_the_budget(schedule):
     for layer in trace.layers:
         counts = trace.token_counts(layer)
         assert bool((counts <= budget[layer]).all())
-        assert trace.decision(layer).n_out == int(counts.max())  # the batch's largest count
+        assert trace.decision(layer).n_out == budget[layer]  # a fixed size: the budget, not the batch's largest
     # the model is peaked enough that ATS is adaptive here: some image keeps fewer than the budget
     last = trace.layers[-1]
     assert bool((trace.token_counts(last) < budget[last]).any())
 
 
 def test_ats_batch_equals_images_alone_with_padding():
-    """Each image's output in a batch equals the image run alone, though the batch pads token counts."""
+    """Each image's output in a batch equals the image run alone, though images keeping fewer tokens than the
+    budget are padded (in a batch and alone: the padding is fixed, the budget)."""
     model, x = _sharpened(), _peaky_images()
     tokvis.patch(model, "ats", keep_rate=0.5)
     with torch.no_grad():
@@ -72,8 +75,9 @@ def test_ats_batch_equals_images_alone_with_padding():
             for layer in batch.layers:
                 assert torch.equal(single.labels(layer)[0], batch.labels(layer)[i])
                 assert torch.equal(single.kept(layer)[0], batch.kept(layer)[i])
-                padded |= single.decision(layer).n_out < batch.decision(layer).n_out
-    assert padded, "the test needs an image with fewer tokens than the batch maximum"
+                assert torch.equal(single.decision(layer).dst[0], batch.decision(layer).dst[i])  # same padding
+                padded |= int(batch.token_counts(layer)[i]) < batch.decision(layer).n_out
+    assert padded, "the test needs an image with fewer tokens than the budget"
 
 
 @pytest.mark.parametrize(
@@ -174,6 +178,139 @@ def test_ats_scores_from_the_model_and_kept_tokens_are_the_samples():
             assert d.dst[b][d.keep[b]].tolist() == list(range(len(ref_keep)))
             assert bool((d.dst[b][~d.keep[b]] == -1).all())
     assert sampled
+
+
+class _LoopATS(Method):
+    """ATS as it was before issue 12, written with loops: scores from the explicit attention map (``"attn"``),
+    inverse-transform sampling per image (:func:`slow_inverse_transform`), an image whose real tokens fit the
+    budget keeps them all, and the batch padded to its *largest* count (read on the host)."""
+
+    kind = "prune"
+    conventions = ("keep_rate",)
+    stage = "in_attention"
+    needs = frozenset({"attn"})
+    requires_class_token = True
+    proportional_attention = True
+
+    def decide(self, ctx: ReductionContext) -> LayerDecision:
+        p, A, V = ctx.num_prefix, ctx.attn, ctx.values
+        B, H = A.shape[:2]
+        n, k = ctx.n_in, max(ctx.target, 1)
+        real = (ctx.patch_size > 0).tolist()
+        score = torch.zeros(B, n, dtype=A.dtype)
+        keep = torch.zeros(B, n, dtype=torch.bool)
+        for b in range(B):
+            s = [sum(float(A[b, h, 0, p + j]) * float(V[b, h, p + j].norm()) for h in range(H)) for j in range(n)]
+            s = [v / sum(s) for v in s]
+            score[b] = torch.tensor(s, dtype=A.dtype)
+            ids = [j for j in range(n) if real[b][j]]
+            for j in set(ids) if len(ids) <= k else slow_inverse_transform(s, k):
+                keep[b, j] = True
+        dst = torch.where(keep, keep.long().cumsum(1) - 1, -1)
+        return LayerDecision(ctx.layer, "prune", dst, keep, n_out=int(keep.sum(1).max()), score=score)
+
+
+def test_ats_fixed_padding_equals_the_loop_reference():
+    """The fixed budget (issue 12: no host read of the batch's largest count) changes nothing but the padding.
+    Against the loop reference (explicit map, padded to the batch's largest count): the same scores, kept sets,
+    labels and counts per image, the same class-head output and the same real tokens' features; each image run
+    alone under the reference (no padding at all) gives the same output and partitions too."""
+    model, x = _sharpened(), _peaky_images()
+    ref_model = _sharpened()
+    tokvis.patch(model, "ats", keep_rate=0.5)
+    tokvis.patch(ref_model, _LoopATS(), keep_rate=0.5)
+    p = model.num_prefix_tokens
+    with torch.no_grad():
+        out, trace = tokvis.run_with_trace(model, x)
+        ref_out, ref = tokvis.run_with_trace(ref_model, x)
+        feats, ref_feats = model.forward_features(x), ref_model.forward_features(x)
+    torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=0)
+    assert trace.layers == ref.layers
+    grew = False
+    for layer in trace.layers:
+        d, r = trace.decision(layer), ref.decision(layer)
+        assert d.n_out >= r.n_out
+        grew |= d.n_out > r.n_out
+        assert torch.equal(trace.labels(layer), ref.labels(layer))
+        assert torch.equal(trace.kept(layer), ref.kept(layer))
+        assert torch.equal(trace.token_counts(layer), ref.token_counts(layer))
+        torch.testing.assert_close(d.score[:, : r.n_in], r.score, atol=1e-12, rtol=1e-9)
+        assert not bool(d.score[:, r.n_in :].any())  # the extra padding slots: no score
+        assert torch.equal(d.dst[:, : r.n_in], r.dst) and bool((d.dst[:, r.n_in :] == -1).all())
+    assert grew, "the test needs a batch whose largest count is below the budget"
+    counts = trace.token_counts(trace.layers[-1])
+    for b in range(len(x)):  # the real tokens (prefix, then the kept patches) of every image
+        real = p + int(counts[b])
+        torch.testing.assert_close(feats[b, :real], ref_feats[b, :real], atol=1e-10, rtol=0)
+    with torch.no_grad():
+        for i in range(len(x)):
+            alone_out, alone = tokvis.run_with_trace(ref_model, x[i : i + 1])
+            torch.testing.assert_close(out[i], alone_out[0], atol=1e-10, rtol=0)
+            for layer in trace.layers:
+                assert torch.equal(alone.labels(layer)[0], trace.labels(layer)[i])
+                assert alone.decision(layer).n_out == int(trace.token_counts(layer)[i])  # alone: no padding
+
+
+class _BothPaths(ATS):
+    """ATS that also gets the explicit map and decides from its class-token row too, to compare the paths."""
+
+    needs = frozenset({"attn", "cls_attn_heads"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list = []
+
+    def decide(self, ctx: ReductionContext) -> LayerDecision:
+        d = super().decide(ctx)
+        row = ctx.attn[:, :, 0, ctx.num_prefix :]
+        self.seen.append((ctx.cls_attn_heads, row, d, super().decide(dataclasses.replace(ctx, cls_attn_heads=row))))
+        return d
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_ats_one_row_scores_equal_the_full_map(dtype):
+    """The per-head class-token row (one query row, ``needs={"cls_attn_heads"}``) and the explicit map's row
+    give the same scores and the same kept sets, at every stage (padded ones: the ``-inf`` bias included)."""
+    model, x = _sharpened(dtype=dtype), _peaky_images(dtype=dtype)
+    method = _BothPaths()
+    tokvis.patch(model, method, keep_rate=0.5)
+    with torch.no_grad():
+        _, trace = tokvis.run_with_trace(model, x)
+    assert len(method.seen) == len(trace.layers)
+    tol = {"atol": 1e-12, "rtol": 1e-9} if dtype == torch.float64 else {"atol": 1e-6, "rtol": 1e-5}
+    for heads, row, d, d_full in method.seen:
+        assert heads.dtype == dtype and heads.shape == row.shape
+        torch.testing.assert_close(heads, row, **tol)
+        torch.testing.assert_close(d.score, d_full.score, **tol)
+        assert torch.equal(d.keep, d_full.keep) and torch.equal(d.dst, d_full.dst) and d.n_out == d_full.n_out
+    assert bool((method.seen[-1][1] == 0).any()), "a padded stage: padding slots get no attention"
+
+
+def test_ats_forward_builds_no_full_attention_map(monkeypatch):
+    """ATS no longer asks for ``"attn"``: every attention probability the patched forward computes is one query
+    row (the class token's, at the reducing blocks), and every block's attention is the fused SDPA.  The spy
+    does see MCTF's ``[B, H, T, T]`` map (it uses the map)."""
+    import tokvis.patching as patching
+
+    shapes, sdpa = [], []
+    probs, fused = patching._probs, torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(patching, "_probs", lambda *a: (shapes.append(tuple(probs(*a).shape)), probs(*a))[1])
+    monkeypatch.setattr(
+        torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: (sdpa.append(1), fused(*a, **k))[1]
+    )
+    model, x = make_model("cls"), make_images("cls", n=3)
+    for blk in model.blocks:
+        blk.attn.fused_attn = True
+    tokvis.patch(model, "ats", keep_rate=0.5)
+    with torch.no_grad():
+        _, trace = tokvis.run_with_trace(model, x)
+    assert len(shapes) == len(trace.layers) and all(s[2] == 1 for s in shapes), shapes
+    assert len(sdpa) == len(model.blocks)
+    shapes.clear()
+    tokvis.patch(model, "mctf", keep_rate=0.5)
+    with torch.no_grad():
+        model(x)
+    assert any(s[2] == s[3] > 1 for s in shapes), shapes
 
 
 # -- K-Medoids ---------------------------------------------------------------------------------------

@@ -80,45 +80,51 @@ class ATS(Method):
     image whose real tokens already fit the budget (it kept fewer at an earlier
     stage) keeps them all, exactly as it would if run alone.
 
-    Variable token counts in a batch: the decision's ``n_out`` is the largest
-    count of the batch; an image with fewer kept tokens gets empty output slots
-    at the end (``dst`` points no token to them).  ``apply_decision`` makes those
-    slots zero tokens with size 0, and ATS turns on proportional attention, so
-    every later block adds ``log(size)`` to the attention logits: ``log(0) = -inf``
-    masks the padding slots as keys, and real tokens (size 1, ``log 1 = 0``) are
-    untouched.  Padding slots never influence the real tokens, and are never
-    sampled at a later stage (their class attention, hence score, is 0).  They
-    stay in the output sequence (ignored by the class-token head); a trace's
-    ``labels``/``token_counts`` see only the real tokens.
+    Fixed output size, variable token counts: the decision's ``n_out`` is the
+    budget itself, ``min(target, n_in)`` (a Python int known before the forward,
+    so deciding makes no host sync and the shapes are static); an image that
+    keeps fewer tokens gets empty output slots at the end (``dst`` points no
+    token to them).  ``apply_decision`` makes those slots zero tokens with size
+    0, and ATS turns on proportional attention, so every later block adds
+    ``log(size)`` to the attention logits: ``log(0) = -inf`` masks the padding
+    slots as keys, and real tokens (size 1, ``log 1 = 0``) are untouched.
+    Padding slots never influence the real tokens, and are never sampled at a
+    later stage (their class attention, hence score, is 0); an image's kept
+    sets and outputs are those of the image run alone (up to float rounding),
+    whatever the padding.  They stay in the output sequence (ignored by the class-token
+    head); a trace's ``labels``/``token_counts`` see only the real tokens.
 
     Only the ``keep_rate`` schedule is supported: under ``r`` (a number of tokens
     removed from the tokens entering a block) the budget of an image would depend
     on the padding its batch added, i.e. on the other images.
 
     Needs a class token (``UnsupportedModelError`` on average-pooling models).
-    Decides at stage ``"in_attention"``, which is where the per-head class
-    attention (``needs={"attn"}``) and the values are available.
+    Decides at stage ``"in_attention"``, where the values are available, from
+    the per-head class-token attention row (``needs={"cls_attn_heads"}``: one
+    query row, float32 for fp16 / bf16 models); the block's attention stays
+    fused (no ``[B, H, T, T]`` map).
     """
 
     kind = "prune"
     conventions = ("keep_rate",)
     stage = "in_attention"
-    needs = frozenset({"attn"})
+    needs = frozenset({"cls_attn_heads"})
     requires_class_token = True
     class_token_use = "scores tokens by the class token's attention times their value norm"
     proportional_attention = True  # masks the size-0 padding slots (see above); sizes of real tokens are 1
 
     def decide(self, ctx: ReductionContext) -> LayerDecision:
         p = ctx.num_prefix
-        assert ctx.attn is not None and ctx.values is not None
-        B, n = ctx.x.shape[0], ctx.n_in
-        score = ats_scores(ctx.attn[:, :, 0, p:], ctx.values[:, :, p:])
+        heads, values = ctx.cls_attn_heads, ctx.values
+        assert heads is not None and values is not None
+        n = ctx.n_in
+        score = ats_scores(heads, values[:, :, p:].to(heads.dtype))
         real = ctx.patch_size > 0  # padding slots of an earlier ATS stage have size 0
-        if ctx.target >= n and bool(real.all()):
-            ar = torch.arange(n, device=ctx.x.device).expand(B, n).clone()
-            return LayerDecision(ctx.layer, "prune", ar, torch.ones_like(ar, dtype=torch.bool), n_out=n, score=score)
-        # an image whose tokens fit the budget keeps them all (as it would alone, without padding)
-        fits = real.sum(1, keepdim=True) <= ctx.target
-        keep = torch.where(fits, real, inverse_transform_sample(score, max(ctx.target, 1)))
-        n_out = int(keep.sum(1).max())
-        return LayerDecision(ctx.layer, "prune", slots_from_keep(keep), keep, n_out=n_out, score=score)
+        k = max(ctx.target, 1)
+        if k >= n:  # every image's real tokens fit the budget: all kept (keep_rate=1 leaves the model unchanged)
+            keep = real
+        else:  # an image whose real tokens fit keeps them all (as it would alone), the others are sampled
+            fits = real.sum(1, keepdim=True) <= k
+            keep = torch.where(fits, real, inverse_transform_sample(score, k))
+        # a fixed size, not the batch's largest count: no host sync; images with fewer tokens are padded
+        return LayerDecision(ctx.layer, "prune", slots_from_keep(keep), keep, n_out=min(k, n), score=score)

@@ -18,7 +18,7 @@ from tokvis.errors import UnsupportedModelError
 from tokvis.model import ModelInfo  # noqa: F401  (re-exported: methods import it from here)
 from tokvis.trace import LayerDecision
 
-NEEDS = frozenset({"keys", "cls_attn", "attn"})
+NEEDS = frozenset({"keys", "cls_attn", "cls_attn_heads", "attn"})
 STAGES = ("before_block", "after_attn", "in_attention", "after_block")
 
 
@@ -45,8 +45,14 @@ class ReductionContext:
     cls_attn : Tensor [B, n] or None
         Attention of the class token to each patch token, averaged over heads
         (softmax over all tokens), if the method needs ``"cls_attn"``.
+    cls_attn_heads : Tensor [B, H, n] or None
+        Attention of the class token to each patch token, per head (softmax over
+        all tokens, proportional bias included), if the method needs
+        ``"cls_attn_heads"``.  Computed from the class token's query row alone
+        (``q_cls @ k^T``: no ``[B, H, T, T]`` map), in float32 for fp16 / bf16 models.
     attn : Tensor [B, H, T, T] or None
-        Full attention probabilities, if the method needs ``"attn"``.
+        Full attention probabilities, if the method needs ``"attn"`` (the one
+        need that makes the block compute the explicit map instead of fused attention).
     queries, values : Tensor [B, H, T, d] or None
         Attention queries (after ``q_norm``) and values; given to methods of stage
         ``"in_attention"`` only.
@@ -71,6 +77,7 @@ class ReductionContext:
     n_patches: int
     keys: torch.Tensor | None = None
     cls_attn: torch.Tensor | None = None
+    cls_attn_heads: torch.Tensor | None = None
     attn: torch.Tensor | None = None
     queries: torch.Tensor | None = None
     values: torch.Tensor | None = None
@@ -100,8 +107,10 @@ class Method(nn.Module):
         Registry name.
     kind : str
         Kind of the decisions it makes ("prune", "merge", "fuse", "soft").
-    needs : frozenset of {"keys", "cls_attn", "attn"}
-        What the patched attention must compute for it.
+    needs : frozenset of {"keys", "cls_attn", "cls_attn_heads", "attn"}
+        What the patched attention must compute for it (see :class:`ReductionContext`).
+        Only ``"attn"`` materialises the ``[B, H, T, T]`` attention map; the
+        others keep the block's fused attention.
     requires_class_token : bool
         The method ranks tokens by the class token's attention.
     conventions : tuple of {"keep_rate", "r"}
