@@ -37,6 +37,36 @@ def study(tmp_path_factory):
     return root
 
 
+def test_study_findings_script_prints_the_tables_from_the_commands_outputs(study, capsys):
+    """benchmarks/study_findings.py (the tables of docs/findings.md) on the commands' outputs; the second path is
+    pandas on the same files."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "benchmarks" / "study_findings.py"
+    spec = importlib.util.spec_from_file_location("study_findings", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    runs = study / "runs"
+    assert main(["compare", str(runs), "--by", "method", "--out", str(study / "m.parquet")]) == 0
+    capsys.readouterr()
+    argv = [str(runs), "--keep", str(study / "s.parquet"), "--method", str(study / "m.parquet"), "--dataset",
+            "digits", "--labelled", "digits", "--n-boot", "50"]  # fmt: skip
+    assert mod.main(argv) == 0
+    out = capsys.readouterr().out
+    metrics = pd.read_csv(runs / "metrics.csv")
+    row = metrics[(metrics.method == "tome") & (metrics.keep_rate == 0.5)].iloc[0]
+    assert "| tome | " in out and f"{row['fidelity']:.3f}" in out
+    pairs = pd.read_parquet(study / "m.parquet")
+    tv = pairs[(pairs.metric == "iou") & (pairs.keep_rate == 0.7) & pairs.method_a.isin(["topk", "evit"])
+               & pairs.method_b.isin(["topk", "evit"])]  # fmt: skip
+    assert len(tv) and f"{tv[tv.layer == tv.layer.min()].value.mean():.3f}" in out.split("Top-K vs EViT")[1]
+    assert "- to topk (iou" in out and "- to kmedoids: no kmedoids runs" in out
+    keep = pd.read_parquet(study / "s.parquet")
+    last = keep[(keep.method == "tome") & (keep.metric == "v_measure") & (keep.layer == keep.layer.max())]
+    assert f"{last.value.mean():.3f}" in out.split("Consistency across keep rates")[1]
+
+
 def test_evaluate_table_has_the_runs_and_a_text_measure_note(study):
     table = pd.read_csv(study / "runs" / "metrics.csv")
     assert len(table) == 6 and table["run"].is_unique
