@@ -5,7 +5,8 @@ small kernels of the matching and merging cost as much as the FLOPs they save.  
 on the CPU, in one ``torch.no_grad()`` forward of a random-init timm ViT (``pretrained=False``, no
 download), with a ``TorchDispatchMode``:
 
-- ``ops``: every aten operator of the patched forward; ``kernels``: those that are not views;
+- ``ops``: every aten operator of the patched forward; ``kernels``: those that do work on a device (not
+  views, nor allocations (``empty``), ``_unsafe_view`` or the 0-dim host scalars of ``scalar_tensor``);
 - ``unpatched``: the same for the unpatched model (the op count of a block does not depend on its
   token count, so the difference is what patching adds);
 - ``red/blk``: ops (and kernels) dispatched inside the reduction -- ``method.decide`` plus
@@ -42,6 +43,9 @@ import tokvis
 import tokvis.patching as patching
 from tokvis.bench import gpu_configs, official_tome
 
+#: operators that launch no kernel besides views: allocations, aliases, host-side 0-dim scalars
+NO_KERNEL = frozenset({"empty", "empty_strided", "new_empty", "_unsafe_view", "lift_fresh", "scalar_tensor"})
+
 
 class OpCounter(TorchDispatchMode):
     """Counts the aten operators dispatched, and separately those inside :meth:`reduction` scopes."""
@@ -55,7 +59,7 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func.overloadpacket.__name__)
-        key = (name, bool(func.is_view))
+        key = (name, bool(func.is_view) or name in NO_KERNEL)
         self.ops[key] += 1
         if self.depth:
             self.red[key] += 1
@@ -82,7 +86,7 @@ class OpCounter(TorchDispatchMode):
 
 
 def _total(c: collections.Counter, *, kernels: bool = False) -> int:
-    return sum(n for (_, view), n in c.items() if not (kernels and view))
+    return sum(n for (_, free), n in c.items() if not (kernels and free))
 
 
 @dataclass
@@ -155,7 +159,7 @@ def format_table(rows: list[Row], base: OpCounter) -> str:
 def format_detail(row: Row) -> str:
     per = max(row.blocks, 1)
     items = sorted(row.detail.items(), key=lambda kv: (-kv[1], kv[0]))
-    cells = [f"{name}{' (view)' if view else ''} {n / per:g}" for (name, view), n in items]
+    cells = [f"{name}{' (no kernel)' if free else ''} {n / per:g}" for (name, free), n in items]
     return f"{row.label}: reduction ops per reducing block: " + ", ".join(cells)
 
 
