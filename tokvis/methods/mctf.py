@@ -11,11 +11,8 @@ from tokvis.methods.base import Method, ReductionContext
 from tokvis.methods.ops import (
     ORDERS,
     apply_decision,
-    bipartite_split,
     compose,
     merge_mean,
-    slots_from_keep,
-    slots_of,
 )
 from tokvis.methods.registry import register_method
 from tokvis.schedule import default_locations
@@ -74,22 +71,27 @@ def multi_criteria_weights(
         Weight of fusing A token ``i`` with B token ``j`` (A and B in position
         order, as given by ``bipartite_split``), in ``(0, 1]``.
     """
-    n = metric.shape[1] - num_prefix
-    a_pos, b_pos = bipartite_split(n, num_prefix, device=metric.device)
-    a_pos, b_pos = a_pos + num_prefix, b_pos + num_prefix  # sequence positions
+    fa = num_prefix + num_prefix % 2  # sequence positions of A: fa, fa + 2, ...; of B: the others (strided views)
+    fb = 2 * num_prefix + 1 - fa
     m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    a, b = m[:, a_pos], m[:, b_pos]
-    w = a.new_ones(a.shape[0], a.shape[1], b.shape[1])
+    a, b = m[:, fa::2], m[:, fb::2]
+    w = None  # the product of the criteria (1 * x is x: no ones to start from)
     if tau_sim is not None:
-        w = w * ((a @ b.transpose(1, 2) + 1) / 2).clamp_min(0) ** (1.0 / tau_sim)
+        w = _power(((a @ b.transpose(1, 2) + 1) / 2).clamp_min(0), 1.0 / tau_sim)
     for tau, value in ((tau_info, attn_received), (tau_size, size)):
         if tau is None:
             continue
         assert value is not None
         inv = 1.0 / value.clamp_min(torch.finfo(value.dtype).tiny)
         inv = inv / inv.amax(dim=1, keepdim=True)
-        w = w * (inv[:, a_pos, None] * inv[:, None, b_pos]) ** (1.0 / tau)
-    return w
+        term = _power(inv[:, fa::2, None] * inv[:, None, fb::2], 1.0 / tau)
+        w = term if w is None else w * term
+    return a.new_ones(a.shape[0], a.shape[1], b.shape[1]) if w is None else w
+
+
+def _power(x: torch.Tensor, e: float) -> torch.Tensor:
+    """``x ** e``; ``x`` itself for ``e == 1`` (the same values, one kernel fewer)."""
+    return x if e == 1.0 else x**e
 
 
 def bidirectional_matching(
@@ -136,37 +138,43 @@ def bidirectional_matching(
         tokens left (step 2; to every A token when not bidirectional).
     """
     check_choice("order", order, ORDERS)
-    B = weights.shape[0]
+    B, na, nb = weights.shape
     dev = weights.device
-    a_pos, b_pos = bipartite_split(n, num_prefix, device=dev)
+    fa = num_prefix % 2  # patches of A: fa, fa + 2, ...; of B: the others (bipartite_split, as strided views)
     r1 = r // 2 if bidirectional else r
     r2 = r - r1
     best, partner = weights.max(dim=-1)  # [B, na]
     edges = best.argsort(dim=-1, descending=True, stable=True)
     merged_a = edges[:, :r1]  # indices within A
-    left_a = torch.ones(B, len(a_pos), dtype=torch.bool, device=dev).scatter_(1, merged_a, False)
+    keep = torch.ones(B, n, dtype=torch.bool, device=dev)
+    left_a = keep[:, fa::2].scatter_(1, merged_a, False)  # in place, through the view
     w2 = weights.transpose(1, 2)  # [B, nb, na]
     if bidirectional:
         w2 = w2.masked_fill(~left_a[:, None, :], -math.inf)  # only A tokens left can receive
     best2, partner2 = w2.max(dim=-1)  # [B, nb]
     score = torch.empty(B, n, dtype=weights.dtype, device=dev)
-    score[:, a_pos], score[:, b_pos] = best, best2
+    score[:, fa::2], score[:, 1 - fa :: 2] = best, best2
     edges2 = best2.argsort(dim=-1, descending=True, stable=True)
     merged_b = edges2[:, :r2]  # indices within B
-    keep = torch.ones(B, n, dtype=torch.bool, device=dev)
-    keep[:, a_pos] = left_a
-    keep.scatter_(1, b_pos[merged_b], False)
-    if order == "original":
-        dst = slots_from_keep(keep)
+    keep[:, 1 - fa :: 2].scatter_(1, merged_b, False)
+    dst = torch.empty(B, n, dtype=torch.long, device=dev)
+    dst_a, dst_b = dst[:, fa::2], dst[:, 1 - fa :: 2]
+    n_a = na - r1  # A tokens left
+    if order == "original":  # survivors in position order (the fused tokens' slots are set below)
+        torch.sub(keep.cumsum(1), 1, out=dst)
     else:
-        unmerged_a = edges[:, r1:]
-        if num_prefix > 0:
-            unmerged_a = unmerged_a.sort(dim=1).values
-        unmerged_b = edges2[:, r2:] if bidirectional else b_pos.new_tensor(range(len(b_pos))).expand(B, -1)
-        dst = slots_of(torch.cat([a_pos[unmerged_a], b_pos[unmerged_b]], 1), n)
+        if num_prefix > 0:  # the A tokens left by position (slot = rank among them)
+            torch.sub(left_a.cumsum(1), 1, out=dst_a)
+        else:  # in the order of decreasing step-1 weight
+            dst_a.scatter_(1, edges[:, r1:], torch.arange(n_a, device=dev).expand(B, -1))
+        slots_b = torch.arange(n_a, n_a + nb - r2, device=dev)
+        if bidirectional:  # the B tokens left by decreasing step-2 weight
+            dst_b.scatter_(1, edges2[:, r2:], slots_b.expand(B, -1))
+        else:  # by position
+            dst_b.copy_(slots_b)
     # B -> A first: a B token that received A tokens carries them along
-    dst.scatter_(1, b_pos[merged_b], dst.gather(1, a_pos[partner2.gather(1, merged_b)]))
-    dst.scatter_(1, a_pos[merged_a], dst.gather(1, b_pos[partner.gather(1, merged_a)]))
+    dst_b.scatter_(1, merged_b, dst_a.gather(1, partner2.gather(1, merged_b)))
+    dst_a.scatter_(1, merged_a, dst_b.gather(1, partner.gather(1, merged_a)))
     return dst, keep, score
 
 

@@ -60,16 +60,14 @@ def apply_decision(
     elif n_out == n_in and patches.device.type == "cpu" and bool(_identity_rows(decision).all()):
         # the CPU has no device to wait for: return the very tensor (bit for bit, the same memory layout)
         return (x, size) if decision.size_scale is None else (x, torch.cat([psize, tsize], 1))
-    else:
-        w = decision.weight
-        w = torch.ones_like(tsize) if w is None else w  # merge_mean sums in float32 whatever the dtypes
-        out = merge_mean(patches, decision.dst, n_out, w)
-        idx = torch.where(decision.dst >= 0, decision.dst, n_out)  # dropped tokens go to a spare slot
-        new_size = tsize.new_zeros(B, n_out + 1).scatter_add_(1, idx, tsize)[:, :n_out]
-        if n_out == n_in:  # images the decision leaves in place keep their tokens bit for bit
-            same = _identity_rows(decision)  # [B, 1] on the device: no host sync
-            out = torch.where(same[..., None], patches, out)
-            new_size = torch.where(same, tsize, new_size)
+    elif n_out == n_in:  # images the decision leaves in place keep their tokens bit for bit
+        out, new_size = merge_tokens(patches, decision.dst, n_out, decision.weight, tsize)
+        same = _identity_rows(decision)  # [B, 1] on the device: no host sync
+        out = torch.where(same[..., None], patches, out)
+        new_size = torch.where(same, tsize, new_size)
+    else:  # the merged tokens come after the prefix tokens (merge_tokens writes them there)
+        x_out, new_size = merge_tokens(patches, decision.dst, n_out, decision.weight, tsize, prefix=prefix)
+        return x_out, torch.cat([psize, new_size], 1)
     return torch.cat([prefix, out], 1), torch.cat([psize, new_size], 1)
 
 
@@ -172,13 +170,13 @@ def rank_keep(score: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     top = score.topk(k, dim=1, sorted=False).indices
     keep = torch.zeros(B, n, dtype=torch.bool, device=score.device)
     keep.scatter_(1, top, True)
-    dst = torch.where(keep, keep.long().cumsum(1) - 1, -1)
+    dst = slots_from_keep(keep)
     return dst, keep
 
 
 def slots_from_keep(keep: torch.Tensor) -> torch.Tensor:
     """Output slot of every token marked in ``keep``: its rank by original position; -1 elsewhere."""
-    return torch.where(keep, keep.long().cumsum(1) - 1, -1)
+    return torch.where(keep, keep.cumsum(1) - 1, -1)  # a bool cumsum counts in int64
 
 
 ORDERS = ("official", "original")
@@ -244,24 +242,31 @@ def bipartite_matching(
     check_choice("order", order, ORDERS)
     B, n, _ = metric.shape
     dev = metric.device
-    a_pos, b_pos = bipartite_split(n, num_prefix, device=dev)
+    fa = num_prefix % 2  # A: patches fa, fa + 2, ...; B: 1 - fa, 3 - fa, ... (bipartite_split, as strided views)
+    na, nb = (n + 1 - fa) // 2, (n + fa) // 2
     metric = metric.to(decision_dtype(metric.dtype))  # fp16 / bf16 keys: similarities in float32
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    sim = metric[:, a_pos] @ metric[:, b_pos].transpose(1, 2)  # [B, na, nb]
+    sim = metric[:, fa::2] @ metric[:, 1 - fa :: 2].transpose(1, 2)  # [B, na, nb]
     best, partner = sim.max(dim=-1)  # [B, na]
     edges = best.argsort(dim=-1, descending=True, stable=True)
     merged_a = edges[:, :r]  # indices within A
     keep = torch.ones(B, n, dtype=torch.bool, device=dev)
-    keep.scatter_(1, a_pos[merged_a], False)
-    if order == "original":
-        dst = slots_from_keep(keep)
-    else:
-        unmerged_a = edges[:, r:]
-        if num_prefix > 0:
-            unmerged_a = unmerged_a.sort(dim=1).values
-        survivors = torch.cat([a_pos[unmerged_a], b_pos.expand(B, -1)], 1)  # patch index of each output slot
-        dst = slots_of(survivors, n)
-    dst.scatter_(1, a_pos[merged_a], dst.gather(1, b_pos[partner.gather(1, merged_a)]))
+    keep_a = keep[:, fa::2].scatter_(1, merged_a, False)  # in place, through the view
+    dst = torch.empty(B, n, dtype=torch.long, device=dev)
+    dst_a, dst_b = dst[:, fa::2], dst[:, 1 - fa :: 2]
+    n_unm = na - r  # unmerged A tokens
+    if order == "original":  # survivors in position order; merged A tokens take their partner's slot
+        torch.sub(keep.cumsum(1), 1, out=dst)
+        dst_a.scatter_(1, merged_a, dst_b.gather(1, partner.gather(1, merged_a)))
+    elif num_prefix > 0:  # unmerged A tokens by position (slot = rank among them), then the B tokens
+        slot_a = torch.where(keep_a, keep_a.cumsum(1), partner + (n_unm + 1))
+        torch.sub(slot_a, 1, out=dst_a)
+        dst_b.copy_(torch.arange(n_unm, n_unm + nb, device=dev))
+    else:  # unmerged A tokens in the order of decreasing best similarity, then the B tokens
+        slots = torch.arange(n_unm + nb, device=dev)
+        dst_a.scatter_(1, edges[:, r:], slots[:n_unm].expand(B, -1))
+        dst_a.scatter_(1, merged_a, partner.gather(1, merged_a) + n_unm)
+        dst_b.copy_(slots[n_unm:])
     return dst, keep
 
 
@@ -290,15 +295,60 @@ def merge_mean(values: torch.Tensor, dst: torch.Tensor, n_out: int, weight: torc
     ``weight`` (fp16 / bf16 models, autocast): a sum of up to ``n`` weighted tokens in half precision loses
     the small contributions; the result has the dtype of ``values``.
     """
+    return merge_tokens(values, dst, n_out, weight)[0]
+
+
+def merge_tokens(
+    values: torch.Tensor,
+    dst: torch.Tensor,
+    n_out: int,
+    weight: torch.Tensor | None,
+    size: torch.Tensor | None = None,
+    *,
+    prefix: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`merge_mean` (``weight=None``: equal weights) and, when ``size [B, n]`` is given, its sum per slot.
+
+    ``prefix [B, q, c]``, when given, is put first in the output, unchanged (``[B, q + n_out, c]``).
+
+    Few and large kernels: the weighted values go into one zeroed buffer ``[B, n_out + 1, c]`` (slot
+    ``n_out`` collects the dropped tokens) with one ``scatter_add_``, and the weights and the sizes,
+    stacked, into a ``[B, n_out + 1, 2]`` part of the same allocation with another; outside autograd,
+    the division writes the mean, in the values' dtype, straight after the prefix tokens (no cast, no
+    ``cat`` of the tokens).  The sizes are summed in their own dtype (the buffer's, but for float32
+    sizes of a float64 merge).
+    """
     B, n, c = values.shape
-    acc = decision_dtype(values.dtype, weight.dtype)
-    idx = torch.where(dst >= 0, dst, n_out)
-    w = weight.to(acc)
-    num = values.new_zeros(B, n_out + 1, c, dtype=acc).scatter_add_(
-        1, idx[..., None].expand(-1, -1, c), values.to(acc) * w[..., None]
-    )
-    den = w.new_zeros(B, n_out + 1).scatter_add_(1, idx, w)
-    return (num[:, :n_out] / den[:, :n_out, None].clamp_min(torch.finfo(acc).tiny)).to(values.dtype)
+    # the weights' dtype counts (equal weights are ones in the sizes' dtype, as tokvis always had them)
+    ref = weight if weight is not None else size if size is not None else values
+    acc = decision_dtype(values.dtype, ref.dtype)
+    idx = dst.remainder(n_out + 1)  # -1 (dropped) -> the spare slot n_out
+    w = None if weight is None else weight.to(acc)
+    together = size is not None and size.dtype == acc
+    k, rows = 1 + int(together), B * (n_out + 1)
+    flat = values.new_zeros(rows * (c + k), dtype=acc)  # one fill for the sums of values, weights, sizes
+    num = flat[: rows * c].view(B, n_out + 1, c)
+    # values * w promotes to acc (w is acc, acc >= the values' dtype): no separate cast of the values
+    num.scatter_add_(1, idx[..., None].expand(B, n, c), values.to(acc) if w is None else values * w[..., None])
+    w = torch.ones_like(dst, dtype=acc) if w is None else w
+    side = flat[rows * c :].view(B, n_out + 1, k)  # a view taken after the first in-place sum (torch.compile)
+    side.scatter_add_(1, idx[..., None].expand(B, n, k), torch.stack([w, size], -1) if together else w[..., None])
+    num, den = num[:, :n_out], side[:, :n_out, :1].clamp_min(torch.finfo(acc).tiny)
+    if prefix is None:
+        out = (num / den).to(values.dtype)
+    elif torch.is_grad_enabled() and (prefix.requires_grad or num.requires_grad or den.requires_grad):
+        out = torch.cat([prefix, (num / den).to(values.dtype)], 1)  # out= below has no autograd
+    else:
+        q = prefix.shape[1]
+        out = values.new_empty(B, q + n_out, c)
+        if q:
+            out[:, :q] = prefix
+        torch.div(num, den, out=out[:, q:])  # float32 division, rounded once to the values' dtype
+    if size is None:
+        return out, None
+    if together:
+        return out, side[:, :n_out, 1]
+    return out, size.new_zeros(B, n_out + 1).scatter_add_(1, idx, size)[:, :n_out]
 
 
 def decision_dtype(*dtypes: torch.dtype) -> torch.dtype:

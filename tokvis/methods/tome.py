@@ -6,7 +6,7 @@ import torch
 
 from tokvis.errors import MethodOptionError
 from tokvis.methods.base import Method, ReductionContext
-from tokvis.methods.ops import ORDERS, bipartite_matching, compose, merge_mean
+from tokvis.methods.ops import ORDERS, bipartite_matching, merge_tokens
 from tokvis.methods.registry import register_method
 from tokvis.trace import LayerDecision
 from tokvis.validate import check_choice
@@ -85,19 +85,18 @@ class ToMe(Method):
         metric = ctx.keys[:, :, p:].mean(1)  # [B, n, d]
         size = ctx.patch_size
         B, n = size.shape
-        dst = torch.arange(n, device=size.device).expand(B, n).clone()
-        keep = torch.ones(B, n, dtype=torch.bool, device=size.device)
         split_prefix = p if self.order == "official" else 0
+        dst = keep = None
         cur_n, cur_metric, cur_size = n, metric, size
-        while cur_n > ctx.target:
+        while cur_n > ctx.target and cur_n > 1:  # cur_n // 2 > 0 tokens can go
             r = min(cur_n - ctx.target, cur_n // 2)
-            if r <= 0:
-                break
             d, k = bipartite_matching(cur_metric, r, num_prefix=split_prefix, order=self.order)
-            new_n = cur_n - r
-            cur_metric = merge_mean(cur_metric, d, new_n, cur_size)
-            cur_size = cur_size.new_zeros(B, new_n + 1).scatter_add_(1, d.clamp(min=0), cur_size)[:, :new_n]
-            keep = keep & k.gather(1, dst)
-            dst = compose(dst, d)
-            cur_n = new_n
+            # ToMe drops nothing (every dst >= 0): composing is one gather
+            dst, keep = (d, k) if dst is None else (d.gather(1, dst), keep & k.gather(1, dst))
+            cur_n -= r
+            if cur_n > ctx.target and cur_n > 1:  # another round: the keys and sizes of the merged tokens
+                cur_metric, cur_size = merge_tokens(cur_metric, d, cur_n, cur_size, cur_size)
+        if dst is None:
+            dst = torch.arange(n, device=size.device).expand(B, n).clone()
+            keep = torch.ones(B, n, dtype=torch.bool, device=size.device)
         return LayerDecision(ctx.layer, "merge", dst, keep, n_out=cur_n, weight=size)
