@@ -124,6 +124,23 @@ def test_performance_table_long_form_and_measure_choice(runs, tmp_path, capsys):
     assert code == 0 and "performance measure" not in out and (tmp_path / "o2" / "performance_correlation.png").exists()
 
 
+def test_default_measure_is_the_one_with_values_for_the_most_runs(runs, tmp_path, capsys):
+    """k-NN agreement on one labelled set (a few runs) loses to fidelity on every run, though preferred on a tie."""
+    wide = pd.read_csv(runs / "metrics.csv")
+    wide["knn_agreement"] = [0.5 if i % 3 == 0 else float("nan") for i in range(len(wide))]
+    wide.to_csv(tmp_path / "partial.csv", index=False)
+    code, out, err = _run(capsys, runs, "--out", tmp_path / "o", "--only", "performance", "--metrics",
+                          tmp_path / "partial.csv", "--n-boot", "20")  # fmt: skip
+    assert code == 0, err
+    assert "performance measure: fidelity (also in the table: ['knn_agreement']" in out
+    wide["knn_agreement"] = 0.5 + 0.01 * wide.index  # values for every run: the preference order decides
+    wide.to_csv(tmp_path / "full.csv", index=False)
+    code, out, err = _run(capsys, runs, "--out", tmp_path / "o2", "--only", "performance", "--metrics",
+                          tmp_path / "full.csv", "--n-boot", "20")  # fmt: skip
+    assert code == 0, err
+    assert "performance measure: knn_agreement (also in the table: ['fidelity']" in out
+
+
 def test_figures_follow_the_umask(runs, tmp_path, capsys):
     import os
 

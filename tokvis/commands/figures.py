@@ -61,8 +61,10 @@ def register(subparsers) -> None:
     f.add_argument("--keep-rate", type=float, default=None, help="keep rate of the one-keep-rate figures")
     f.add_argument("--metrics", default=None, help="performance CSV (default <runs>/metrics.csv when present)")
     f.add_argument(
-        "--measure", default=None, help=f"performance measure (default: the first of {', '.join(_PREFERRED)} found)"
-    )
+        "--measure", default=None,
+        help=f"performance measure (default: the one with values for the most runs; ties: the first of "
+        f"{', '.join(_PREFERRED)})",
+    )  # fmt: skip
     f.add_argument("--image-index", type=int, default=0, help="image of the overlay figures (default 0)")
     f.add_argument("--dpi", type=int, default=120, help="PNG resolution (default 120)")
     f.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of intervals (default 1000)")
@@ -313,10 +315,13 @@ def _performance_table(args, root: Path):
     numeric = [c for c in numeric if c not in empty and c not in _NOT_MEASURES and not str(c).endswith("_unreduced")]
     measure = args.measure
     if measure is None:
-        preferred = [c for c in _PREFERRED if c in numeric] + numeric
+        preferred = list(dict.fromkeys([c for c in _PREFERRED if c in numeric] + numeric))
         if not preferred:
             raise DataError(f"--metrics {path}: no numeric measure column; columns: {list(table.columns)}")
-        measure = preferred[0]
+        # the measure with values for the most runs (e.g. fidelity on every dataset over k-NN agreement on the
+        # one labelled set), ties in the order of preference
+        coverage = {c: int(table[c].notna().sum()) for c in preferred}
+        measure = max(preferred, key=lambda c: (coverage[c], -preferred.index(c)))
         if len(numeric) > 1:
             print(f"performance measure: {measure} (also in the table: {[c for c in numeric if c != measure]}; "
                   "choose with --measure)", flush=True)  # fmt: skip
