@@ -38,10 +38,16 @@ KEEP_RATES = (0.9, 0.7, 0.5, 0.25)
 def _table(df: pd.DataFrame, fmt: str = "{:.3f}") -> str:
     cols = [str(c) for c in df.columns]
     lines = ["| " + " | ".join([df.index.name or ""] + cols) + " |", "|" + "---|" * (len(cols) + 1)]
-    for idx, row in df.iterrows():
-        cells = ["" if (isinstance(v, float) and math.isnan(v)) else (fmt.format(v) if isinstance(v, float) else str(v))
-                 for v in row]  # fmt: skip
-        lines.append("| " + " | ".join([str(idx)] + cells) + " |")
+
+    def cell(v) -> str:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+            return str(v)
+        if isinstance(v, (int, np.integer)):
+            return str(int(v))
+        return "" if math.isnan(v) else fmt.format(v)
+
+    for idx in df.index:  # column by column, so integer columns stay integers
+        lines.append("| " + " | ".join([str(idx)] + [cell(df.at[idx, c]) for c in df.columns]) + " |")
     return "\n".join(lines)
 
 

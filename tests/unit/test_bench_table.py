@@ -105,11 +105,14 @@ def test_benchmark_compiled_equals_eager_outputs():
         pytest_.skip("no torch.compile")
     model, x = make_model("cls"), make_images("cls", n=2)
     configs = [("unpatched", None, {}), ("topk keep 0.5", "topk", {"keep_rate": 0.5})]
+    torch._dynamo.reset()  # a clean dynamo state, as in tests/unit/test_compile.py (and for the tests after this)
     eager = benchmark(model, x, configs, repeats=1, warmup=1, progress=None, record=False)
     try:
         compiled = benchmark(model, x, configs, repeats=1, warmup=1, progress=None, compile=True, record=False)
     except Exception as e:  # no C compiler for inductor on this machine
         pytest_.skip(f"torch.compile unavailable: {type(e).__name__}")
+    finally:
+        torch._dynamo.reset()
     for a, b in zip(eager, compiled, strict=True):
         assert abs(a.fidelity - b.fidelity) < 1e-4 and a.flops_ratio == b.flops_ratio
 
