@@ -19,9 +19,8 @@ import tokvis
 from tests.integration.conftest import fails_cleanly as _fails_cleanly
 from tokvis import fitting
 from tokvis.cli import main
-from tokvis.commands._run import build_model
 from tokvis.commands.record import _load_sweep, load_sweep
-from tokvis.store import RunConfigError, RunSpec, load_run
+from tokvis.store import RunConfigError, RunSpec, build_model, load_run
 
 KW = {"img_size": 32, "patch_size": 8}
 TINY = ["--model", "vit_tiny_patch16_224", "--no-pretrained", "--model-kwargs", json.dumps(KW)]
@@ -97,8 +96,8 @@ def test_another_fit_is_another_run_refused_in_the_same_folder(tmp_path, fits, c
 
 
 def test_config_hash_includes_the_fit_and_unfitted_runs_keep_theirs(fits):
-    from tokvis.commands._run import fitted_fields
     from tokvis.store.format import config_hash
+    from tokvis.store.models import fitted_fields
 
     base = RunSpec(keep_rate=0.5, **SPEC)
     assert "fitted" not in base.config("digits") and "fitted_sha256" not in base.config("digits")
@@ -111,7 +110,7 @@ def test_config_hash_includes_the_fit_and_unfitted_runs_keep_theirs(fits):
 
 
 def test_a_fit_file_changed_after_setup_is_refused(tmp_path, fits):
-    from tokvis.commands._run import fitted_fields, load_fitted
+    from tokvis.store.models import fitted_fields, load_fitted
 
     p = tmp_path / "sit.safetensors"
     p.write_bytes(Path(fits["a"]).read_bytes())

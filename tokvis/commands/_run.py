@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from tokvis.distributed import resolve_device
 from tokvis.store import RunConfigError, RunResult, RunSpec, record_run
-from tokvis.store.models import build_model, create_backbone, fitted_fields, load_fitted, patch_for  # noqa: F401
+from tokvis.store.models import build_model, fitted_fields, patch_for
 from tokvis.validate import check_int
 
 

@@ -31,9 +31,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     import torch
 
     from tokvis import fitting
-    from tokvis.commands._run import create_backbone
     from tokvis.errors import MethodOptionError
     from tokvis.methods import get_method_class, list_methods
+    from tokvis.store.models import create_backbone
 
     # every argument is checked before the model is loaded (argparse types check each value)
     if (args.keep_rate is None) == (args.r is None):

@@ -162,10 +162,10 @@ def _common(args) -> dict[str, Any]:
 
 def _fitted_specs(args) -> list:
     """``--fitted FILE``: one method from the file; its fitted schedule unless --keep-rate / --r say otherwise."""
-    from tokvis.commands._run import fitted_fields
     from tokvis.errors import WeightsError
     from tokvis.fitting import method_file_info
     from tokvis.store import RunConfigError, RunSpec
+    from tokvis.store.models import fitted_fields
 
     if args.method is not None and len(args.method) != 1:
         raise RunConfigError(
@@ -389,7 +389,7 @@ def _plan_fit(path: Path, jobs: dict, file: Path, pattern: str, cfg: dict, sched
 def run_fits(jobs: list[dict], *, progress: bool = True) -> None:
     """Fit the sweep's missing fitted files (on the CPU), one backbone loaded once, each file written atomically."""
     from tokvis import fitting
-    from tokvis.commands._run import create_backbone
+    from tokvis.store.models import create_backbone
 
     model, loaded = None, None
     for i, job in enumerate(jobs, 1):
@@ -449,9 +449,9 @@ def _fitted_file(path: Path, method: str, pattern: str, sched: dict, backbone: s
 
 
 def _sweep_fitted(path: Path, method: str, file: Path, sched: dict, common: dict) -> dict:
-    """The fitted-file fields of one sweep run, checked (:func:`tokvis.commands._run.fitted_fields`)."""
-    from tokvis.commands._run import fitted_fields
+    """The fitted-file fields of one sweep run, checked (:func:`tokvis.store.models.fitted_fields`)."""
     from tokvis.store import RunConfigError
+    from tokvis.store.models import fitted_fields
 
     if not file.exists():
         raise RunConfigError(
@@ -484,7 +484,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if opts["threads"]:
             torch.set_num_threads(opts["threads"])
         run_fits(jobs, progress=not args.no_progress)
-    specs, opts = load_sweep(args.file)
+        specs, opts = load_sweep(args.file)  # the fitted runs, now that their files exist
     return _run_all(specs, progress=not args.no_progress, **opts)
 
 
