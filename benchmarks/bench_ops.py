@@ -12,7 +12,13 @@ download), with a ``TorchDispatchMode``:
 - ``red/blk``: ops (and kernels) dispatched inside the reduction -- ``method.decide`` plus
   ``apply_decision`` (``patching._decide_and_apply``) -- per reducing block;
 - ``other``: ops the patched forward adds outside the reduction (proportional-attention bias,
-  returned keys, ...): patched - unpatched - reduction.
+  returned keys, ...): patched - unpatched - reduction;
+- ``MB`` and ``red MB/blk``: a proxy for the memory traffic of the forward and of one reduction, in MB
+  (10^6 bytes): every kernel reads its tensor arguments and writes its outputs (an in-place kernel reads
+  and writes its target), each counted by :func:`footprint` (the distinct elements: an ``expand``ed
+  index is read once).  On a GPU, eager small kernels are bound by these bytes, not by their FLOPs;
+  caches and fusion (``torch.compile``) make the real traffic lower.  ``--dtype fp16`` measures a
+  ``.half()`` model (the setting of the GPU benchmark).
 
 ToMe runs at ``r=16`` and at ``keep_rate``, MCTF at keep rate 0.7, every other registered method at
 ``--keep-rate`` (learned methods unfitted).  ``--tome-repo PATH`` (a checkout of facebookresearch/ToMe)
@@ -23,6 +29,7 @@ Run::
 
     python benchmarks/bench_ops.py [--model vit_small_patch16_224] [--batch 2] [--methods tome topk]
     python benchmarks/bench_ops.py --detail tome     # also the reduction's operators, by name
+    python benchmarks/bench_ops.py --dtype fp16 --batch 8 --methods tome   # traffic of a .half() model
     python benchmarks/bench_ops.py --model vit_tiny_patch16_224 --img-size 64 --depth 4   # tiny
 """
 
@@ -37,6 +44,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tokvis
@@ -47,23 +55,53 @@ from tokvis.bench import gpu_configs, official_tome
 NO_KERNEL = frozenset({"empty", "empty_strided", "new_empty", "_unsafe_view", "lift_fresh", "scalar_tensor"})
 
 
+def footprint(t: torch.Tensor) -> int:
+    """Bytes of the distinct elements of ``t``: a dimension of stride 0 (``expand``) counts once."""
+    n = 1
+    for size, stride in zip(t.shape, t.stride(), strict=True):
+        if stride != 0:
+            n *= size
+    return n * t.element_size()
+
+
+def traffic(args, kwargs, out) -> int:
+    """Bytes a kernel reads (its tensor arguments, except an ``out=`` tensor) and writes (its outputs)."""
+    kwargs = dict(kwargs or {})
+    kwargs.pop("out", None)  # returned as the output: written, not read
+    read = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    written = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    return sum(footprint(t) for t in read + written)
+
+
 class OpCounter(TorchDispatchMode):
-    """Counts the aten operators dispatched, and separately those inside :meth:`reduction` scopes."""
+    """Counts the aten operators dispatched and the bytes their kernels move (:func:`traffic`), and
+    separately those inside :meth:`reduction` scopes."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ops = collections.Counter()  # name -> count, whole forward
         self.red = collections.Counter()  # name -> count, inside the reduction
+        self.bytes = 0  # kernels' traffic, whole forward
+        self.red_bytes = 0  # inside the reduction
+        self.red_bytes_by = collections.Counter()  # name -> bytes, inside the reduction
         self.depth = 0
         self.blocks = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func.overloadpacket.__name__)
-        key = (name, bool(func.is_view) or name in NO_KERNEL)
+        free = bool(func.is_view) or name in NO_KERNEL
+        key = (name, free)
         self.ops[key] += 1
         if self.depth:
             self.red[key] += 1
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if not free:
+            moved = traffic(args, kwargs, out)
+            self.bytes += moved
+            if self.depth:
+                self.red_bytes += moved
+                self.red_bytes_by[name] += moved
+        return out
 
     @contextlib.contextmanager
     def reduction(self, block: bool):
@@ -98,7 +136,10 @@ class Row:
     red_ops: float = 0.0
     red_kernels: float = 0.0
     other: int = 0
+    mb: float = 0.0  # kernels' traffic of the forward, 10^6 bytes
+    red_mb: float = 0.0  # per reducing block
     detail: collections.Counter = field(default_factory=collections.Counter)
+    detail_bytes: collections.Counter = field(default_factory=collections.Counter)
     skipped: str = ""
 
 
@@ -131,19 +172,22 @@ def row_from(label: str, c: OpCounter, base: OpCounter) -> Row:
         red_ops=red / per,
         red_kernels=_total(c.red, kernels=True) / per,
         other=ops - _total(base.ops) - red,
+        mb=c.bytes / 1e6,
+        red_mb=c.red_bytes / 1e6 / per,
         detail=c.red,
+        detail_bytes=c.red_bytes_by,
     )
 
 
 def format_table(rows: list[Row], base: OpCounter) -> str:
     head = (
         f"{'config':<26} {'ops':>7} {'kernels':>8} {'unpatched':>10} {'blocks':>6} "
-        f"{'red ops/blk':>11} {'red kern/blk':>12} {'other':>6}"
+        f"{'red ops/blk':>11} {'red kern/blk':>12} {'other':>6} {'MB':>9} {'red MB/blk':>10}"
     )
     lines = [head]
     lines.append(
         f"{'unpatched':<26} {_total(base.ops):>7} {_total(base.ops, kernels=True):>8} {_total(base.ops):>10} "
-        f"{0:>6} {0:>11.1f} {0:>12.1f} {0:>6}"
+        f"{0:>6} {0:>11.1f} {0:>12.1f} {0:>6} {base.bytes / 1e6:>9.2f} {0:>10.3f}"
     )
     for r in rows:
         if r.skipped:
@@ -151,7 +195,7 @@ def format_table(rows: list[Row], base: OpCounter) -> str:
             continue
         lines.append(
             f"{r.label:<26} {r.ops:>7} {r.kernels:>8} {_total(base.ops):>10} {r.blocks:>6} "
-            f"{r.red_ops:>11.1f} {r.red_kernels:>12.1f} {r.other:>6}"
+            f"{r.red_ops:>11.1f} {r.red_kernels:>12.1f} {r.other:>6} {r.mb:>9.2f} {r.red_mb:>10.3f}"
         )
     return "\n".join(lines)
 
@@ -159,7 +203,10 @@ def format_table(rows: list[Row], base: OpCounter) -> str:
 def format_detail(row: Row) -> str:
     per = max(row.blocks, 1)
     items = sorted(row.detail.items(), key=lambda kv: (-kv[1], kv[0]))
-    cells = [f"{name}{' (no kernel)' if free else ''} {n / per:g}" for (name, free), n in items]
+    cells = [
+        f"{name}{' (no kernel)' if free else f' ({row.detail_bytes[name] / 1e6 / per:.3f} MB)'} {n / per:g}"
+        for (name, free), n in items
+    ]
     return f"{row.label}: reduction ops per reducing block: " + ", ".join(cells)
 
 
@@ -171,6 +218,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=None, help="number of blocks (tiny runs)")
     p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     p.add_argument("--keep-rate", type=float, default=0.5)
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="model and image dtype")
     p.add_argument("--tome-r", type=int, default=16, help="the ToMe r row (0: none)")
     p.add_argument("--tome-repo", default=None, help="checkout of facebookresearch/ToMe: adds the official row")
     p.add_argument("--detail", nargs="*", default=None, help="print the reduction's ops of these configs")
@@ -183,10 +231,13 @@ def main(argv=None) -> list[Row]:
 
     kw = {k: v for k, v in (("img_size", args.img_size), ("depth", args.depth)) if v is not None}
     torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False, **kw).eval()
-    images = torch.randn(args.batch, 3, *model.patch_embed.img_size)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    model = timm.create_model(args.model, pretrained=False, **kw).eval().to(dtype)
+    images = torch.randn(args.batch, 3, *model.patch_embed.img_size, dtype=dtype)
     methods = list(args.methods or tokvis.list_methods())
-    print(f"model {args.model} (random init) {kw or ''}, batch {args.batch}, torch {torch.__version__}, cpu")
+    print(
+        f"model {args.model} (random init) {kw or ''}, batch {args.batch}, {args.dtype}, torch {torch.__version__}, cpu"
+    )
     base = count(model, images)
     rows = []
     off = official_tome(args.tome_repo, args.tome_r) if args.tome_r else None

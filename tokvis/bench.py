@@ -147,13 +147,15 @@ def benchmark(
     for _label, m, how, _ in runners:
         _activate(model, how)
         flops.append(count_flops(m, images))
-    fns = [torch.compile(m) if compile else m for _, m, _, _ in runners]
+    # static shapes (a fixed schedule has them; automatic dynamic shapes would time other kernels, and torch
+    # 2.14's guard builder fails on them); see _compile_limits for the recompiles of the shared code objects
+    fns = [torch.compile(m, dynamic=False) if compile else m for _, m, _, _ in runners]
 
     plain_t: list[list[float]] = [[] for _ in runners]
     rec_t: list[list[float]] = [[] for _ in runners]
     peak = [math.nan] * len(runners)
     rounds = warmup + repeats
-    with torch.no_grad():
+    with torch.no_grad(), _compile_limits(len(runners) if compile else 0):
         for rnd in range(rounds):
             for i, (_label, m, how, rec) in enumerate(runners):
                 _activate(model, how)
@@ -211,6 +213,29 @@ def benchmark(
         for line in spread_warnings(rows):
             progress(line)
     return rows
+
+
+@contextlib.contextmanager
+def _compile_limits(n_models: int) -> Iterator[None]:
+    """Room in dynamo's caches for ``n_models`` compiled copies of one model, and an error instead of eager.
+
+    The copies share their code objects (``VisionTransformer.forward``, ``Block.forward``, the patched
+    forwards), and every copy, plain and recorded, adds cache entries to them.  Past dynamo's
+    ``recompile_limit`` (8) a frame silently runs eagerly, so a benchmark of many configurations would
+    time later ones uncompiled; here the limit grows with the copies and hitting it raises.
+    """
+    if not n_models:
+        yield
+        return
+    import torch._dynamo
+
+    limit = max(torch._dynamo.config.recompile_limit, 4 * n_models + 8)  # plain + recorded, and a margin
+    with torch._dynamo.config.patch(
+        recompile_limit=limit,
+        accumulated_recompile_limit=max(torch._dynamo.config.accumulated_recompile_limit, 8 * limit),
+        fail_on_recompile_limit_hit=True,
+    ):
+        yield
 
 
 def _activate(model: nn.Module, how) -> None:

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import tokvis
-
-pytestmark = pytest.mark.slow  # a subprocess over every method (~15 s), like the other benchmark scripts' tests
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # a subprocess over every method (~15 s), like the other benchmark scripts' tests
 def test_bench_ops_has_a_row_per_method_with_positive_counts():
     res = subprocess.run(
         [sys.executable, "benchmarks/bench_ops.py", "--model", "vit_tiny_patch16_224", "--img-size", "64",
@@ -22,16 +23,43 @@ def test_bench_ops_has_a_row_per_method_with_positive_counts():
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = {}  # config -> ops, kernels, unpatched, blocks, reduction ops / block, reduction kernels / block, other
+    rows = {}  # config -> ops, kernels, unpatched, blocks, reduction ops and kernels / block, other, MB, red MB/blk
     for line in res.stdout.splitlines():
         cells = line.split()
-        if len(cells) > 7 and all(c.lstrip("-").replace(".", "", 1).isdigit() for c in cells[-7:]):
-            rows[" ".join(cells[:-7])] = [float(c) for c in cells[-7:]]
+        if len(cells) > 9 and all(c.lstrip("-").replace(".", "", 1).isdigit() for c in cells[-9:]):
+            rows[" ".join(cells[:-9])] = [float(c) for c in cells[-9:]]
     for method in tokvis.list_methods():
         label = next((k for k in rows if k.split()[0] == method), None)
         assert label is not None, f"no row for {method}:\n{res.stdout}"
-    for label, (ops, kernels, unpatched, blocks, red_ops, red_kernels, _) in rows.items():
-        assert ops >= kernels > 0 and unpatched > 0, label
+    for label, (ops, kernels, unpatched, blocks, red_ops, red_kernels, _, mb, red_mb) in rows.items():
+        assert ops >= kernels > 0 and unpatched > 0 and mb > 0, label
         if label != "unpatched":
-            assert blocks > 0 and red_ops >= red_kernels > 0, label
+            assert blocks > 0 and red_ops >= red_kernels > 0 and mb > red_mb * blocks > 0, label
     assert "tome r=16" in rows and "reduction ops per reducing block" in res.stdout
+    assert " MB) " in res.stdout  # the detail gives each operator's traffic
+
+
+def _bench_ops():
+    spec = importlib.util.spec_from_file_location("bench_ops", ROOT / "benchmarks" / "bench_ops.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_traffic_counts_distinct_elements_read_and_written():
+    """The traffic proxy against sums written out by hand: an expanded index is read once, an in-place kernel
+    reads and writes its target, an ``out=`` tensor is only written, a view moves nothing."""
+    bench_ops = _bench_ops()
+    buf = torch.zeros(2, 5, 3)  # 30 float32
+    idx = torch.zeros(2, 4, 1, dtype=torch.long)  # 8 int64, expanded to [2, 4, 3]
+    src = torch.ones(2, 4, 3, dtype=torch.float16)  # 24 half
+    with bench_ops.OpCounter() as c:
+        buf.scatter_add_(1, idx.expand(2, 4, 3), src.float())
+    # _to_copy: 24 * 2 read + 24 * 4 written; scatter_add_: 30 * 4 read + 8 * 8 + 24 * 4 read + 30 * 4 written
+    assert c.bytes == (48 + 96) + (120 + 64 + 96 + 120)
+    assert bench_ops.footprint(idx.expand(2, 4, 3)) == 64
+    with bench_ops.OpCounter() as c:
+        torch.add(src, src, out=torch.empty(2, 4, 3, dtype=torch.float16))
+        src[:, 1:].transpose(1, 2)
+    assert c.bytes == 48 + 48 + 48  # two reads and one write; the views move nothing

@@ -36,18 +36,74 @@ CASES = [
 ]  # fmt: skip
 
 
+class _HostToDevice:
+    """Records copies of host data to another device while ``active``: ``Tensor.to`` / ``Tensor.copy_`` from
+    a CPU tensor, ``torch.tensor`` / ``torch.as_tensor`` / ``Tensor.new_tensor`` onto a device.  On a GPU such
+    a copy (from pageable memory, ``non_blocking=False``) waits for the device like a device-to-host one."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[str] = []
+        self.active = False
+        orig_to, orig_copy = torch.Tensor.to, torch.Tensor.copy_
+
+        def to(t, *args, **kwargs):
+            out = orig_to(t, *args, **kwargs)
+            if self.active and t.device.type == "cpu" and out.device.type != "cpu":
+                self.calls.append(f"to({out.device}) of a host tensor {tuple(t.shape)}")
+            return out
+
+        def copy_(t, src, *args, **kwargs):
+            if self.active and src.device.type == "cpu" and t.device.type != "cpu":
+                self.calls.append(f"copy_ of a host tensor {tuple(src.shape)}")
+            return orig_copy(t, src, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, "to", to)
+        monkeypatch.setattr(torch.Tensor, "copy_", copy_)
+        for owner, name in ((torch, "tensor"), (torch, "as_tensor"), (torch.Tensor, "new_tensor")):
+            monkeypatch.setattr(owner, name, self._creation(name, getattr(owner, name), owner is torch.Tensor))
+
+    def _creation(self, name, orig, method):
+        def f(*args, **kwargs):
+            out = orig(*args, **kwargs)
+            if self.active and out.device.type != "cpu" and not (method and isinstance(args[1], torch.Tensor)):
+                self.calls.append(f"{name}(..., device={out.device})")
+            return out
+
+        return f
+
+
 @pytest.mark.parametrize("name,kw", CASES)
-def test_recorded_forward_on_meta_device_never_syncs(name, kw):
+def test_recorded_forward_on_meta_device_never_syncs(name, kw, monkeypatch):
     """On the meta device ``.item()``, ``bool()``, ``.tolist()`` and copies to the CPU raise: a recorded
-    forward that returns made none of them."""
+    forward that returns made none of them.  Nor does it copy host data to the device (:class:`_HostToDevice`:
+    constants are made on the device or cached there)."""
     model, x = make_model("cls"), make_images("cls", n=2)
     obj, sched = method_for(name, kw)
     tokvis.patch(model, obj, **sched)
     model.to("meta")
+    x = x.to("meta")
+    h2d = _HostToDevice(monkeypatch)
     with torch.no_grad(), tokvis.record(model) as rec:
-        out = model(x.to("meta"))
+        model(x)  # the first forward may cache constants on the device (and creates learned modules)
+        rec._pending.clear()
+        start = model.register_forward_pre_hook(lambda m, a: setattr(h2d, "active", True))
+        stop = model.register_forward_hook(lambda m, a, o: setattr(h2d, "active", False))
+        out = model(x)
+    start.remove(), stop.remove()
     assert out.device.type == "meta" and out.shape == (2, 10)
     assert len(rec._pending) == 1  # one forward's decisions wait to be copied, after the forward
+    assert h2d.calls == [], f"host data copied to the device inside the forward: {h2d.calls}"
+
+
+def test_host_to_device_detector_can_fail(monkeypatch):
+    """The detector sees the copies it is for (and not a tensor created on the host)."""
+    h2d = _HostToDevice(monkeypatch)
+    h2d.active = True
+    torch.ones(2).to("meta")
+    torch.tensor([1, 2], device="meta")
+    torch.empty(2, device="meta").copy_(torch.ones(2))
+    torch.tensor([1.0])
+    assert len(h2d.calls) == 3, h2d.calls
 
 
 _SYNC_METHODS = ("item", "tolist", "__bool__", "cpu", "numpy", "nonzero", "__int__", "__float__", "__index__")

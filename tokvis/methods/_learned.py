@@ -123,10 +123,9 @@ class LearnedMethod(Method):
         """The module of block ``layer``, created (seeded) if it does not exist yet."""
         key = str(layer)
         if key not in self.reducers:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + layer)
-            self.reducers[key] = self.make_reducer(dim, n_out, g).to(device=like.device, dtype=like.dtype)
+            self._create_reducer(key, layer, dim, n_out, like)
         mod = self.reducers[key]
-        have = self.reducer_shape({k: v for k, v in mod.state_dict().items()})
+        have = self.reducer_shape({**dict(mod.named_parameters()), **dict(mod.named_buffers())})
         want = (dim, n_out if self.slots_in_shape else have[1])
         if have != want:
             what = f"{have[1]} output slots" if self.slots_in_shape else f"width {have[0]}"
@@ -139,10 +138,16 @@ class LearnedMethod(Method):
             )
         return mod
 
+    @torch.compiler.disable  # seeded creation (a torch.Generator) cannot be traced: once, on the first forward
+    def _create_reducer(self, key: str, layer: int, dim: int, n_out: int, like: torch.Tensor) -> None:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + layer)
+        self.reducers[key] = self.make_reducer(dim, n_out, g).to(device=like.device, dtype=like.dtype)
+
     def decide(self, ctx: ReductionContext) -> LayerDecision:
         if ctx.target >= ctx.n_in:  # nothing to reduce: exactly the unpatched block
             return identity_decision(ctx)
-        if not self.is_fitted and not self._fitting and not self._warned:
+        # no warning inside torch.compile's trace (it would break the graph): an eager forward warns
+        if not self.is_fitted and not self._fitting and not self._warned and not torch.compiler.is_compiling():
             self._warned = True
             warnings.warn(
                 f"learned method {self.name!r} has neither fitted nor loaded parameters: its patterns are random "

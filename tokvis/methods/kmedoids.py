@@ -86,13 +86,12 @@ def kmedoids(dist: torch.Tensor, init: torch.Tensor, iterations: int) -> tuple[t
     B, n, _ = dist.shape
     K = init.shape[1]
     medoids = init
-    inf = torch.tensor(float("inf"), dtype=dist.dtype, device=dist.device)
     for _ in range(iterations):
         cluster = assign_to_medoids(dist, medoids)
         same = cluster[:, :, None] == cluster[:, None, :]  # [B, n, n]
         cost = torch.where(same, dist, 0.0).sum(2)  # [B, n] sum of distances within the own cluster
         member = cluster[:, None, :] == torch.arange(K, device=dist.device)[None, :, None]  # [B, K, n]
-        medoids = torch.where(member, cost[:, None, :], inf).argmin(2)  # first minimum: lowest index
+        medoids = torch.where(member, cost[:, None, :], float("inf")).argmin(2)  # first minimum: lowest index
     return medoids, assign_to_medoids(dist, medoids)
 
 

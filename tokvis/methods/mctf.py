@@ -13,6 +13,7 @@ from tokvis.methods.ops import (
     apply_decision,
     compose,
     merge_mean,
+    sub_into,
 )
 from tokvis.methods.registry import register_method
 from tokvis.schedule import default_locations
@@ -164,7 +165,7 @@ def bidirectional_matching(
         torch.sub(keep.cumsum(1), 1, out=dst)
     else:
         if num_prefix > 0:  # the A tokens left by position (slot = rank among them)
-            torch.sub(left_a.cumsum(1), 1, out=dst_a)
+            sub_into(dst_a, left_a.cumsum(1), 1)
         else:  # in the order of decreasing step-1 weight
             dst_a.scatter_(1, edges[:, r1:], torch.arange(n_a, device=dev).expand(B, -1))
         slots_b = torch.arange(n_a, n_a + nb - r2, device=dev)

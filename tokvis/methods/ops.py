@@ -57,8 +57,12 @@ def apply_decision(
     if decision.soft is not None:
         out = _soft_apply(decision.soft.to(patches.dtype), patches, decision)
         new_size = torch.bmm(decision.soft.to(tsize.dtype), tsize.unsqueeze(-1)).squeeze(-1)
-    elif n_out == n_in and patches.device.type == "cpu" and bool(_identity_rows(decision).all()):
-        # the CPU has no device to wait for: return the very tensor (bit for bit, the same memory layout)
+    elif (
+        n_out == n_in
+        and patches.device.type == "cpu"
+        and not torch.compiler.is_compiling()  # a host read breaks the graph
+        and bool(_identity_rows(decision).all())
+    ):  # the CPU has no device to wait for: return the very tensor (bit for bit, the same memory layout)
         return (x, size) if decision.size_scale is None else (x, torch.cat([psize, tsize], 1))
     elif n_out == n_in:  # images the decision leaves in place keep their tokens bit for bit
         out, new_size = merge_tokens(patches, decision.dst, n_out, decision.weight, tsize)
@@ -260,7 +264,7 @@ def bipartite_matching(
         dst_a.scatter_(1, merged_a, dst_b.gather(1, partner.gather(1, merged_a)))
     elif num_prefix > 0:  # unmerged A tokens by position (slot = rank among them), then the B tokens
         slot_a = torch.where(keep_a, keep_a.cumsum(1), partner + (n_unm + 1))
-        torch.sub(slot_a, 1, out=dst_a)
+        sub_into(dst_a, slot_a, 1)
         dst_b.copy_(torch.arange(n_unm, n_unm + nb, device=dev))
     else:  # unmerged A tokens in the order of decreasing best similarity, then the B tokens
         slots = torch.arange(n_unm + nb, device=dev)
@@ -268,6 +272,15 @@ def bipartite_matching(
         dst_a.scatter_(1, merged_a, partner.gather(1, merged_a) + n_unm)
         dst_b.copy_(slots[n_unm:])
     return dst, keep
+
+
+def sub_into(view: torch.Tensor, a: torch.Tensor, b) -> None:
+    """``view[...] = a - b`` with no temporary in eager mode; under ``torch.compile`` (where dynamo breaks the
+    graph on a strided ``out=`` tensor) as a copy, which inductor fuses."""
+    if torch.compiler.is_compiling():
+        view.copy_(a - b)
+    else:
+        torch.sub(a, b, out=view)
 
 
 def slots_of(survivors: torch.Tensor, n: int) -> torch.Tensor:
@@ -336,8 +349,10 @@ def merge_tokens(
     num, den = num[:, :n_out], side[:, :n_out, :1].clamp_min(torch.finfo(acc).tiny)
     if prefix is None:
         out = (num / den).to(values.dtype)
-    elif torch.is_grad_enabled() and (prefix.requires_grad or num.requires_grad or den.requires_grad):
-        out = torch.cat([prefix, (num / den).to(values.dtype)], 1)  # out= below has no autograd
+    elif torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and (prefix.requires_grad or num.requires_grad or den.requires_grad)
+    ):  # out= below has no autograd, and dynamo breaks the graph on a strided out= (inductor fuses this anyway)
+        out = torch.cat([prefix, (num / den).to(values.dtype)], 1)
     else:
         q = prefix.shape[1]
         out = values.new_empty(B, q + n_out, c)

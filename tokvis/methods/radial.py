@@ -106,6 +106,7 @@ class Radial(Method):
         self.norm = check_choice("norm", norm, NORMS, error=MethodOptionError)
         self._info: ModelInfo | None = None
         self._cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rows_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def options(self) -> dict:
         return {"norm": self.norm}
@@ -134,6 +135,19 @@ class Radial(Method):
             self._cache[grid] = (radial_order(grid, self.norm), radial_distance(grid, self.norm))
         return self._cache[grid]
 
+    def _rows(self, grid, n_in: int, target: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keep, score) of one image at a block, made on the host once and cached on the device (a copy
+        from the host in every forward would wait for a GPU)."""
+        key = (grid, n_in, target, device, dtype)
+        if key not in self._rows_cache:
+            order, dist = self._ranks(grid)
+            # original patches of the current tokens: the n_in centre-nearest, in raster order
+            present = order[:n_in].sort().values
+            rank = torch.empty_like(order)
+            rank[order] = torch.arange(order.numel())
+            self._rows_cache[key] = ((rank[present] < target).to(device), (-dist[present]).to(device, dtype))
+        return self._rows_cache[key]
+
     def decide(self, ctx: ReductionContext) -> LayerDecision:
         grid = self._grid(ctx)
         order, dist = self._ranks(grid)
@@ -142,11 +156,7 @@ class Radial(Method):
             raise UnsupportedModelError(
                 f"radial got {n_in} patch tokens for a {grid[0]}x{grid[1]} grid; it must reduce every stage itself"
             )
-        # original patches of the current tokens: the n_in centre-nearest, in raster order
-        present = order[:n_in].sort().values
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(order.numel())
-        keep_row = rank[present] < ctx.target
-        keep = keep_row.to(dev).expand(B, n_in).clone()
-        score = (-dist[present]).to(device=dev, dtype=ctx.x.dtype).expand(B, n_in).clone()
+        keep_row, score_row = self._rows(grid, n_in, ctx.target, dev, ctx.x.dtype)
+        keep = keep_row.expand(B, n_in).clone()
+        score = score_row.expand(B, n_in).clone()
         return LayerDecision(ctx.layer, "prune", slots_from_keep(keep), keep, n_out=min(ctx.target, n_in), score=score)

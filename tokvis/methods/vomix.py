@@ -39,13 +39,27 @@ def vote(sim: torch.Tensor, *, votes: int = 1, weighting: str = "count") -> torc
 
 
 def neutral_rank(n: int, device=None) -> torch.Tensor:
-    """A fixed pseudo-random permutation of ``0..n-1`` (the last tie-break: spatially neutral, deterministic)."""
-    return _neutral_rank(n).to(device)
+    """A fixed pseudo-random permutation of ``0..n-1`` (the last tie-break: spatially neutral, deterministic).
+
+    Do not modify the result in place: in eager mode it is one cached tensor per ``(n, device)``, so that a
+    forward copies nothing from the host (a copy to a GPU waits for the device); under ``torch.compile`` it
+    is a constant of the graph.
+    """
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if torch.compiler.is_compiling():
+        return torch.tensor(_neutral_order(n), dtype=torch.long, device=device)
+    return _neutral_rank_on(n, device)
 
 
 @functools.lru_cache(maxsize=64)
-def _neutral_rank(n: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(20240830 + n))
+def _neutral_rank_on(n: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor(_neutral_order(n), dtype=torch.long, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+@torch.compiler.assume_constant_result  # torch.compile takes the permutation as a constant (no graph break)
+def _neutral_order(n: int) -> tuple[int, ...]:
+    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(20240830 + n)).tolist())
 
 
 def _quantise(t: torch.Tensor) -> torch.Tensor:
