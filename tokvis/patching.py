@@ -136,12 +136,7 @@ def _cls_heads(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, mask: torch.Te
     (``q_cls @ k^T``, not the full map; ``mask`` is the additive logit bias ``[B, 1, 1, T]``), in float32
     for fp16 / bf16 models so that rankings do not tie."""
     dt = decision_dtype(q.dtype)
-    off = (
-        torch.autocast(q.device.type, enabled=False)
-        if torch.amp.is_autocast_available(q.device.type)
-        else nullcontext()
-    )
-    with off:
+    with _autocast_off(q.device.type):
         row = _probs(attn, q[:, :, :1].to(dt), k.to(dt), None if mask is None else mask.to(dt))
     return row[:, :, 0, num_prefix:]
 
@@ -270,12 +265,26 @@ def _context(st: PatchState, layer: int, x: torch.Tensor, target: int, **extras)
 
 
 def _decide_and_apply(block: nn.Module, st: PatchState, ctx: ReductionContext) -> tuple[torch.Tensor, LayerDecision]:
-    """Ask the method, announce the decision to recorders, apply it to the tokens and their sizes."""
-    decision = st.method.decide(ctx)
-    _check_decision(decision, ctx.layer, ctx.x.shape[0], ctx.n_in, st.method)
-    report(block, decision)
-    x, st.size = apply_decision(ctx.x, ctx.size, decision, num_prefix=ctx.num_prefix)
+    """Ask the method, announce the decision to recorders, apply it to the tokens and their sizes.
+
+    Outside autocast: a method computes in the dtypes it chooses (float32 decision maths,
+    :func:`~tokvis.methods.ops.decision_dtype`), which autocast would silently lower (its matmuls, such as
+    ToMe's similarities, ran in bf16 / fp16 under ``torch.autocast`` and flipped partitions a ``.bfloat16()``
+    model keeps); the tokens are applied in their own dtype, as in an fp16 / bf16 model.
+    """
+    with _autocast_off(ctx.x.device.type):
+        decision = st.method.decide(ctx)
+        _check_decision(decision, ctx.layer, ctx.x.shape[0], ctx.n_in, st.method)
+        report(block, decision)
+        x, st.size = apply_decision(ctx.x, ctx.size, decision, num_prefix=ctx.num_prefix)
     return x, decision
+
+
+def _autocast_off(device_type: str):
+    """A context that disables autocast on ``device_type`` when it is on (else does nothing)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return nullcontext()
 
 
 def _check_decision(d: LayerDecision, layer: int, B: int, n_in: int, method: Method) -> None:

@@ -130,6 +130,38 @@ def test_matching_of_bf16_metric_equals_float32_matching_of_the_same_values():
     assert torch.equal(dst16, dst32) and torch.equal(keep16, keep32)
 
 
+@pytest.mark.parametrize(
+    "name,kw", [("tome", {"r": 8}), ("kmedoids", {"keep_rate": 0.5}), ("topk", {"keep_rate": 0.5})]
+)
+def test_decisions_under_autocast_equal_float32_maths_on_the_same_inputs(name, kw):
+    """Under ``torch.autocast`` a method decides as it does in a bf16 model: from the block's own (bf16)
+    keys and float32 tokens, with its float32 maths -- autocast does not lower them.  (It did: ToMe's
+    similarity matmul ran in bf16 under autocast and changed the partition of nearly every image, where a
+    ``.bfloat16()`` model kept most of them.)  Each decision is recomputed outside autocast from the inputs
+    the method got, and must be the same."""
+    from tokvis.methods.registry import get_method_class
+
+    seen = []
+    base = get_method_class(name)
+
+    class Spy(base):
+        def decide(self, ctx):
+            seen.append(torch.is_autocast_enabled(ctx.x.device.type))
+            d = super().decide(ctx)
+            with torch.autocast(ctx.x.device.type, enabled=False):
+                again = super().decide(ctx)
+            assert torch.equal(d.dst, again.dst) and torch.equal(d.keep, again.keep), f"block {ctx.layer}"
+            return d
+
+    g = torch.Generator().manual_seed(0)
+    model = make_model("cls").to(DEVICE)
+    x = torch.randn(8, 3, *model.patch_embed.img_size, generator=g).to(DEVICE)
+    tokvis.patch(model, Spy(), **kw)
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        model(x)
+    assert seen and not any(seen)  # decide ran, and never under autocast
+
+
 def test_soft_decision_on_bf16_tokens_keeps_float32_sizes():
     x = torch.randn(2, 5, 4).bfloat16()
     size = torch.ones(2, 5)
@@ -203,3 +235,32 @@ def test_cli_bad_amp_is_one_line(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "fp8" in err[0] and "Traceback" not in err[0]
+
+
+@pytest.mark.parametrize("name", ["dynamicvit", "sit", "patchmerger", "sinkhorn"])
+def test_learned_modules_stay_float32_in_a_half_model(name):
+    """A learned method's per-block modules score and assign in float32 whatever the model's precision
+    (half-precision scores tie: a bf16 model's unfitted DynamicViT kept other tokens than float32's on
+    nearly every image); float64 models keep float64."""
+    model, x = make_model("cls").to(DEVICE), make_images("cls", n=2).to(DEVICE)
+    tokvis.patch(model, name, keep_rate=0.5)
+    with torch.no_grad(), pytest.warns(UserWarning, match="neither fitted"):
+        model(x)  # creates the modules
+    method = model.tokvis_method
+    for dtype, expect in (
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float32),
+        (torch.float64, torch.float64),
+    ):
+        model.to(dtype)
+        assert {p.dtype for p in method.reducers.parameters()} == {expect}, dtype
+        assert next(model.blocks.parameters()).dtype == dtype  # the model itself did convert
+        if dtype != torch.float16 or DEVICE == "cuda":  # fp16 CPU kernels are slow
+            with torch.no_grad():
+                out, trace = tokvis.run_with_trace(model, x.to(dtype))
+            assert out.dtype == dtype and torch.isfinite(out).all()
+            assert all(d.score is None or d.score.dtype == expect for d in trace.decisions)
+    # bf16 tensors (a state dict saved in half precision elsewhere) load into a fresh method as float32
+    fresh = type(method)()
+    fresh.load_state_dict({k: v.bfloat16() if v.is_floating_point() else v for k, v in method.state_dict().items()})
+    assert {p.dtype for p in fresh.reducers.parameters()} == {torch.float32}

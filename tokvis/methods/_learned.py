@@ -16,6 +16,7 @@ random until fitted.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, ClassVar
 
@@ -24,8 +25,11 @@ from torch import nn
 
 from tokvis.errors import MethodOptionError, TokvisError
 from tokvis.methods.base import Method, ReductionContext
+from tokvis.methods.ops import decision_dtype
 from tokvis.trace import LayerDecision
 from tokvis.validate import check_int
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def init_linear(lin: nn.Linear, g: torch.Generator, std: float = 0.02) -> None:
@@ -141,7 +145,8 @@ class LearnedMethod(Method):
     @torch.compiler.disable  # seeded creation (a torch.Generator) cannot be traced: once, on the first forward
     def _create_reducer(self, key: str, layer: int, dim: int, n_out: int, like: torch.Tensor) -> None:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + layer)
-        self.reducers[key] = self.make_reducer(dim, n_out, g).to(device=like.device, dtype=like.dtype)
+        dtype = decision_dtype(like.dtype)  # float32 for fp16 / bf16 models (see _apply)
+        self.reducers[key] = self.make_reducer(dim, n_out, g).to(device=like.device, dtype=dtype)
 
     def decide(self, ctx: ReductionContext) -> LayerDecision:
         if ctx.target >= ctx.n_in:  # nothing to reduce: exactly the unpatched block
@@ -157,7 +162,22 @@ class LearnedMethod(Method):
                 stacklevel=2,
             )
         mod = self.reducer(ctx.layer, ctx.x.shape[-1], ctx.target, ctx.x)
+        dtype = decision_dtype(ctx.x.dtype)
+        if ctx.x.dtype != dtype:  # fp16 / bf16 tokens: the module scores and assigns them in float32
+            ctx = dataclasses.replace(ctx, x=ctx.x.to(dtype))
         return self.reduce(mod, ctx)
+
+    def _apply(self, fn, recurse=True):
+        """As ``nn.Module._apply`` (``.to()``, ``.cuda()``, ``.half()``, ...), but the per-block modules stay
+        float32 when the model goes to fp16 / bf16: a learned scorer's outputs are ranked, and half-precision
+        scores tie (a ``.bfloat16()`` model's unfitted DynamicViT kept sets overlapped float32's at IoU 0.13);
+        the decision maths runs in float32 (:func:`~tokvis.methods.ops.decision_dtype`).  float64 stays."""
+        super()._apply(fn, recurse)
+        if any(t.dtype in _HALF for t in self.reducers.parameters()) or any(
+            t.dtype in _HALF for t in self.reducers.buffers()
+        ):
+            self.reducers._apply(lambda t: t.float() if t.dtype in _HALF else t, recurse)
+        return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         # create the per-block modules named in the state dict before torch loads into them
@@ -180,7 +200,7 @@ class LearnedMethod(Method):
                 continue
             like = next(iter(entries.values()))
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(block))
-            self.reducers[block] = self.make_reducer(dim, n_out, g).to(dtype=like.dtype)
+            self.reducers[block] = self.make_reducer(dim, n_out, g).to(dtype=decision_dtype(like.dtype))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
         flag = state_dict.get(prefix + "fitted")
         if isinstance(flag, torch.Tensor) and flag.numel() == 1 and not flag.is_meta:
