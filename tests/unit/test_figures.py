@@ -288,3 +288,22 @@ def test_feature_source_view_and_fused_token_views(traces):
 
 def test_errors_are_typed():
     assert issubclass(DataError, TokvisError) and issubclass(DataError, ValueError)
+
+
+def test_performance_panels_side_by_side_have_titles_that_do_not_overlap():
+    """Three panels as ``tokvis figures`` lays them out (5.2 in each, a legend each, a prefix line): the
+    interval's explanation used to run into the next panel's title."""
+    rng = np.random.default_rng(0)
+    n = 156
+    fig, axes = plt.subplots(1, 3, figsize=(15.6, 4.2), layout="constrained")
+    for k, ax in enumerate(axes):
+        df = pd.DataFrame({"similarity": rng.uniform(size=n), "method_a": [f"method{i}" for i in range(13)] * 12})
+        df["delta"] = -df.similarity + 0.2 * rng.normal(size=n)
+        df["metric"] = "iou"
+        F.performance_correlation(df, hue="method_a", measure="fidelity", n_boot=1000, ax=ax)
+        ax.set_title(f"pattern similarity to method {k}\n{ax.get_title()}", fontsize=8)
+    fig.canvas.draw()
+    boxes = [ax.title.get_window_extent() for ax in axes]
+    for left, right in zip(boxes[:-1], boxes[1:], strict=True):
+        assert left.x1 < right.x0, (left, right)
+    plt.close(fig)

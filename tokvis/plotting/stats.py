@@ -189,7 +189,7 @@ def correlation_plot(
 
 
 def correlation_title(result: dict, *, n_boot: int, ci: float = 0.95) -> str:
-    """Two-line title of a correlation saying how the interval and the p-value were obtained.
+    """Title of a correlation (three short lines) saying how the interval and the p-value were obtained.
 
     Parameters
     ----------
@@ -204,8 +204,10 @@ def correlation_title(result: dict, *, n_boot: int, ci: float = 0.95) -> str:
     Returns
     -------
     str
-        ``"Spearman ρ = 0.52, 95% bootstrap CI [0.10, 0.81] (n = 12)"`` and, on a second line,
-        ``"CI: percentile bootstrap, 1000 resamples of the 12 pairs; p = 0.083 (two-sided, scipy.stats.spearmanr)"``.
+        ``"Spearman ρ = 0.52, 95% bootstrap CI [0.10, 0.81] (n = 12)"``, on a second line
+        ``"CI: percentile bootstrap, 1000 resamples of the 12 pairs"`` and on a third
+        ``"p = 0.083 (two-sided, scipy.stats.spearmanr)"`` (short lines: side-by-side panels' titles
+        do not run into each other).
         Undefined coefficients (fewer than 3 pairs, a constant side) say so.
     """
     name, source = _COEFFICIENT[result["method"]]
@@ -218,7 +220,7 @@ def correlation_title(result: dict, *, n_boot: int, ci: float = 0.95) -> str:
             f"{name} = {result['r']:.2f}, {level} bootstrap CI [{result['ci_low']:.2f}, {result['ci_high']:.2f}] "
             f"(n = {n})"
         )
-        how = f"CI: percentile bootstrap, {n_boot} resamples of the {n} pairs; "
+        how = f"CI: percentile bootstrap, {n_boot} resamples of the {n} pairs\n"
     else:
         head, how = f"{name} = {result['r']:.2f} (n = {n}, no interval)", ""
     return f"{head}\n{how}p = {result['p']:.2g} (two-sided, {source})"
