@@ -60,6 +60,29 @@ def test_compiled_patched_model_equals_eager(method, kw):
         assert not torch.allclose(model(x), out, atol=1e-4)
 
 
+@pytest.mark.parametrize("name,kw", NO_BREAK_CASES)
+def test_every_method_traced_by_dynamo_and_aot_autograd_equals_eager(name, kw):
+    """Every method through dynamo and AOTAutograd (``backend="aot_eager"``: the graph capture and
+    functionalisation inductor works from, without its code generation, so fast enough for every method):
+    outputs equal eager's within float tolerance, and the partitions recorded from the compiled model are
+    eager's.  The inductor cases above cover the code generation."""
+    model, x = make_model("cls"), make_images("cls", n=2)
+    obj, sched = method_for(name, kw)
+    tokvis.patch(model, obj, **sched)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unfitted learned methods warn
+        eager, ref = tokvis.run_with_trace(model, x)
+        compiled = torch.compile(model, backend="aot_eager", dynamic=False, fullgraph=True)
+        out = compiled(x)
+        with tokvis.record(model) as rec:
+            compiled(x)
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+    trace = rec.trace
+    assert trace.layers == ref.layers
+    for layer in ref.layers:
+        assert torch.equal(trace.labels(layer), ref.labels(layer)), f"{name}: block {layer}"
+
+
 def test_recording_a_compiled_model_gives_the_eager_partitions():
     model, x = make_model("cls"), make_images("cls", n=2)
     tokvis.patch(model, "tome", r=4)
