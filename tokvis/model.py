@@ -204,7 +204,7 @@ def check_images(model: nn.Module, images: Any) -> None:
         images.numel()
         and images.device.type != "meta"
         and not torch.compiler.is_compiling()
-        and not bool(torch.isfinite(images).all())
+        and not _all_finite(images)
     ):
         bad = (~torch.isfinite(images.detach())).flatten(1).any(1).nonzero().flatten().tolist()
         shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
@@ -212,6 +212,16 @@ def check_images(model: nn.Module, images: Any) -> None:
             f"{len(bad)} of {images.shape[0]} images hold NaN or infinite pixels (batch positions {shown}); "
             "the model would return NaN and a meaningless trace. Check how the images were read and normalised"
         )
+
+
+def _all_finite(images: torch.Tensor) -> bool:
+    """Whether every value is finite, with one reduction and one host read in the common case: a sum is
+    finite exactly when all its terms are, unless it overflows, and a non-finite sum (NaN or inf pixels, or an
+    overflow) is checked value by value.  ``isfinite(images).all()`` writes a mask of the whole batch first
+    (on the CPU, 0.2 ms of a 0.8 ms check-free tiny forward)."""
+    if bool(torch.isfinite(images.detach().sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(images).all())
 
 
 def is_patched(model: nn.Module) -> bool:

@@ -63,3 +63,20 @@ def test_traffic_counts_distinct_elements_read_and_written():
         torch.add(src, src, out=torch.empty(2, 4, 3, dtype=torch.float16))
         src[:, 1:].transpose(1, 2)
     assert c.bytes == 48 + 48 + 48  # two reads and one write; the views move nothing
+
+
+@pytest.mark.slow
+def test_bench_host_prints_a_row_per_configuration():
+    res = subprocess.run(
+        [sys.executable, "benchmarks/bench_host.py", "--depth", "2", "--img-size", "64", "--repeats", "1",
+         "--warmup", "1", "--methods", "tome", "topk"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("config"))
+    rows = {" ".join(line.split()[:-4]): [float(c) for c in line.split()[-4:]] for line in lines[head + 1 :]
+            if line and not line.startswith("warning")}  # fmt: skip
+    assert set(rows) == {"unpatched", "tome r=16", "tome keep_rate=0.5", "topk keep_rate=0.5"}, res.stdout
+    assert rows["unpatched"][1] == 0.0 and all(r[0] > 0 for r in rows.values())
+    assert all(r[2] > 0 for k, r in rows.items() if k != "unpatched")  # recorded forwards timed

@@ -60,6 +60,30 @@ def test_non_finite_pixels_raise_naming_the_images(patched, value):
             model(x)  # the patched model checks its input without a recorder too
 
 
+def test_finiteness_check_agrees_with_isfinite_all_including_overflowing_sums():
+    """The one-reduction check (a sum) against ``torch.isfinite(x).all()``: NaN, +inf, -inf, +inf with -inf
+    (a NaN sum), and finite values whose float32 sum overflows (no false alarm), in several dtypes."""
+    from tokvis.model import _all_finite
+
+    big = torch.finfo(torch.float32).max
+    cases = []
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        x = torch.randn(2, 3, 8, 8).to(dtype)
+        cases.append(x)
+        for value in (float("nan"), float("inf"), -float("inf")):
+            y = x.clone()
+            y[1, 2, 3, 4] = value
+            cases.append(y)
+        y = x.clone()
+        y[0, 0, 0, 0], y[1, 0, 0, 0] = float("inf"), -float("inf")
+        cases.append(y)
+    cases.append(torch.full((2, 3, 8, 8), big))  # finite, but the float32 sum overflows
+    cases.append(torch.full((2, 3, 8, 8), 1e300, dtype=torch.float64))  # finite, not representable in float32
+    for x in cases:
+        assert _all_finite(x) == bool(torch.isfinite(x).all()), (x.dtype, x.flatten()[:3])
+    assert _all_finite(cases[-1]) and not _all_finite(cases[1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.bfloat16])
 def test_image_dtype_other_than_the_model_raises_with_the_conversion(dtype):
     model, x = make_model(), make_images()
