@@ -22,7 +22,6 @@ import warnings
 
 import torch
 
-import tokvis
 from tokvis.bench import benchmark, gpu_configs, official_tome, spread_warnings
 
 
@@ -35,7 +34,8 @@ def main(argv=None) -> list:
     p.add_argument("--methods", nargs="+", default=["tome", "topk", "mctf", "ats"])
     p.add_argument("--keep-rate", type=float, default=0.5)
     p.add_argument("--tome-r", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--repeats", type=int, default=15, help="interleaved rounds")
+    p.add_argument("--calls", type=int, default=10, help="forwards per configuration and round, timed together")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--tome-repo", default=None, help="checkout of facebookresearch/ToMe: adds the official row")
     args = p.parse_args(argv)
@@ -54,11 +54,13 @@ def main(argv=None) -> list:
         configs.insert(1, (f"official tome r={args.tome_r}", off, {}))
     print(
         f"ViT {args.img_size}/{args.patch_size}, depth {args.depth}, width {args.width}, 1 image, 1 thread, "
-        f"torch {torch.__version__}, {tokvis.__name__}: host time per forward, {args.repeats} interleaved rounds"
+        f"torch {torch.__version__}: host time per forward, {args.repeats} interleaved rounds of {args.calls} forwards"
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # unfitted learned methods warn
-        rows = benchmark(model, images, configs, repeats=args.repeats, warmup=args.warmup, progress=None)
+        rows = benchmark(
+            model, images, configs, repeats=args.repeats, warmup=args.warmup, progress=None, calls=args.calls
+        )
     base = 1e3 / rows[0].images_per_s
     print(f"{'config':<26} {'ms/forward':>10} {'+ms':>7} {'recorded':>9} {'spread':>7}")
     for r in rows:

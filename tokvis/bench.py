@@ -97,6 +97,7 @@ def benchmark(
     progress: Callable[[str], None] | None = print,
     compile: bool = False,
     record: bool = True,
+    calls: int = 1,
 ) -> list[BenchRow]:
     """Measure throughput, FLOPs and recording overhead of several configurations in interleaved rounds.
 
@@ -121,6 +122,9 @@ def benchmark(
         ``torch.compile`` each configuration's model (one copy of the model per configuration).
     record : bool
         Also time recorded forwards (``tokvis.record``).
+    calls : int
+        Forwards per configuration and round, timed together (a round's time is their mean): forwards of
+        a millisecond or less vary by tens of percent one by one.
     """
     from tokvis import patch, unpatch
     from tokvis import record as record_ctx
@@ -162,18 +166,19 @@ def benchmark(
                 last = rnd == rounds - 1
                 if cuda and last:
                     torch.cuda.reset_peak_memory_stats(images.device)
-                t = _timed(lambda i=i: fns[i](images))
+                t = _timed(lambda i=i: [fns[i](images) for _ in range(calls)]) / calls
                 if cuda and last:
                     peak[i] = torch.cuda.max_memory_allocated(images.device) / 2**20
                 tr = math.nan
                 if rec:
 
                     def recorded(i=i, m=m):
-                        with record_ctx(m) as r:
-                            fns[i](images)
-                        return r.trace  # the host copy is part of recording
+                        for _ in range(calls):
+                            with record_ctx(m) as r:
+                                fns[i](images)
+                            r.trace  # noqa: B018 -- the host copy is part of recording
 
-                    tr = _timed(recorded)
+                    tr = _timed(recorded) / calls
                 if rnd >= warmup:
                     plain_t[i].append(t)
                     rec_t[i].append(tr)

@@ -61,6 +61,19 @@ def test_configurations_run_in_interleaved_rounds():
         assert r.images_per_s_min <= r.images_per_s <= r.images_per_s_max
 
 
+def test_several_calls_per_round_are_timed_together():
+    """``calls=3``: each round runs each configuration three times in a row (A A A B B B ...), and a round's
+    time is their mean (sleeps of 0.05 s per call give about 20 calls/s, not 20 / 3)."""
+    model, x = make_model("cls"), make_images("cls", n=2)
+    log: list[str] = []
+    delays = [0.0] + [0.05] * 30  # no sleep while the FLOPs are counted
+    configs = [("A", lambda m: _Logged(m, "A", log, delays), {}), ("B", lambda m: _Logged(m, "B", log), {})]
+    rows = benchmark(model, x, configs, repeats=2, warmup=1, progress=None, calls=3)
+    assert log[2 : 2 + 18] == list("AAABBB") * 3  # after the FLOP counts: 1 warm-up + 2 timed rounds
+    a = rows[0]
+    assert 0.7 < a.images_per_s * 0.05 / x.shape[0] < 1.05, a.images_per_s
+
+
 def test_busy_machine_is_reported():
     """A configuration whose rounds differ by more than SPREAD_WARNING gets a warning line."""
     model, x = make_model("cls"), make_images("cls", n=2)
