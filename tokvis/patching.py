@@ -272,7 +272,10 @@ def _decide_and_apply(block: nn.Module, st: PatchState, ctx: ReductionContext) -
     ToMe's similarities, ran in bf16 / fp16 under ``torch.autocast`` and flipped partitions a ``.bfloat16()``
     model keeps); the tokens are applied in their own dtype, as in an fp16 / bf16 model.
     """
-    with _autocast_off(ctx.x.device.type):
+    dev = ctx.x.device.type
+    autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+    ctx.compute_dtype = torch.get_autocast_dtype(dev) if autocast else ctx.x.dtype
+    with _autocast_off(dev):
         decision = st.method.decide(ctx)
         _check_decision(decision, ctx.layer, ctx.x.shape[0], ctx.n_in, st.method)
         report(block, decision)

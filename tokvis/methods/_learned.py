@@ -21,6 +21,7 @@ import warnings
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tokvis.errors import MethodOptionError, TokvisError
@@ -39,6 +40,22 @@ def init_linear(lin: nn.Linear, g: torch.Generator, std: float = 0.02) -> None:
         lin.weight.copy_(w.clamp(-2 * std, 2 * std))
         if lin.bias is not None:
             lin.bias.zero_()
+
+
+def linear_in(layer: nn.Linear, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``layer(x)`` computed in ``dtype``: inputs and parameters cast to it (no-ops when they already are).
+
+    A learned method's modules keep float32 parameters in fp16 / bf16 models (:meth:`LearnedMethod._apply`);
+    its feature layers run in the model's compute dtype with this, its ranked outputs in float32."""
+    bias = None if layer.bias is None else layer.bias.to(dtype)
+    return F.linear(x.to(dtype), layer.weight.to(dtype), bias)
+
+
+def layer_norm_in(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` in ``x``'s dtype (as autocast and the model's own norms run it), whatever the parameters'."""
+    w = None if norm.weight is None else norm.weight.to(x.dtype)
+    b = None if norm.bias is None else norm.bias.to(x.dtype)
+    return F.layer_norm(x, norm.normalized_shape, w, b, norm.eps)
 
 
 def identity_decision(ctx: ReductionContext) -> LayerDecision:
@@ -85,6 +102,10 @@ class LearnedMethod(Method):
     study_prefix: ClassVar[str] = "cluster_layers"
     #: Adam learning rate :func:`tokvis.fit` uses when none is given
     fit_lr: ClassVar[float] = 3e-3
+    #: the tokens reach :meth:`reduce` in float32 for fp16 / bf16 models (small modules that assign or score
+    #: tokens directly); False: in the model's dtype, for a method that runs its own feature layers in the
+    #: model's compute dtype and only its ranked outputs in float32 (DynamicViT)
+    float32_tokens: ClassVar[bool] = True
 
     def __init__(self, *, seed: int = 0) -> None:
         super().__init__()
@@ -163,15 +184,18 @@ class LearnedMethod(Method):
             )
         mod = self.reducer(ctx.layer, ctx.x.shape[-1], ctx.target, ctx.x)
         dtype = decision_dtype(ctx.x.dtype)
-        if ctx.x.dtype != dtype:  # fp16 / bf16 tokens: the module scores and assigns them in float32
+        if self.float32_tokens and ctx.x.dtype != dtype:  # fp16 / bf16 tokens: scored and assigned in float32
             ctx = dataclasses.replace(ctx, x=ctx.x.to(dtype))
         return self.reduce(mod, ctx)
 
     def _apply(self, fn, recurse=True):
-        """As ``nn.Module._apply`` (``.to()``, ``.cuda()``, ``.half()``, ...), but the per-block modules stay
-        float32 when the model goes to fp16 / bf16: a learned scorer's outputs are ranked, and half-precision
-        scores tie (a ``.bfloat16()`` model's unfitted DynamicViT kept sets overlapped float32's at IoU 0.13);
-        the decision maths runs in float32 (:func:`~tokvis.methods.ops.decision_dtype`).  float64 stays."""
+        """As ``nn.Module._apply`` (``.to()``, ``.cuda()``, ``.half()``, ...), but the per-block modules'
+        parameters stay float32 when the model goes to fp16 / bf16: a learned scorer's outputs are ranked, and
+        half-precision scores tie (a ``.bfloat16()`` model's unfitted DynamicViT kept sets overlapped
+        float32's at IoU 0.13).  Methods with feature layers of their own (DynamicViT, SiT:
+        ``float32_tokens = False``) run those in the model's compute dtype (:func:`linear_in`,
+        ``ReductionContext.compute_dtype``) and only their ranked outputs in float32; the others get float32
+        tokens.  float64 stays."""
         super()._apply(fn, recurse)
         if any(t.dtype in _HALF for t in self.reducers.parameters()) or any(
             t.dtype in _HALF for t in self.reducers.buffers()

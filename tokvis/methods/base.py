@@ -67,6 +67,12 @@ class ReductionContext:
         Patch grid of the current input (differs from ``ModelInfo.grid_size`` for
         other image sizes under ``dynamic_img_size``); ``None`` when unknown (the
         model was not called on images, e.g. ``forward_features`` directly).
+    compute_dtype : torch.dtype or None
+        The dtype the model's matmuls run in at this block: the autocast dtype when
+        the forward runs under ``torch.autocast`` (a method decides outside autocast,
+        so its own float32 maths stays float32), else the dtype of ``x``.  A method
+        with feature layers of its own (DynamicViT's score predictor) runs them in
+        it, and its ranked outputs in float32.  ``None``: the dtype of ``x``.
     """
 
     layer: int
@@ -84,6 +90,7 @@ class ReductionContext:
     stage: str = "after_attn"
     project: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
     grid_size: tuple[int, int] | None = None
+    compute_dtype: torch.dtype | None = None
 
     @property
     def n_in(self) -> int:

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokvis.errors import MethodOptionError
-from tokvis.methods._learned import LearnedMethod, init_linear
+from tokvis.methods._learned import LearnedMethod, init_linear, layer_norm_in
+from tokvis.methods._learned import linear_in as _linear
 from tokvis.methods.base import ModelInfo, ReductionContext
-from tokvis.methods.ops import rank_keep
+from tokvis.methods.ops import decision_dtype, rank_keep
 from tokvis.methods.registry import register_method
 from tokvis.trace import LayerDecision
 from tokvis.validate import check_float
@@ -39,13 +40,23 @@ class ScorePredictor(nn.Module):
         self.fc2 = nn.Linear(dim // 2, dim // 4)
         self.fc3 = nn.Linear(dim // 4, 2)
 
-    def logits(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(
+        self, x: torch.Tensor, weight: torch.Tensor | None = None, *, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """The two logits (keep, drop) ``[B, n, 2]`` of tokens ``x [B, n, C]``.
 
         ``weight [B, n]`` (optional) weights the global mean (DynamicViT's
         policy-weighted mean over the tokens still kept); ``None`` = plain mean.
+
+        Precision: ``norm`` runs in ``x``'s dtype, the feature layers (``proj`` to
+        ``fc2``) in ``dtype`` (the model's compute dtype, default ``x``'s: fp16 / bf16
+        matmuls for half models and under autocast, whatever the parameters' dtype),
+        the last layer and the logits in float32 (float64 for float64 tokens): the
+        logits are ranked, and half-precision logits tie.
         """
-        h = F.gelu(self.proj(self.norm(x)))
+        dt = dtype or x.dtype
+        out = decision_dtype(x.dtype, dt)
+        h = F.gelu(_linear(self.proj, layer_norm_in(self.norm, x), dt))
         half = h.shape[-1] // 2
         local, glob = h[..., :half], h[..., half:]
         if weight is None:
@@ -54,11 +65,13 @@ class ScorePredictor(nn.Module):
             w = weight.to(glob.dtype).unsqueeze(-1)
             glob = (glob * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1e-6)
         z = torch.cat([local, glob.expand(-1, h.shape[1], -1)], -1)
-        return self.fc3(F.gelu(self.fc2(F.gelu(self.fc1(z)))))
+        z = F.gelu(_linear(self.fc2, F.gelu(_linear(self.fc1, z, dt)), dt))
+        return _linear(self.fc3, z, out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Log-probability of keeping each token, ``[B, n]`` from tokens ``x [B, n, C]``."""
-        return self.logits(x).log_softmax(-1)[..., 0]
+    def forward(self, x: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Log-probability of keeping each token, ``[B, n]`` from tokens ``x [B, n, C]`` (float32 for
+        fp16 / bf16 tokens; ``dtype``: the feature layers' dtype, see :meth:`logits`)."""
+        return self.logits(x, dtype=dtype).log_softmax(-1)[..., 0]
 
 
 @register_method("dynamicvit")
@@ -106,6 +119,7 @@ class DynamicViT(LearnedMethod):
     kind = "prune"
     stage = "before_block"
     slots_in_shape = False
+    float32_tokens = False  # its score predictor runs in the model's compute dtype, its logits in float32
     study_prefix = "score_predictor"
 
     def __init__(self, *, seed: int = 0, ratio_weight: float = 2.0, tau: float = 1.0) -> None:
@@ -161,7 +175,7 @@ class DynamicViT(LearnedMethod):
     def reduce(self, module: nn.Module, ctx: ReductionContext) -> LayerDecision:
         if self._soft_fitting():
             return self._soft_decision(module, ctx)
-        score = module(ctx.x[:, ctx.num_prefix :])
+        score = module(ctx.x[:, ctx.num_prefix :], dtype=ctx.compute_dtype)
         dst, keep = rank_keep(score, ctx.target)
         return LayerDecision(ctx.layer, "prune", dst, keep, n_out=ctx.target, score=score)
 
@@ -169,7 +183,7 @@ class DynamicViT(LearnedMethod):
         """Keep every token; the relaxed keep mask scales the sizes (see the class docstring)."""
         p = ctx.num_prefix
         prev = ctx.size[:, p:]  # the cumulative mask so far: sizes start at 1 and nothing is dropped
-        z = module.logits(ctx.x[:, p:], weight=prev)
+        z = module.logits(ctx.x[:, p:], weight=prev, dtype=ctx.compute_dtype)
         logit = z[..., 0] - z[..., 1]  # log p - log(1 - p)
         dev = logit.device
         if self._noise is None or self._noise.device != dev:

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokvis.errors import MethodOptionError
-from tokvis.methods._learned import LearnedMethod, init_linear, soft_decision
+from tokvis.methods._learned import LearnedMethod, init_linear, layer_norm_in, linear_in, soft_decision
 from tokvis.methods.base import ReductionContext
+from tokvis.methods.ops import decision_dtype
 from tokvis.methods.registry import register_method
 from tokvis.trace import LayerDecision
 from tokvis.validate import check_float
@@ -36,9 +37,16 @@ class SlotMLP(nn.Module):
         self.fc2 = nn.Linear(hidden, n_out)
         self.scale = nn.Parameter(torch.ones(()))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Row-normalised assignment ``[B, n_out, n]`` from tokens ``x [B, n, C]``: softmax over the tokens."""
-        logits = self.fc2(F.gelu(self.fc1(self.norm(x)))) * self.scale  # [B, n, n_out]
+    def forward(self, x: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Row-normalised assignment ``[B, n_out, n]`` from tokens ``x [B, n, C]``: softmax over the tokens.
+
+        ``norm`` runs in ``x``'s dtype, ``fc1`` in ``dtype`` (the model's compute dtype, default ``x``'s),
+        ``fc2`` and the softmax in float32 (float64 for float64 tokens): the assignment's arg-max labels
+        the tokens, and half-precision logits tie."""
+        dt = dtype or x.dtype
+        out = decision_dtype(x.dtype, dt)
+        h = F.gelu(linear_in(self.fc1, layer_norm_in(self.norm, x), dt))
+        logits = linear_in(self.fc2, h, out) * self.scale.to(out)  # [B, n, n_out]
         return logits.softmax(1).transpose(1, 2)
 
 
@@ -69,6 +77,7 @@ class SiT(LearnedMethod):
     """
 
     kind = "soft"
+    float32_tokens = False  # fc1 runs in the model's compute dtype, fc2 and the softmax in float32
 
     def __init__(self, *, hidden_ratio: float = 0.5, seed: int = 0) -> None:
         super().__init__(seed=seed)
@@ -96,5 +105,5 @@ class SiT(LearnedMethod):
         return out
 
     def reduce(self, module: nn.Module, ctx: ReductionContext) -> LayerDecision:
-        soft = module(ctx.x[:, ctx.num_prefix :])
+        soft = module(ctx.x[:, ctx.num_prefix :], dtype=ctx.compute_dtype)
         return soft_decision(ctx.layer, soft)
