@@ -275,7 +275,7 @@ def _decide_and_apply(block: nn.Module, st: PatchState, ctx: ReductionContext) -
     dev = ctx.x.device.type
     autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
     ctx.compute_dtype = torch.get_autocast_dtype(dev) if autocast else ctx.x.dtype
-    with _autocast_off(dev):
+    with torch.autocast(dev, enabled=False) if autocast else nullcontext():
         decision = st.method.decide(ctx)
         _check_decision(decision, ctx.layer, ctx.x.shape[0], ctx.n_in, st.method)
         report(block, decision)

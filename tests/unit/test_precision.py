@@ -239,9 +239,9 @@ def test_cli_bad_amp_is_one_line(capsys):
 
 @pytest.mark.parametrize("name", ["dynamicvit", "sit", "patchmerger", "sinkhorn"])
 def test_learned_modules_stay_float32_in_a_half_model(name):
-    """A learned method's per-block modules score and assign in float32 whatever the model's precision
-    (half-precision scores tie: a bf16 model's unfitted DynamicViT kept other tokens than float32's on
-    nearly every image); float64 models keep float64."""
+    """A learned method's per-block modules keep float32 parameters and give float32 scores and assignments
+    whatever the model's precision (half-precision scores tie: a bf16 model's unfitted DynamicViT kept other
+    tokens than float32's on nearly every image); float64 models keep float64."""
     model, x = make_model("cls").to(DEVICE), make_images("cls", n=2).to(DEVICE)
     tokvis.patch(model, name, keep_rate=0.5)
     with torch.no_grad(), pytest.warns(UserWarning, match="neither fitted"):

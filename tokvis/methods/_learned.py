@@ -103,8 +103,8 @@ class LearnedMethod(Method):
     #: Adam learning rate :func:`tokvis.fit` uses when none is given
     fit_lr: ClassVar[float] = 3e-3
     #: the tokens reach :meth:`reduce` in float32 for fp16 / bf16 models (small modules that assign or score
-    #: tokens directly); False: in the model's dtype, for a method that runs its own feature layers in the
-    #: model's compute dtype and only its ranked outputs in float32 (DynamicViT)
+    #: tokens directly: PatchMerger, Sinkhorn); False: in the model's dtype, for a method that runs its own
+    #: feature layers in the model's compute dtype and only its ranked outputs in float32 (DynamicViT, SiT)
     float32_tokens: ClassVar[bool] = True
 
     def __init__(self, *, seed: int = 0) -> None:

@@ -71,8 +71,8 @@ class ReductionContext:
         The dtype the model's matmuls run in at this block: the autocast dtype when
         the forward runs under ``torch.autocast`` (a method decides outside autocast,
         so its own float32 maths stays float32), else the dtype of ``x``.  A method
-        with feature layers of its own (DynamicViT's score predictor) runs them in
-        it, and its ranked outputs in float32.  ``None``: the dtype of ``x``.
+        with feature layers of its own (DynamicViT's score predictor, SiT's slot MLP)
+        runs them in it, and its ranked outputs in float32.  ``None``: the dtype of ``x``.
     """
 
     layer: int
