@@ -39,7 +39,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from tokvis.errors import DataError
-from tokvis.store import RunConfigError, RunSpec, build_model, load_runs_in, patch_for, run_spec
+from tokvis.store import RunConfigError, RunSpec, amp_context, build_model, load_runs_in, patch_for, run_spec
 from tokvis.validate import check_int
 
 __all__ = ["COLUMNS", "MEASURES", "evaluate", "knn_predict", "merge_accuracy", "read_accuracy_csv"]
@@ -153,14 +153,15 @@ def _images(dataset, ids: Sequence[str], model, run_path: Path):
     return [pos[i] for i in ids], transform
 
 
-def _outputs(model, dataset, positions, transform, *, batch_size, device, record_layers=None):
-    """Pooled features, logits and (when ``record_layers``) the recorded labels per block, batch by batch."""
+def _outputs(model, dataset, positions, transform, *, batch_size, device, spec, record_layers=None):
+    """Pooled features, logits and (when ``record_layers``) the recorded labels per block, batch by batch,
+    in the run's precision (``spec.amp``: the autocast it was recorded under)."""
     import torch
 
     import tokvis
 
     pooled, logits, labels = [], [], {lay: [] for lay in record_layers or ()}
-    with torch.inference_mode():
+    with torch.inference_mode(), amp_context(spec, device):
         for s in range(0, len(positions), batch_size):
             idx = positions[s : s + batch_size]
             x = torch.stack([transform(dataset.load(i)) for i in idx]).to(device)
@@ -276,14 +277,16 @@ def evaluate(
         dataset = datasets[dkey]
         ids = run.image_ids
         positions, transform = _images(dataset, ids, model, run.path)
-        ukey = (dkey, tuple(ids))
-        if ukey not in unreduced:
-            unreduced[ukey] = _outputs(model, dataset, positions, transform, batch_size=batch_size, device=device)
+        ukey = (dkey, tuple(ids), spec.amp)
+        if ukey not in unreduced:  # the unreduced model in the run's precision too
+            unreduced[ukey] = _outputs(
+                model, dataset, positions, transform, batch_size=batch_size, device=device, spec=spec
+            )
         base = unreduced[ukey]
         patch_for(model, spec)  # a run's fitted method file (checked against its SHA-256), when it names one
         try:
             red = _outputs(
-                model, dataset, positions, transform, batch_size=batch_size, device=device,
+                model, dataset, positions, transform, batch_size=batch_size, device=device, spec=spec,
                 record_layers=list(run.layers),
             )  # fmt: skip
         finally:

@@ -196,3 +196,24 @@ def test_changed_weights_are_flagged(runs, tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="reproduces the stored decisions on only"):
         df = evaluate(runs / name, device="cpu", batch_size=4)
     assert df["decisions_match"].iloc[0] < 1.0
+
+
+def test_a_bf16_run_is_evaluated_in_bf16(tmp_path, monkeypatch):
+    """A run recorded with ``--amp bf16`` is evaluated under the same autocast, so its decisions are reproduced
+    (evaluated in float32, ToMe on the real backbone had reproduced 1 of 6; on these tiny random models
+    bf16 flips near-ties too); the unreduced forward runs in the run's precision as well."""
+    import dataclasses
+
+    import tokvis.evaluate as ev
+
+    out = record(tmp_path / "runs", methods=("tome", "kmedoids"), keep_rates=("0.5",), extra=("--amp", "bf16"))
+    df = ev.evaluate(out, device="cpu", batch_size=4)
+    assert (df["decisions_match"] == 1.0).all(), df[["run", "decisions_match"]]
+    # evaluated without the run's autocast (as before), its stored decisions are not all reproduced
+    amp_context = ev.amp_context
+    monkeypatch.setattr(
+        ev, "amp_context", lambda spec, device: amp_context(dataclasses.replace(spec, amp=False), device)
+    )
+    with pytest.warns(UserWarning, match="reproduces the stored decisions on only"):
+        mismatched = ev.evaluate(out, device="cpu", batch_size=4)
+    assert (mismatched["decisions_match"] < 1.0).any()

@@ -8,6 +8,7 @@ The same tests run on CUDA (fp16 and bf16 autocast too) with ``TOKVIS_TEST_DEVIC
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -304,3 +305,17 @@ def test_learned_feature_layers_in_the_compute_dtype_and_ranked_outputs_in_float
         assert dtype == (torch.float32 if id(layer) in heads else low), (layer, dtype)
     for d in trace.decisions:
         assert (d.score if d.soft is None else d.soft).dtype == torch.float32
+
+
+def test_amp_context_is_the_runs_autocast():
+    """Recording and evaluating a run share ``store.amp_context``: bf16 autocast on the CPU, nothing without
+    amp, and fp16 on the CPU refused with what to do."""
+    from tokvis.store import RunConfigError, RunSpec, amp_context
+
+    spec = RunSpec(backbone="vit_tiny_patch16_224", method="tome", dataset="samples", keep_rate=0.5)
+    with amp_context(spec, "cpu"):
+        assert not torch.is_autocast_enabled("cpu")
+    with amp_context(dataclasses.replace(spec, amp="bf16"), "cpu"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with pytest.raises(RunConfigError, match="--device cuda"):
+        amp_context(dataclasses.replace(spec, amp="fp16"), "cpu")

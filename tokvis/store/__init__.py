@@ -29,7 +29,7 @@ from tokvis.store.format import ids_hash as _ids_hash  # noqa: F401
 from tokvis.store.format import versions as _versions  # noqa: F401
 from tokvis.store.format import write_manifest as _write_manifest  # noqa: F401
 from tokvis.store.format import write_shard as _write_shard  # noqa: F401
-from tokvis.store.models import build_model, patch_for, run_spec
+from tokvis.store.models import amp_context, build_model, patch_for, run_spec
 from tokvis.store.reader import Run, ShardView, load_run, load_runs_in
 from tokvis.store.verify import RunReport, find_runs, find_runs_in, verify_run, verify_tree
 from tokvis.store.writer import DELAY_ENV, LOCK_FILE, RunLock, RunLockedError, RunResult, record_run
@@ -51,6 +51,7 @@ __all__ = [
     "verify_tree",
     "find_runs",
     "find_runs_in",
+    "amp_context",
     "build_model",
     "patch_for",
     "run_spec",

@@ -33,6 +33,31 @@ def _as_spec(spec_or_run) -> RunSpec:
     return spec_or_run if isinstance(spec_or_run, RunSpec) else run_spec(spec_or_run)
 
 
+def amp_context(spec, device) -> Any:
+    """The autocast context a run records under (``spec.amp``: fp16 or bf16 autocast), for ``device``;
+    a no-op without mixed precision.  Recording and evaluating a run both use it, so that an evaluation
+    recomputes the decisions in the run's precision.
+
+    Raises
+    ------
+    RunConfigError
+        fp16 autocast (``amp=True`` / ``"fp16"``) on a device that is not CUDA.
+    """
+    import contextlib
+
+    import torch
+
+    if not spec.amp:
+        return contextlib.nullcontext()
+    dev = torch.device(device)
+    if spec.amp is True and dev.type != "cuda":
+        raise RunConfigError(
+            f"--amp fp16 (mixed precision) needs a CUDA device, not {dev.type}: use --device cuda, or --amp bf16 "
+            "(or no --amp) for the CPU"
+        )
+    return torch.autocast(dev.type, dtype=torch.bfloat16 if spec.amp == "bf16" else torch.float16)
+
+
 def build_model(spec) -> Any:
     """The unpatched backbone of a :class:`RunSpec` or loaded run (seeded: random weights are the same in every
     process)."""

@@ -59,6 +59,7 @@ from tokvis.store.format import (
     write_manifest,
     write_shard,
 )
+from tokvis.store.models import amp_context
 from tokvis.validate import check_int
 
 #: Environment variable read by :func:`record_run`: seconds to sleep after each committed
@@ -431,8 +432,7 @@ class _ShardRecorder:
             _Images(), batch_sampler=batches, num_workers=workers, collate_fn=lambda items: items
         )
         spec = self.spec
-        amp_dtype = torch.bfloat16 if spec.amp == "bf16" else torch.float16
-        autocast = torch.autocast(torch.device(self.device).type, dtype=amp_dtype) if spec.amp else _null()
+        autocast = amp_context(spec, self.device)
         with torch.inference_mode(), _ClsHooks(self.model) if spec.cls else _null() as hooks:
             for b, items in enumerate(loader):
                 if self.k is not None and self.k != owner[b]:
