@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 import tokvis
+from tests.scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,18 +39,10 @@ def test_bench_ops_has_a_row_per_method_with_positive_counts():
     assert " MB) " in res.stdout  # the detail gives each operator's traffic
 
 
-def _bench_ops():
-    spec = importlib.util.spec_from_file_location("bench_ops", ROOT / "benchmarks" / "bench_ops.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_traffic_counts_distinct_elements_read_and_written():
     """The traffic proxy against sums written out by hand: an expanded index is read once, an in-place kernel
     reads and writes its target, an ``out=`` tensor is only written, a view moves nothing."""
-    bench_ops = _bench_ops()
+    bench_ops = load_benchmark("bench_ops")
     buf = torch.zeros(2, 5, 3)  # 30 float32
     idx = torch.zeros(2, 4, 1, dtype=torch.long)  # 8 int64, expanded to [2, 4, 3]
     src = torch.ones(2, 4, 3, dtype=torch.float16)  # 24 half

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import needs_offline_weights
+from tests.scripts import load_benchmark
 
 pytestmark = [pytest.mark.slow, needs_offline_weights]
 
@@ -41,16 +42,6 @@ def test_fit_patterns_then_bench_methods_with_the_fitted_method(tmp_path):
     assert "topk keep_rate=0.5" in [" ".join(r[:2]) for r in rows]
 
 
-def _bench_precision():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_precision", ROOT / "benchmarks" / "bench_precision.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bench_precision_has_a_row_per_configuration_and_mode():
     """The script runs end to end on the offline backbone: a row per configuration (ToMe r=16 and keep rate,
     Top-K) and mode, agreements within [0, 1], and an unpatched row per mode."""
@@ -72,7 +63,7 @@ def test_partition_agreement_counts_relabelled_partitions_as_the_same():
     import numpy as np
     from sklearn.metrics import adjusted_rand_score
 
-    bench_precision = _bench_precision()
+    bench_precision = load_benchmark("bench_precision")
     rng = np.random.default_rng(0)
     a = rng.integers(0, 6, size=(50, 40))
     perm = rng.permutation(6)

@@ -40,13 +40,9 @@ def study(tmp_path_factory):
 def test_study_findings_script_prints_the_tables_from_the_commands_outputs(study, capsys):
     """benchmarks/study_findings.py (the tables of docs/findings.md) on the commands' outputs; the second path is
     pandas on the same files."""
-    import importlib.util
-    from pathlib import Path
+    from tests.scripts import load_benchmark
 
-    path = Path(__file__).parents[2] / "benchmarks" / "study_findings.py"
-    spec = importlib.util.spec_from_file_location("study_findings", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("study_findings")
     runs = study / "runs"
     assert main(["compare", str(runs), "--by", "method", "--out", str(study / "m.parquet")]) == 0
     capsys.readouterr()

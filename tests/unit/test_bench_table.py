@@ -194,13 +194,9 @@ def test_cli_bench_cuda_without_cuda_says_use_cpu(capsys):
 
 def test_bench_gpu_script_runs_on_cpu_with_tiny_settings(capsys):
     """benchmarks/bench_gpu.py on a random-init tiny timm ViT (no internet, no weights)."""
-    import importlib.util
-    from pathlib import Path
+    from tests.scripts import load_benchmark
 
-    path = Path(__file__).parents[2] / "benchmarks" / "bench_gpu.py"
-    spec = importlib.util.spec_from_file_location("bench_gpu", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("bench_gpu")
     mod.main(["--device", "cpu", "--dtype", "bf16", "--model", "vit_tiny_patch16_224", "--img-size", "64",
               "--batch-size", "2", "--repeats", "1", "--warmup", "1", "--methods", "tome", "topk", "mctf",
               "--tome-r", "2", "--tome-repo", "/nonexistent/ToMe"])  # fmt: skip
