@@ -22,7 +22,7 @@ import warnings
 
 import torch
 
-from tokvis.bench import benchmark, gpu_configs, official_tome, spread_warnings
+from tokvis.bench import benchmark, gpu_configs, spread_warnings
 
 
 def main(argv=None) -> list:
@@ -48,10 +48,7 @@ def main(argv=None) -> list:
         num_classes=10,
     ).eval()  # fmt: skip
     images = torch.randn(1, 3, args.img_size, args.img_size)
-    configs = gpu_configs(args.methods, keep_rate=args.keep_rate, tome_r=args.tome_r)
-    off = official_tome(args.tome_repo, args.tome_r) if args.tome_r else None
-    if off is not None:
-        configs.insert(1, (f"official tome r={args.tome_r}", off, {}))
+    configs = gpu_configs(args.methods, keep_rate=args.keep_rate, tome_r=args.tome_r, tome_repo=args.tome_repo)
     print(
         f"ViT {args.img_size}/{args.patch_size}, depth {args.depth}, width {args.width}, 1 image, 1 thread, "
         f"torch {torch.__version__}: host time per forward, {args.repeats} interleaved rounds of {args.calls} forwards"

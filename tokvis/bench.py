@@ -360,10 +360,19 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def gpu_configs(
-    methods: Sequence[str], *, keep_rate: float = 0.5, tome_r: int = 16, mctf_keep_rate: float = 0.7
+    methods: Sequence[str],
+    *,
+    keep_rate: float = 0.5,
+    tome_r: int = 16,
+    mctf_keep_rate: float = 0.7,
+    tome_repo: str | os.PathLike | None = None,
 ) -> list[tuple[str, object, dict]]:
-    """The issue-12 table: unpatched, ToMe at ``r``, every method at ``keep_rate`` (MCTF at its own)."""
+    """The issue-12 table: unpatched, the official ToMe at ``r`` (when ``tome_repo`` imports, see
+    :func:`official_tome`), ToMe at ``r``, every method at ``keep_rate`` (MCTF at its own)."""
     configs: list[tuple[str, object, dict]] = [("unpatched", None, {})]
+    off = official_tome(tome_repo, tome_r) if tome_r else None
+    if off is not None:
+        configs.append((f"official tome r={tome_r}", off, {}))
     if "tome" in methods and tome_r:
         configs.append((f"tome r={tome_r}", "tome", {"r": tome_r}))
     for m in methods:
@@ -430,10 +439,7 @@ def run_gpu_table(
     size = model.patch_embed.img_size
     images = torch.randn(batch_size, 3, *size, device=device, dtype=DTYPES[dtype])
     methods = list(methods or tokvis.list_methods())
-    configs = gpu_configs(methods, keep_rate=keep_rate, tome_r=tome_r)
-    off = official_tome(tome_repo, tome_r)
-    if off is not None:
-        configs.insert(1, (f"official tome r={tome_r}", off, {}))
+    configs = gpu_configs(methods, keep_rate=keep_rate, tome_r=tome_r, tome_repo=tome_repo)
     ok = []
     for label, method, kw in configs:  # a method that cannot run on this model is listed, not fatal
         if isinstance(method, str):

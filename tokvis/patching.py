@@ -136,7 +136,8 @@ def _cls_heads(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, mask: torch.Te
     (``q_cls @ k^T``, not the full map; ``mask`` is the additive logit bias ``[B, 1, 1, T]``), in float32
     for fp16 / bf16 models so that rankings do not tie."""
     dt = decision_dtype(q.dtype)
-    with _autocast_off(q.device.type):
+    dev = q.device.type
+    with _autocast_off(dev, _autocast_dtype(dev)):
         row = _probs(attn, q[:, :, :1].to(dt), k.to(dt), None if mask is None else mask.to(dt))
     return row[:, :, 0, num_prefix:]
 
@@ -273,9 +274,9 @@ def _decide_and_apply(block: nn.Module, st: PatchState, ctx: ReductionContext) -
     model keeps); the tokens are applied in their own dtype, as in an fp16 / bf16 model.
     """
     dev = ctx.x.device.type
-    autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
-    ctx.compute_dtype = torch.get_autocast_dtype(dev) if autocast else ctx.x.dtype
-    with torch.autocast(dev, enabled=False) if autocast else nullcontext():
+    low = _autocast_dtype(dev)
+    ctx.compute_dtype = low or ctx.x.dtype
+    with _autocast_off(dev, low):
         decision = st.method.decide(ctx)
         _check_decision(decision, ctx.layer, ctx.x.shape[0], ctx.n_in, st.method)
         report(block, decision)
@@ -283,11 +284,17 @@ def _decide_and_apply(block: nn.Module, st: PatchState, ctx: ReductionContext) -
     return x, decision
 
 
-def _autocast_off(device_type: str):
-    """A context that disables autocast on ``device_type`` when it is on (else does nothing)."""
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast lowers to on ``device_type``, ``None`` when autocast is off there."""
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return nullcontext()
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _autocast_off(device_type: str, autocast_dtype: torch.dtype | None):
+    """A context that disables autocast on ``device_type`` when it is on (``autocast_dtype``, from
+    :func:`_autocast_dtype`), else does nothing."""
+    return torch.autocast(device_type, enabled=False) if autocast_dtype is not None else nullcontext()
 
 
 def _check_decision(d: LayerDecision, layer: int, B: int, n_in: int, method: Method) -> None:

@@ -197,10 +197,7 @@ class LearnedMethod(Method):
         ``ReductionContext.compute_dtype``) and only their ranked outputs in float32; the others get float32
         tokens.  float64 stays."""
         super()._apply(fn, recurse)
-        if any(t.dtype in _HALF for t in self.reducers.parameters()) or any(
-            t.dtype in _HALF for t in self.reducers.buffers()
-        ):
-            self.reducers._apply(lambda t: t.float() if t.dtype in _HALF else t, recurse)
+        self.reducers._apply(lambda t: t.float() if t.dtype in _HALF else t, recurse)
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):

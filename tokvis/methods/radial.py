@@ -150,9 +150,8 @@ class Radial(Method):
 
     def decide(self, ctx: ReductionContext) -> LayerDecision:
         grid = self._grid(ctx)
-        order, dist = self._ranks(grid)
         B, n_in, dev = ctx.x.shape[0], ctx.n_in, ctx.x.device
-        if n_in > order.numel():
+        if n_in > grid[0] * grid[1]:
             raise UnsupportedModelError(
                 f"radial got {n_in} patch tokens for a {grid[0]}x{grid[1]} grid; it must reduce every stage itself"
             )

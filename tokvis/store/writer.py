@@ -568,10 +568,7 @@ def record_run(
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise RunConfigError(f"device must be cpu, cuda or cuda:<n>: got {device!r}") from e
-    if spec.amp is True and dev.type != "cuda":
-        raise RunConfigError(
-            "--amp fp16 (mixed precision) needs a CUDA device; use --amp bf16 or drop --amp to record on the CPU"
-        )
+    amp_context(spec, dev)  # fp16 autocast needs CUDA: refused before any work
     has_cls = bool(getattr(model, "cls_token", None) is not None)
     if spec.cls and not has_cls:
         raise RunConfigError("cls=True needs a model with a class token; this model has none")
