@@ -55,7 +55,11 @@ class MethodCase:
 #: One entry per registered method; the guard test asserts the keys are exactly ``list_methods()``.
 METHOD_MATRIX: dict[str, MethodCase] = {
     "ats": MethodCase(
-        schedules=({"keep_rate": 0.7}, {"keep_rate": 0.5, "locations": [0, 2, 5]}),
+        schedules=(
+            {"keep_rate": 0.7},
+            {"keep_rate": 0.5, "locations": [0, 2, 5]},
+            {"keep_rate": 0.5, "sampling": "sorted"},
+        ),
         conventions=("keep_rate",),
         needs_class_token=True,
         adaptive=True,
@@ -63,7 +67,12 @@ METHOD_MATRIX: dict[str, MethodCase] = {
     "dpcknn": MethodCase(schedules=({"keep_rate": 0.5}, {"keep_rate": 0.5, "locations": [0, 2, 5]}, {"r": 6})),
     "dynamicvit": MethodCase(schedules=({"keep_rate": 0.7}, {"r": 6}), learned=True),
     "evit": MethodCase(
-        schedules=({"keep_rate": 0.7}, {"keep_rate": 0.25}, {"r": 4, "locations": [1, 4]}),
+        schedules=(
+            {"keep_rate": 0.7},
+            {"keep_rate": 0.25},
+            {"r": 4, "locations": [1, 4]},
+            {"keep_rate": 0.5, "fused": "mean"},
+        ),
         needs_class_token=True,
         fused_token=True,
     ),
@@ -83,7 +92,8 @@ METHOD_MATRIX: dict[str, MethodCase] = {
             {"r": 20},  # capped at half the tokens per block
             {"r": [0, 8, 0, 30, 2, 1]},
             {"keep_rate": 0.7},
-            {"keep_rate": 0.3},  # needs several matching rounds per block
+            {"keep_rate": 0.3},  # the study's removals: the cap binds at the first stage
+            {"keep_rate": 0.3, "budget": "exact"},  # needs several matching rounds per block
         ),
         r_capped_at_half=True,
     ),
@@ -192,11 +202,19 @@ def expected_counts(method, kw, n, depth):
     counts, cur = [], n
     if "keep_rate" in kw:
         locs = kw.get("locations", default_locations(depth))
+        prev = n
         for layer in range(depth):
             if layer in locs:
                 s = locs.index(layer) + 1
                 budget = math.floor(n * kw["keep_rate"] ** s + 1e-9)
-                cur = budget + (1 if case.fused_token and budget < cur else 0)
+                if case.r_capped_at_half and method == "tome" and kw.get("budget", "study") == "study":
+                    cur = cur - min(prev - budget, cur // 2)  # the study's removals, capped (tome.py:155,253)
+                elif case.adaptive and kw.get("sampling", "study") == "study":
+                    K = budget + 1  # the study's levels: the length of its float arange (ats.py:48,205)
+                    cur = min(cur, math.ceil(((2 * K - 1) / (2 * K) - 1 / (2 * K)) / (2 / (2 * K))))
+                else:
+                    cur = budget + (1 if case.fused_token and budget < cur else 0)
+                prev = budget
             counts.append(cur)
         return counts
     r = kw["r"]

@@ -177,7 +177,7 @@ class PatchState:
         self.size = None
         self.n_patches = x.shape[1] - self.info.num_prefix_tokens
         if self.n_patches not in self.checked:  # other input sizes (dynamic_img_size) need their own check
-            self.schedule.check(self.n_patches, self.method.max_removal)
+            self.schedule.check(self.n_patches, self.method.max_removal, removals=keep_rate_removals(self.method))
             self.checked.add(self.n_patches)
 
 
@@ -194,7 +194,9 @@ def _patched_block_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None
         st.begin(x)
     method = st.method
     n_in = x.shape[1] - p
-    target = st.schedule.capped_target(layer, n_in, st.n_patches, method.max_removal)
+    target = st.schedule.capped_target(
+        layer, n_in, st.n_patches, method.max_removal, removals=keep_rate_removals(method)
+    )
     if target is not None and method.stage == "before_block":
         ctx = _context(st, layer, x, target, stage="before_block")
         x, _ = _decide_and_apply(self, st, ctx)
@@ -245,6 +247,12 @@ def _patched_block_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None
         )  # fmt: skip
         x, _ = _decide_and_apply(self, st, ctx)
     return x
+
+
+def keep_rate_removals(method: Method) -> bool:
+    """The method turns a keep rate into per-stage removals (``Schedule.capped_target(removals=True)``):
+    its ``keep_rate_removals`` attribute, False when it has none (ToMe's ``budget="study"`` sets it)."""
+    return bool(getattr(method, "keep_rate_removals", False))
 
 
 def _context(st: PatchState, layer: int, x: torch.Tensor, target: int, **extras) -> ReductionContext:
@@ -376,7 +384,7 @@ def patch(
             + " or ".join(f"{c}=" for c in method_obj.conventions)
         )
     method_obj.check_model(info)
-    schedule.check(info.num_patches, method_obj.max_removal)
+    schedule.check(info.num_patches, method_obj.max_removal, removals=keep_rate_removals(method_obj))
     if is_patched(model):
         unpatch(model)
     method_obj.to(next(model.parameters()).device)

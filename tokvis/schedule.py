@@ -15,6 +15,13 @@ Two conventions are supported, mutually exclusive:
     ``floor(r * n_in)`` of the ``n_in`` patch tokens entering the block are removed.
 
 ``keep_rate=1.0`` or ``r=0`` keeps every token.
+
+A method that removes at most some tokens per block (``Method.max_removal``, ToMe's half) meets a
+keep-rate budget it can reach; where it cannot, it removes its most.  The study's ToMe instead turns
+the keep rate into removals, ``floor(N rho**(s-1)) - floor(N rho**s)`` at stage ``s``, each capped
+(``tome.py:146,155,253`` of JoakimHaurum/TokenReduction): once a cap has bound, every later stage
+keeps more than its budget.  A method asks for that rule with ``removals=True``
+(:meth:`Schedule.capped_target`; ToMe's ``budget="study"``).
 """
 
 from __future__ import annotations
@@ -78,21 +85,49 @@ class Schedule:
     def convention(self) -> str:
         return "keep_rate" if self.keep_rate is not None else "r"
 
+    def stage_removal(self, layer: int, n_patches: int) -> int | None:
+        """Under ``keep_rate``: the previous stage's budget minus this one's (``N`` before the first stage);
+        ``None`` when the block does not reduce or under ``r``."""
+        s = self.stage(layer)
+        if s is None or self.keep_rate is None:
+            return None
+        return keep_rate_budget(n_patches, self.keep_rate, s - 1) - keep_rate_budget(n_patches, self.keep_rate, s)
+
     def capped_target(
-        self, layer: int, n_in: int, n_patches: int, max_removal: Callable[[int, str], int]
+        self,
+        layer: int,
+        n_in: int,
+        n_patches: int,
+        max_removal: Callable[[int, str], int],
+        *,
+        removals: bool = False,
     ) -> int | None:
-        """:meth:`target`, raised where the method can remove at most ``max_removal(n_in, convention)`` tokens."""
+        """:meth:`target`, raised where the method can remove at most ``max_removal(n_in, convention)`` tokens.
+
+        ``removals=True`` (``keep_rate`` only): the block removes :meth:`stage_removal` tokens, capped, whatever
+        entered it, as the study's ToMe does (see the module docstring); the same as the budget until a cap binds.
+        """
         t = self.target(layer, n_in, n_patches)
         if t is None:
             return None
-        return max(min(t, n_in), n_in - max_removal(n_in, self.convention))
+        cap = max_removal(n_in, self.convention)
+        if removals and self.keep_rate is not None:
+            return n_in - min(max(self.stage_removal(layer, n_patches) or 0, 0), cap, n_in)
+        return max(min(t, n_in), n_in - cap)
 
-    def check(self, n_patches: int, max_removal: Callable[[int, str], int] = lambda n, c: n - 1) -> None:
+    def check(
+        self,
+        n_patches: int,
+        max_removal: Callable[[int, str], int] = lambda n, c: n - 1,
+        *,
+        removals: bool = False,
+    ) -> None:
         """Raise :class:`ScheduleError` if the schedule is impossible for ``n_patches`` patches.
 
         Impossible: an ``r`` larger than the number of patches, or a block left
         with no patch token after the method's own cap (ToMe removes at most half
-        the tokens of a block under the ``r`` convention).
+        the tokens of a block under the ``r`` convention).  ``removals``: as in
+        :meth:`capped_target`.
         """
         if self.r is not None and max(removal(v, n_patches) for v in self.r) > n_patches:
             raise ScheduleError(
@@ -101,12 +136,13 @@ class Schedule:
             )
         n = n_patches
         for layer in self.locations:
-            t = self.capped_target(layer, n, n_patches, max_removal)
+            t = self.capped_target(layer, n, n_patches, max_removal, removals=removals)
             if t is None:
                 continue
-            if self.keep_rate is not None:  # the budget itself must be met: the method's cap is no excuse
-                t = min(t, self.target(layer, n, n_patches))  # type: ignore[type-var]
-            if t < 1:
+            budget = t
+            if self.keep_rate is not None:  # the budget itself must be >= 1: the method's cap is no excuse
+                budget = min(t, self.target(layer, n, n_patches))  # type: ignore[type-var]
+            if budget < 1:
                 what = (
                     f"keep_rate={self.keep_rate} keeps floor({n_patches} * {self.keep_rate}**{self.stage(layer)}) "
                     f"= {self.target(layer, n, n_patches)} tokens at block {layer}"
@@ -114,7 +150,7 @@ class Schedule:
                     else f"r={self.r_arg} leaves no token at block {layer} ({n} tokens enter it)"
                 )
                 raise ScheduleError(f"{what} for {n_patches} patches; use a larger keep rate or a smaller r")
-            n = t
+            n = t if removals else budget
 
     def describe(self) -> str:
         if self.keep_rate is not None:

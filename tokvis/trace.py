@@ -69,6 +69,12 @@ class LayerDecision:
         construction.  :func:`tokvis.methods.ops.apply_decision` then computes
         ``soft @ x`` sparsely without checking the structure on the host.  A
         runtime hint only: not saved with a trace (a loaded decision gets the dense product).
+    weighted_sum : bool
+        Output token ``j`` is the weighted *sum* ``sum_i w_i x_i`` of its inputs instead of their
+        weighted mean (default False: ``sum_i w_i x_i / sum_i w_i``).  Sizes are summed either way.
+        EViT's fused token as the study and EViT's code make it (the dropped tokens times their
+        class attention, unnormalised); a token alone in its slot with weight 1 is unchanged.
+        Saved with a trace (in the header, only when true).
     """
 
     layer: int
@@ -81,6 +87,7 @@ class LayerDecision:
     score: torch.Tensor | None = None
     size_scale: torch.Tensor | None = None
     soft_kept_own: bool = False
+    weighted_sum: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -106,6 +113,8 @@ class LayerDecision:
             raise ValueError("a decision of kind 'soft' needs the soft assignment matrix")
         if self.soft_kept_own and self.soft is None:
             raise ValueError("soft_kept_own describes a soft assignment matrix: the decision has none")
+        if self.weighted_sum and self.soft is not None:
+            raise ValueError("weighted_sum describes a hard assignment (dst and weight): the decision is soft")
 
     @property
     def batch_size(self) -> int:
@@ -394,7 +403,10 @@ class Trace:
                 t = getattr(d, name)
                 if t is not None:
                     tensors[p + name] = t.contiguous()
-            layer_info.append({"layer": d.layer, "kind": d.kind, "n_out": d.n_out})
+            info = {"layer": d.layer, "kind": d.kind, "n_out": d.n_out}
+            if d.weighted_sum:  # only when true: the headers of every other trace stay as they were
+                info["weighted_sum"] = True
+            layer_info.append(info)
         header = {
             "format": TRACE_FORMAT,
             "version": TRACE_VERSION,
@@ -451,6 +463,8 @@ def _concat_decisions(parts: Sequence[LayerDecision]) -> LayerDecision:
         present = {getattr(p, name) is not None for p in parts}
         if len(present) > 1:
             raise TraceMismatchError(f"block {first.layer}: some batches recorded {name!r} and others did not")
+    if len({p.weighted_sum for p in parts}) > 1:
+        raise TraceMismatchError(f"block {first.layer}: some batches summed their merged tokens and others averaged")
     kw: dict[str, Any] = {
         "dst": torch.cat([_pad(p.dst, n_in, -1) for p in parts]),
         "keep": torch.cat([_pad(p.keep, n_in, False) for p in parts]),
@@ -465,7 +479,7 @@ def _concat_decisions(parts: Sequence[LayerDecision]) -> LayerDecision:
             s = torch.nn.functional.pad(s, (0, n_in - s.shape[2], 0, n_out - s.shape[1]))
             softs.append(s)
         kw["soft"] = torch.cat(softs)
-    return LayerDecision(layer=first.layer, kind=first.kind, n_out=n_out, **kw)
+    return LayerDecision(layer=first.layer, kind=first.kind, n_out=n_out, weighted_sum=first.weighted_sum, **kw)
 
 
 def load_trace(path: str | os.PathLike) -> Trace:
@@ -527,6 +541,7 @@ def load_trace(path: str | os.PathLike) -> Trace:
                     n_out=int(info["n_out"]),
                     dst=tensors[p + "dst"],
                     keep=tensors[p + "keep"],
+                    weighted_sum=info.get("weighted_sum", False) is True,
                     **{name: tensors.get(p + name) for name in _OPTIONAL},
                 )
             )

@@ -191,10 +191,11 @@ def test_default_is_official_and_original_differs():
 
 @pytest.mark.parametrize("flavour", ["cls", "avgpool", "registers"])
 def test_keep_rate_repeated_matching_follows_schedule(flavour):
-    """keep_rate stages that remove more than half still reach their budgets with the official order."""
+    """keep_rate stages that remove more than half still reach their budgets with the official order
+    (``budget="exact"``: the repeated matching)."""
     model = make_model(flavour)
     images = make_images(flavour, n=2)
-    tokvis.patch(model, "tome", keep_rate=0.25)
+    tokvis.patch(model, "tome", keep_rate=0.25, budget="exact")
     with torch.no_grad():
         _, trace = tokvis.run_with_trace(model, images)
     n = model.patch_embed.num_patches

@@ -48,8 +48,9 @@ def _peaky_images(flavour="registers", n=4, dtype=torch.float64):
 # -- all four methods ------------------------------------------------------------------------------
 @pytest.mark.parametrize("schedule", SCHEDULES[:2])
 def test_ats_token_counts_at_most_the_budget(schedule):
+    """The sorted rule (``sampling="sorted"``) keeps at most ``target`` tokens: its levels are the budget."""
     model, x = _sharpened(), _peaky_images()
-    tokvis.patch(model, "ats", **schedule)
+    tokvis.patch(model, "ats", sampling="sorted", **schedule)
     budget = expected_counts("ats", schedule, 64, 6)
     _, trace = tokvis.run_with_trace(model, x)
     for layer in trace.layers:
@@ -93,6 +94,8 @@ def test_ats_batch_equals_images_alone_with_padding():
         ("radial", {"norm": "l3"}),
         ("radial", {"norm": "L2"}),
         ("ats", {"budget": 3}),
+        ("ats", {"sampling": "nearest"}),
+        ("ats", {"sampling": True}),
     ],
 )
 def test_bad_options(method, options):
@@ -136,10 +139,11 @@ def test_ats_sampling_equals_loop_reference(k):
 
 
 def test_ats_scores_from_the_model_and_kept_tokens_are_the_samples():
-    """The recorded score equals CLS attention x ||value|| summed over heads, computed here by hand."""
+    """The recorded score equals CLS attention x ||value|| summed over heads, computed here by hand; the kept
+    tokens are those of the sorted rule (``sampling="sorted"``: :func:`slow_inverse_transform`)."""
     model, x = _sharpened(), _peaky_images()
     ref = _sharpened()
-    tokvis.patch(model, "ats", keep_rate=0.5)
+    tokvis.patch(model, "ats", keep_rate=0.5, sampling="sorted")
     first = default_locations(6)[0]  # the first reducing block: no padding before it, no attention bias
     captured = {}
     h = model.blocks[first].register_forward_pre_hook(lambda m, a: captured.update(inp=a[0]))
@@ -217,7 +221,7 @@ def test_ats_fixed_padding_equals_the_loop_reference():
     alone under the reference (no padding at all) gives the same output and partitions too."""
     model, x = _sharpened(), _peaky_images()
     ref_model = _sharpened()
-    tokvis.patch(model, "ats", keep_rate=0.5)
+    tokvis.patch(model, "ats", keep_rate=0.5, sampling="sorted")  # the loop reference's rule
     tokvis.patch(ref_model, _LoopATS(), keep_rate=0.5)
     p = model.num_prefix_tokens
     with torch.no_grad():

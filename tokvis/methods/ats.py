@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
+from tokvis.errors import MethodOptionError
 from tokvis.methods.base import Method, ReductionContext
 from tokvis.methods.ops import slots_from_keep
 from tokvis.methods.registry import register_method
 from tokvis.trace import LayerDecision
+from tokvis.validate import check_choice
+
+SAMPLING = ("study", "sorted")
+#: what the study adds to the sum of the scores before normalising them (``ats.py:45,67``)
+STUDY_EPS = 1e-6
+#: what the study adds to the cumulative score of a padding slot, keeping it away from every level (``ats.py:70``)
+STUDY_PAD_OFFSET = 0.1
 
 
 def ats_scores(cls_attn: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -26,7 +36,21 @@ def ats_scores(cls_attn: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         ``S_j = sum_h A_h[cls, j] * ||v_hj|| / sum_i sum_h A_h[cls, i] * ||v_hi||`` (sums to 1
         per image; tokens whose attention is 0, e.g. masked padding, score 0).
     """
-    s = (cls_attn * values.norm(dim=-1)).sum(1)
+    return _normalised(significance(cls_attn, values))
+
+
+def significance(cls_attn: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``sum_h A_h[cls, j] * ||v_hj||`` ``[B, n]``: :func:`ats_scores` before normalising (``ats.py:58-63``).
+
+    Parameters
+    ----------
+    cls_attn : Tensor [B, H, n]
+    values : Tensor [B, H, n, d]
+    """
+    return (cls_attn * values.norm(dim=-1)).sum(1)
+
+
+def _normalised(s: torch.Tensor) -> torch.Tensor:
     return s / s.sum(1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
 
 
@@ -63,25 +87,88 @@ def inverse_transform_sample(score: torch.Tensor, k: int) -> torch.Tensor:
     return keep
 
 
+def study_levels(k: int) -> torch.Tensor:
+    """The study's sampling levels for a budget of ``k`` tokens (``ats.py:48``, ``K = k + 1`` at ``:205``).
+
+    ``torch.arange(1/(2K), (2K-1)/(2K), 1/K)``: the levels ``(2m+1)/(2K)``, float32, whose count is
+    ``ceil(((2K-1)/(2K) - 1/(2K)) * K)`` evaluated in floating point: ``K - 1 = k`` mathematically, but
+    ``K`` for some ``K`` (e.g. 3, 7, 12, 99), where round-off lets the end level in.  The study's number of
+    samples, hence its largest kept count, is this count.
+    """
+    K = k + 1
+    return torch.arange(1 / (2 * K), (2 * K - 1) / (2 * K), 2 / (2 * K))
+
+
+def study_sample(score: torch.Tensor, real: torch.Tensor, k: int) -> torch.Tensor:
+    """The study's ATS sampling: nearest cumulative score to each level, in sequence order.
+
+    As ``AdaptiveTokenSampling.forward`` in the study's ``models/ats.py``: the raw scores are normalised
+    by their sum plus ``1e-6`` (``:67``) and accumulated in *sequence order*, unsorted (``:69``); a padding
+    slot's cumulative score gets ``+0.1`` (``:70``); each level of :func:`study_levels` takes the token whose
+    cumulative score is nearest (``torch.cdist``, first index on ties, ``:73-74``); duplicates collapse
+    (``torch.unique``, ``:77``).
+
+    Parameters
+    ----------
+    score : Tensor [B, n]
+        Unnormalised significance scores (class attention times value norm, summed over heads).
+    real : BoolTensor [B, n]
+        False for padding slots of an earlier stage.
+    k : int, >= 1
+        The budget ``int(N rho**s)``.
+
+    Returns
+    -------
+    BoolTensor [B, n]
+        Tokens nearest to at least one level.
+    """
+    B, n = score.shape
+    normed = score / (score.sum(-1, keepdim=True) + STUDY_EPS)
+    cdf = normed.cumsum(1) + STUDY_PAD_OFFSET * (~real).to(score.dtype)
+    levels = study_levels(k).to(device=score.device, dtype=cdf.dtype)
+    dist = torch.cdist(levels[None, :, None], cdf[:, :, None])  # [B, L, n], as the study computes it
+    picked = dist.argmin(-1)
+    keep = torch.zeros(B, n, dtype=torch.bool, device=score.device)
+    return keep.scatter_(1, picked, True)
+
+
 @register_method("ats")
 class ATS(Method):
     """Adaptive Token Sampling, parameter-free, as at inference in the paper.
 
     At each reducing block, inside the attention: the significance score of each
     patch token is the class token's attention to it times the norm of its
-    value, summed over heads and normalised (:func:`ats_scores`).  ``target``
-    evenly spaced levels are pushed through the inverse CDF of the scores
-    (:func:`inverse_transform_sample`); the distinct tokens hit are kept, in
-    their original order, so each image keeps *at most* ``target`` tokens,
-    fewer when high-scoring tokens are hit by several levels.  The kept tokens'
-    attention output is the one of the full attention (their queries attend to
-    every key and value), as in ATS.  A budget of every token (``keep_rate=1``)
-    keeps every token without sampling, so the model is unchanged; likewise an
-    image whose real tokens already fit the budget (it kept fewer at an earlier
-    stage) keeps them all, exactly as it would if run alone.
+    value, summed over heads (:func:`ats_scores` normalises it).  Evenly spaced
+    levels are pushed through the cumulative scores, and the distinct tokens hit
+    are kept, in their original order, so each image keeps *at most* as many
+    tokens as there are levels, fewer when high-scoring tokens are hit by several
+    levels.  The kept tokens' attention output is the one of the full attention
+    (their queries attend to every key and value), as in ATS.  A budget of every
+    token (``keep_rate=1``) keeps every token without sampling, so the model is
+    unchanged.
+
+    What the study does (``models/ats.py`` of JoakimHaurum/TokenReduction), the
+    default ``sampling="study"`` (:func:`study_sample`): ``K = int(196 rho**s) + 1``
+    (``ats.py:205``) gives the levels ``(2m+1)/(2K)`` of ``torch.arange``
+    (``:48``; :func:`study_levels`: ``int(N rho**s)`` of them, or one more where
+    the float ``arange`` lets its end in); the scores, normalised by their sum
+    plus ``1e-6`` (``:67``), are accumulated in sequence order, unsorted
+    (``:69``); each level takes the token whose cumulative score is *nearest* to
+    it (``:73-74``), duplicates collapse (``:77``), the kept tokens stay in
+    sequence order and the batch is padded with masked slots (``:78-81``).
+    Padding slots of an earlier stage get ``+0.1`` on their cumulative score
+    (``:70``), so no level picks them.  Every image is sampled, even one whose
+    tokens already fit the budget.
+
+    ``sampling="sorted"`` (tokvis's rule before issue 17): the scores are sorted
+    ascending first, and each of ``target`` levels ``(m + 1/2)/target`` takes the
+    first token whose cumulative score reaches it
+    (:func:`inverse_transform_sample`, the inverse CDF of the paper); an image
+    whose real tokens already fit the budget (it kept fewer at an earlier stage)
+    keeps them all, exactly as it would if run alone.
 
     Fixed output size, variable token counts: the decision's ``n_out`` is the
-    budget itself, ``min(target, n_in)`` (a Python int known before the forward,
+    budget itself, ``min(levels, n_in)`` (a Python int known before the forward,
     so deciding makes no host sync and the shapes are static); an image that
     keeps fewer tokens gets empty output slots at the end (``dst`` points no
     token to them).  ``apply_decision`` makes those slots zero tokens with size
@@ -103,6 +190,11 @@ class ATS(Method):
     the per-head class-token attention row (``needs={"cls_attn_heads"}``: one
     query row, float32 for fp16 / bf16 models); the block's attention stays
     fused (no ``[B, H, T, T]`` map).
+
+    Parameters
+    ----------
+    sampling : {"study", "sorted"}
+        The sampling rule (see above; default ``"study"``).
     """
 
     kind = "prune"
@@ -112,19 +204,31 @@ class ATS(Method):
     requires_class_token = True
     class_token_use = "scores tokens by the class token's attention times their value norm"
     proportional_attention = True  # masks the size-0 padding slots (see above); sizes of real tokens are 1
+    #: 2: the study's sampling rule became the default (issue 17)
+    decisions_version: ClassVar[int] = 2
+
+    def __init__(self, *, sampling: str = "study") -> None:
+        super().__init__()
+        self.sampling = check_choice("sampling", sampling, SAMPLING, error=MethodOptionError)
+
+    def options(self) -> dict:
+        return {"sampling": self.sampling}
 
     def decide(self, ctx: ReductionContext) -> LayerDecision:
         p = ctx.num_prefix
         heads, values = ctx.cls_attn_heads, ctx.values
         assert heads is not None and values is not None
         n = ctx.n_in
-        score = ats_scores(heads, values[:, :, p:].to(heads.dtype))
+        raw = significance(heads, values[:, :, p:].to(heads.dtype))
+        score = _normalised(raw)  # ats_scores
         real = ctx.patch_size > 0  # padding slots of an earlier ATS stage have size 0
         k = max(ctx.target, 1)
         if k >= n:  # every image's real tokens fit the budget: all kept (keep_rate=1 leaves the model unchanged)
-            keep = real
+            keep, n_out = real, n
+        elif self.sampling == "study":
+            keep, n_out = study_sample(raw, real, k), min(len(study_levels(k)), n)
         else:  # an image whose real tokens fit keeps them all (as it would alone), the others are sampled
             fits = real.sum(1, keepdim=True) <= k
-            keep = torch.where(fits, real, inverse_transform_sample(score, k))
+            keep, n_out = torch.where(fits, real, inverse_transform_sample(score, k)), k
         # a fixed size, not the batch's largest count: no host sync; images with fewer tokens are padded
-        return LayerDecision(ctx.layer, "prune", slots_from_keep(keep), keep, n_out=min(k, n), score=score)
+        return LayerDecision(ctx.layer, "prune", slots_from_keep(keep), keep, n_out=n_out, score=score)

@@ -36,7 +36,8 @@ def apply_decision(
     -------
     x_out : Tensor [B, num_prefix + n_out, C]
         Output token ``j`` is the weighted mean ``sum_i w_i x_i / sum_i w_i`` over
-        the inputs with ``dst_i = j`` (``w`` = ``decision.weight``, 1 if absent);
+        the inputs with ``dst_i = j`` (``w`` = ``decision.weight``, 1 if absent), or
+        the weighted sum ``sum_i w_i x_i`` when ``decision.weighted_sum`` (EViT's fused token);
         for soft decisions ``x_out = soft @ x`` (rows of ``soft`` are normalised
         by the method; computed sparsely when the kept tokens feed only their own
         slot, see :func:`_soft_apply`).
@@ -65,12 +66,16 @@ def apply_decision(
     ):  # the CPU has no device to wait for: return the very tensor (bit for bit, the same memory layout)
         return (x, size) if decision.size_scale is None else (x, torch.cat([psize, tsize], 1))
     elif n_out == n_in:  # images the decision leaves in place keep their tokens bit for bit
-        out, new_size = merge_tokens(patches, decision.dst, n_out, decision.weight, tsize)
+        out, new_size = merge_tokens(
+            patches, decision.dst, n_out, decision.weight, tsize, normalize=not decision.weighted_sum
+        )
         same = _identity_rows(decision)  # [B, 1] on the device: no host sync
         out = torch.where(same[..., None], patches, out)
         new_size = torch.where(same, tsize, new_size)
     else:  # the merged tokens come after the prefix tokens (merge_tokens writes them there)
-        x_out, new_size = merge_tokens(patches, decision.dst, n_out, decision.weight, tsize, prefix=prefix)
+        x_out, new_size = merge_tokens(
+            patches, decision.dst, n_out, decision.weight, tsize, prefix=prefix, normalize=not decision.weighted_sum
+        )
         return x_out, torch.cat([psize, new_size], 1)
     return torch.cat([prefix, out], 1), torch.cat([psize, new_size], 1)
 
@@ -319,10 +324,13 @@ def merge_tokens(
     size: torch.Tensor | None = None,
     *,
     prefix: torch.Tensor | None = None,
+    normalize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`merge_mean` (``weight=None``: equal weights) and, when ``size [B, n]`` is given, its sum per slot.
 
     ``prefix [B, q, c]``, when given, is put first in the output, unchanged (``[B, q + n_out, c]``).
+    ``normalize=False``: the weighted sum per slot instead of the weighted mean (no division by the
+    summed weights; :attr:`~tokvis.trace.LayerDecision.weighted_sum`).
 
     Few and large kernels: the weighted values go into one zeroed buffer ``[B, n_out + 1, c]`` (slot
     ``n_out`` collects the dropped tokens) with one ``scatter_add_``, and the weights and the sizes,
@@ -347,6 +355,8 @@ def merge_tokens(
     side = flat[rows * c :].view(B, n_out + 1, k)  # a view taken after the first in-place sum (torch.compile)
     side.scatter_add_(1, idx[..., None].expand(B, n, k), torch.stack([w, size], -1) if together else w[..., None])
     num, den = num[:, :n_out], side[:, :n_out, :1].clamp_min(torch.finfo(acc).tiny)
+    if not normalize:  # the weighted sum: divide by one (exact), so the paths below stay the same
+        den = torch.ones((), dtype=acc, device=num.device)
     if prefix is None:
         out = (num / den).to(values.dtype)
     elif torch.compiler.is_compiling() or (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from tokvis.errors import MethodOptionError
@@ -10,6 +12,8 @@ from tokvis.methods.ops import ORDERS, bipartite_matching, merge_tokens
 from tokvis.methods.registry import register_method
 from tokvis.trace import LayerDecision
 from tokvis.validate import check_choice
+
+BUDGETS = ("study", "exact")
 
 
 @register_method("tome")
@@ -52,10 +56,20 @@ class ToMe(Method):
     original relative order.
 
     Under the ``r`` convention ``r`` is capped at half the patch tokens of the
-    block, as in ToMe.  Under ``keep_rate`` a stage may need to remove more than
-    half: the matching is then repeated within the block (the keys of merged
-    tokens are size-weighted averages, the split and order rules above apply to
-    each round) until the budget is met, and recorded as one decision.
+    block, as in ToMe (``budget`` does not apply).
+
+    Under ``keep_rate``, ``budget="study"`` (the default) does what the study does
+    (``models/tome.py`` of JoakimHaurum/TokenReduction): the keep rate becomes
+    removals, ``int(196 rho**(s-1)) - int(196 rho**s)`` at stage ``s``
+    (``tome.py:146,152-156``), each capped at half the block's patch tokens,
+    ``min(r, (t - 1) // 2)`` with ``t`` counting the class token (``:252-253``).
+    Until a cap binds the budgets are met; after, every stage keeps more than its
+    budget: at ``rho=0.5`` 98, 49, 25 tokens for 196 patches (budgets 98, 49, 24),
+    at ``rho=0.25`` 98, 61, 52 (budgets 49, 12, 3).  ``budget="exact"`` (tokvis
+    before issue 17) meets every budget: where a stage must remove more than half,
+    the matching is repeated within the block (the keys of merged tokens are
+    size-weighted averages, the split and order rules above apply to each round)
+    until the budget is met, recorded as one decision.
 
     Parameters
     ----------
@@ -63,21 +77,29 @@ class ToMe(Method):
         Proportional attention (default True).
     order : {"official", "original"}
         Split parity and token order (default ``"official"``, see above).
+    budget : {"study", "exact"}
+        Under ``keep_rate``: the study's capped per-stage removals (default) or
+        the exact budget by repeated matching (see above).
     """
 
     kind = "merge"
     needs = frozenset({"keys"})
+    #: 2: under keep_rate the study's capped removals became the default (issue 17); r= is unchanged
+    decisions_version: ClassVar[int] = 2
 
-    def __init__(self, *, prop_attn: bool = True, order: str = "official") -> None:
+    def __init__(self, *, prop_attn: bool = True, order: str = "official", budget: str = "study") -> None:
         super().__init__()
         self.proportional_attention = bool(check_choice("prop_attn", prop_attn, (True, False), error=MethodOptionError))
         self.order = check_choice("order", order, ORDERS, error=MethodOptionError)
+        self.budget = check_choice("budget", budget, BUDGETS, error=MethodOptionError)
+        #: read by the patched model: a keep rate becomes the study's capped per-stage removals
+        self.keep_rate_removals = self.budget == "study"
 
     def options(self) -> dict:
-        return {"prop_attn": self.proportional_attention, "order": self.order}
+        return {"prop_attn": self.proportional_attention, "order": self.order, "budget": self.budget}
 
     def max_removal(self, n_in: int, convention: str) -> int:
-        return n_in // 2 if convention == "r" else max(n_in - 1, 0)
+        return n_in // 2 if convention == "r" or self.budget == "study" else max(n_in - 1, 0)
 
     def decide(self, ctx: ReductionContext) -> LayerDecision:
         p = ctx.num_prefix
