@@ -92,52 +92,28 @@ STUDY_METHODS: dict[str, StudyMethod] = {
 
 
 # -- the study's code, imported unmodified ------------------------------------------------------------------
+#: timm 0.x ``VisionTransformer.__init__``'s positional parameters, which the study's constructors pass
+OLD_POSITIONAL = (
+    "img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
+    "representation_size", "distilled", "drop_rate", "attn_drop_rate", "drop_path_rate", "embed_layer", "norm_layer",
+    "act_layer", "weight_init",
+)  # fmt: skip
+
+
 def _old_signature_class():
     """A timm 1.0 ``VisionTransformer`` taking the timm 0.x positional signature the study's models call."""
     from timm.models.vision_transformer import VisionTransformer
 
     class _OldSignature(VisionTransformer):
-        def __init__(
-            self,
-            img_size=224,
-            patch_size=16,
-            in_chans=3,
-            num_classes=1000,
-            embed_dim=768,
-            depth=12,
-            num_heads=12,
-            mlp_ratio=4.0,
-            qkv_bias=True,
-            representation_size=None,
-            distilled=False,
-            drop_rate=0.0,
-            attn_drop_rate=0.0,
-            drop_path_rate=0.0,
-            embed_layer=None,
-            norm_layer=None,
-            act_layer=None,
-            weight_init="",
-        ):
-            if representation_size is not None or distilled:
+        def __init__(self, *args, **kwargs):
+            kw = {**dict(zip(OLD_POSITIONAL[: len(args)], args, strict=True)), **kwargs}
+            if kw.pop("representation_size", None) is not None or kw.pop("distilled", False):
                 raise NotImplementedError("the shim builds the study's plain DeiT only")
-            kw = {} if embed_layer is None else {"embed_layer": embed_layer}
-            super().__init__(
-                img_size=img_size,
-                patch_size=patch_size,
-                in_chans=in_chans,
-                num_classes=num_classes,
-                embed_dim=embed_dim,
-                depth=depth,
-                num_heads=num_heads,
-                mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias,
-                drop_rate=drop_rate,
-                attn_drop_rate=attn_drop_rate,
-                drop_path_rate=drop_path_rate,
-                norm_layer=norm_layer or partial(nn.LayerNorm, eps=1e-6),
-                act_layer=act_layer,
-                **kw,
-            )
+            kw.pop("weight_init", None)
+            if kw.get("embed_layer") is None:
+                kw.pop("embed_layer", None)
+            kw["norm_layer"] = kw.get("norm_layer") or partial(nn.LayerNorm, eps=1e-6)
+            super().__init__(**kw)
             self.num_tokens = 1  # timm 0.x: prefix tokens (ATS's mask reads it)
             self.pre_logits = nn.Identity()  # timm 0.x, without a representation layer
 
