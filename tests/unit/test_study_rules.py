@@ -19,6 +19,7 @@ import torch
 import tokvis
 from tests.models import make_images, make_model
 from tokvis.errors import MethodOptionError
+from tokvis.methods.ats import study_level_count as ats_level_count
 from tokvis.methods.ats import study_levels
 from tokvis.schedule import default_locations
 
@@ -200,7 +201,7 @@ def study_ats(model, img, rho: float):
 
 def test_study_level_count_is_the_arange_length():
     for K in range(2, 300):
-        assert len(study_levels(K - 1)) == study_level_count(K)
+        assert len(study_levels(K - 1)) == study_level_count(K) == ats_level_count(K - 1)
     assert study_level_count(3) == 3 and study_level_count(4) == 3  # one more level at K = 3 (float round-off)
 
 

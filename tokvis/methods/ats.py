@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -87,16 +88,24 @@ def inverse_transform_sample(score: torch.Tensor, k: int) -> torch.Tensor:
     return keep
 
 
-def study_levels(k: int) -> torch.Tensor:
+def study_levels(k: int, device=None) -> torch.Tensor:
     """The study's sampling levels for a budget of ``k`` tokens (``ats.py:48``, ``K = k + 1`` at ``:205``).
 
     ``torch.arange(1/(2K), (2K-1)/(2K), 1/K)``: the levels ``(2m+1)/(2K)``, float32, whose count is
     ``ceil(((2K-1)/(2K) - 1/(2K)) * K)`` evaluated in floating point: ``K - 1 = k`` mathematically, but
     ``K`` for some ``K`` (e.g. 3, 7, 12, 99), where round-off lets the end level in.  The study's number of
-    samples, hence its largest kept count, is this count.
+    samples, hence its largest kept count, is this count.  Made on ``device`` directly (no copy from the host
+    inside a forward), in float32 as the study's (whose values a float64 ``arange`` would round differently).
     """
     K = k + 1
-    return torch.arange(1 / (2 * K), (2 * K - 1) / (2 * K), 2 / (2 * K))
+    return torch.arange(1 / (2 * K), (2 * K - 1) / (2 * K), 2 / (2 * K), dtype=torch.float32, device=device)
+
+
+def study_level_count(k: int) -> int:
+    """How many levels :func:`study_levels` makes for a budget of ``k``: ``torch.arange``'s length rule,
+    ``ceil((end - start) / step)`` in double precision (no tensor: known on the host)."""
+    K = k + 1
+    return max(math.ceil(((2 * K - 1) / (2 * K) - 1 / (2 * K)) / (2 / (2 * K))), 0)
 
 
 def study_sample(score: torch.Tensor, real: torch.Tensor, k: int) -> torch.Tensor:
@@ -125,7 +134,7 @@ def study_sample(score: torch.Tensor, real: torch.Tensor, k: int) -> torch.Tenso
     B, n = score.shape
     normed = score / (score.sum(-1, keepdim=True) + STUDY_EPS)
     cdf = normed.cumsum(1) + STUDY_PAD_OFFSET * (~real).to(score.dtype)
-    levels = study_levels(k).to(device=score.device, dtype=cdf.dtype)
+    levels = study_levels(k, score.device).to(cdf.dtype)
     dist = torch.cdist(levels[None, :, None], cdf[:, :, None])  # [B, L, n], as the study computes it
     picked = dist.argmin(-1)
     keep = torch.zeros(B, n, dtype=torch.bool, device=score.device)
@@ -226,7 +235,7 @@ class ATS(Method):
         if k >= n:  # every image's real tokens fit the budget: all kept (keep_rate=1 leaves the model unchanged)
             keep, n_out = real, n
         elif self.sampling == "study":
-            keep, n_out = study_sample(raw, real, k), min(len(study_levels(k)), n)
+            keep, n_out = study_sample(raw, real, k), min(study_level_count(k), n)
         else:  # an image whose real tokens fit keeps them all (as it would alone), the others are sampled
             fits = real.sum(1, keepdim=True) <= k
             keep, n_out = torch.where(fits, real, inverse_transform_sample(score, k)), k
