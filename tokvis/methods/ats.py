@@ -96,6 +96,12 @@ def study_levels(k: int, device=None) -> torch.Tensor:
     ``K`` for some ``K`` (e.g. 3, 7, 12, 99), where round-off lets the end level in.  The study's number of
     samples, hence its largest kept count, is this count.  Made on ``device`` directly (no copy from the host
     inside a forward), in float32 as the study's (whose values a float64 ``arange`` would round differently).
+
+    Parameters
+    ----------
+    k : int, >= 1
+        The budget ``int(N rho**s)``.
+    device : torch.device or str, optional
     """
     K = k + 1
     return torch.arange(1 / (2 * K), (2 * K - 1) / (2 * K), 2 / (2 * K), dtype=torch.float32, device=device)
@@ -103,7 +109,13 @@ def study_levels(k: int, device=None) -> torch.Tensor:
 
 def study_level_count(k: int) -> int:
     """How many levels :func:`study_levels` makes for a budget of ``k``: ``torch.arange``'s length rule,
-    ``ceil((end - start) / step)`` in double precision (no tensor: known on the host)."""
+    ``ceil((end - start) / step)`` in double precision (no tensor: known on the host).
+
+    Parameters
+    ----------
+    k : int, >= 1
+        The budget ``int(N rho**s)``.
+    """
     K = k + 1
     return max(math.ceil(((2 * K - 1) / (2 * K) - 1 / (2 * K)) / (2 / (2 * K))), 0)
 
@@ -154,7 +166,7 @@ class ATS(Method):
     levels.  The kept tokens' attention output is the one of the full attention
     (their queries attend to every key and value), as in ATS.  A budget of every
     token (``keep_rate=1``) keeps every token without sampling, so the model is
-    unchanged.
+    unchanged (the study's code would still sample there; the study never ran it).
 
     What the study does (``models/ats.py`` of JoakimHaurum/TokenReduction), the
     default ``sampling="study"`` (:func:`study_sample`): ``K = int(196 rho**s) + 1``
