@@ -38,10 +38,11 @@ LOSSES = ("cosine", "mse")
 def _learned(method):
     from tokvis.methods._learned import LearnedMethod
 
-    if not isinstance(method, LearnedMethod):
+    if not isinstance(method, LearnedMethod) or not method.learned:
         name = getattr(method, "name", type(method).__name__)
         raise MethodOptionError(
-            f"method {name!r} has no learned parameters to fit; learned methods: dynamicvit, sit, patchmerger, sinkhorn"
+            f"method {name!r} has no learned parameters to fit with these options; learned methods: dynamicvit, "
+            "sit, patchmerger, sinkhorn, dpcknn with merge='learned'"
         )
     return method
 

@@ -69,6 +69,12 @@ class LayerDecision:
         construction.  :func:`tokvis.methods.ops.apply_decision` then computes
         ``soft @ x`` sparsely without checking the structure on the host.  A
         runtime hint only: not saved with a trace (a loaded decision gets the dense product).
+    mix : FloatTensor [B, n_in, C], optional
+        For ``soft`` decisions: the tokens the assignment mixes, when they are not the
+        input tokens themselves (``x_out = soft @ mix``): the study's PatchMerger mixes
+        the layer-normalised tokens, its Sinkhorn the L2-normalised ones.  Applied by
+        :func:`tokvis.methods.ops.apply_decision`; runtime only, like ``soft_kept_own``:
+        not saved with a trace, and dropped by :meth:`to` and :meth:`index`.
     """
 
     layer: int
@@ -81,6 +87,7 @@ class LayerDecision:
     score: torch.Tensor | None = None
     size_scale: torch.Tensor | None = None
     soft_kept_own: bool = False
+    mix: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -106,6 +113,11 @@ class LayerDecision:
             raise ValueError("a decision of kind 'soft' needs the soft assignment matrix")
         if self.soft_kept_own and self.soft is None:
             raise ValueError("soft_kept_own describes a soft assignment matrix: the decision has none")
+        if self.mix is not None and (self.soft is None or tuple(self.mix.shape[:2]) != tuple(self.dst.shape)):
+            raise ValueError(
+                f"mix must be the [B, n_in, C] tokens a soft assignment mixes (B, n_in = {tuple(self.dst.shape)}): "
+                f"got {tuple(self.mix.shape)}" + ("" if self.soft is not None else " without a soft assignment")
+            )
 
     @property
     def batch_size(self) -> int:
@@ -133,7 +145,7 @@ class LayerDecision:
 
     def _map(self, fn) -> "LayerDecision":
         kw = {name: (None if getattr(self, name) is None else fn(getattr(self, name))) for name in _OPTIONAL}
-        return dataclasses.replace(self, dst=fn(self.dst), keep=fn(self.keep), **kw)
+        return dataclasses.replace(self, dst=fn(self.dst), keep=fn(self.keep), mix=None, **kw)
 
 
 @dataclass(frozen=True)
