@@ -173,6 +173,11 @@ def test_kmedoids_needs_a_block_before_and_old_options():
     with pytest.raises(ScheduleError, match="block 0"):
         with torch.no_grad():
             model(x)
+    # a count r without locations: every block but the first (the others are left to the schedule)
+    tokvis.patch(model, "kmedoids", r=4)
+    with torch.no_grad():
+        _, trace = tokvis.run_with_trace(model, x)
+    assert list(trace.layers) == [1, 2, 3, 4, 5]
     # the study's start needs no class token; the former one does
     tokvis.patch(make_model("avgpool"), "kmedoids", keep_rate=0.5)
     with pytest.raises(tokvis.errors.UnsupportedModelError):

@@ -134,7 +134,9 @@ class KMedoids(Method):
     stage ``"before_block"``, and the block before each reducing block hands on the
     attention its tokens received (need ``"prev_attn_received"``; that block
     computes its explicit attention map).  A reduction at block 0 has no block
-    before it (the study's model cannot run there either): ``ScheduleError``.
+    before it (the study's model cannot run there either): ``ScheduleError`` when
+    the model runs; a count ``r`` without ``locations`` therefore reduces at every
+    block but the first.
 
     Named options keep tokvis's former rule:
 
@@ -196,6 +198,12 @@ class KMedoids(Method):
 
     def options(self) -> dict:
         return {"iterations": self.iterations, "metric": self.metric, "init": self.init, "update": self.update}
+
+    def default_locations(self, depth: int, *, keep_rate=None, r=None) -> list[int] | None:
+        """``r`` at every block but the first under the study's start (block 0 has no block before it)."""
+        if self.init != "attn_received" or isinstance(r, (bool, list, tuple)) or not isinstance(r, (int, float)):
+            return None  # keep_rate (the quarter points), a per-block r list, or the former start: the schedule's own
+        return list(range(1, depth)) if depth > 1 else None
 
     def _start_score(self, ctx: ReductionContext) -> torch.Tensor:
         score = ctx.prev_attn_received if self.init == "attn_received" else ctx.cls_attn
