@@ -526,3 +526,29 @@ def test_fit_works_under_no_grad():
         fitted = tokvis.fit(model, "sit", images, keep_rate=0.5, epochs=1, batch_size=4, progress=False)
     losses = fitted.fit_info["epoch_losses"]
     assert len(losses) == 1 and losses[0] > 0
+
+
+@pytest.mark.parametrize("name", SOFT)
+def test_a_method_file_from_before_the_study_options_loads_as_fitted(name, tmp_path):
+    """A file whose options predate ``placement`` / ``output`` was fitted with the former behaviour."""
+    import json
+
+    from safetensors.torch import save_file
+
+    method = _quiet(create_method(name, seed=3, **FORMER[name]))
+    model, x = make_model(), make_images()
+    tokvis.patch(model, method, keep_rate=0.5)
+    with torch.no_grad():
+        out = model(x)
+    old = {k: v for k, v in method.options().items() if k not in ("placement", "output")}
+    meta = {"format": fitting.METHOD_FORMAT, "version": str(fitting.METHOD_VERSION), "method": name}
+    meta.update(options=json.dumps(old), fit_info="null")
+    save_file({k: v.contiguous() for k, v in method.state_dict().items()}, str(tmp_path / "old.safetensors"), meta)
+    loaded = fitting.load_method(tmp_path / "old.safetensors")
+    assert loaded.options() == method.options()
+    tokvis.patch(model, loaded, keep_rate=0.5)
+    with torch.no_grad():
+        assert torch.equal(model(x), out)
+    # a file that names the options keeps them
+    fitting.save_method(create_method(name, seed=3), tmp_path / "new.safetensors")
+    assert fitting.load_method(tmp_path / "new.safetensors").options() == create_method(name, seed=3).options()

@@ -104,6 +104,9 @@ class LearnedMethod(Method):
     slots_in_shape: ClassVar[bool] = True
     #: name of the per-location module list in the study's (TokenReduction) models
     study_prefix: ClassVar[str] = "cluster_layers"
+    #: options that give the decisions of a method file saved before they existed (the former defaults, before
+    #: ``decisions_version`` 2): :func:`tokvis.fitting.load_method` fills them in where the file names none
+    former_options: ClassVar[dict[str, Any]] = {}
     #: False for an instance without parameters to fit (DPC-KNN with ``merge="average"``)
     learned: bool = True
     #: Adam learning rate :func:`tokvis.fit` uses when none is given

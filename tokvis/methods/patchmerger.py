@@ -85,6 +85,7 @@ class PatchMerger(LearnedMethod):
 
     kind = "soft"
     decisions_version: ClassVar[int] = 2
+    former_options: ClassVar[dict] = {"placement": "after_attn", "output": "residual"}
 
     #: the queries are unscaled standard normals, so the softmax over tokens starts almost one-hot
     #: (largest weight per slot 0.86 on average on DINOv2 block 3 at keep 0.5) and its gradients are

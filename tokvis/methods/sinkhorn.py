@@ -148,6 +148,7 @@ class Sinkhorn(LearnedMethod):
 
     kind = "soft"
     decisions_version: ClassVar[int] = 2
+    former_options: ClassVar[dict] = {"placement": "after_attn", "output": "mean"}
 
     def __init__(
         self, *, eps: float = 1.0, iters: int = 3, output: str = "study", placement: str = "before_block", seed: int = 0

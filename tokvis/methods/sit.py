@@ -88,6 +88,7 @@ class SiT(LearnedMethod):
 
     kind = "soft"
     decisions_version: ClassVar[int] = 2
+    former_options: ClassVar[dict] = {"placement": "after_attn"}
     float32_tokens = False  # fc1 runs in the model's compute dtype, fc2 and the softmax in float32
 
     def __init__(self, *, hidden_ratio: float = 0.5, placement: str = "before_block", seed: int = 0) -> None:
