@@ -76,7 +76,8 @@ METHOD_MATRIX: dict[str, MethodCase] = {
         needs_class_token=True,
         fused_token=True,
     ),
-    "kmedoids": MethodCase(schedules=({"keep_rate": 0.5}, {"r": 6}), needs_class_token=True),
+    # the study's start (attention received in the block before) needs no class token; r: every block but the first
+    "kmedoids": MethodCase(schedules=({"keep_rate": 0.5}, {"r": 6})),
     "mctf": MethodCase(
         schedules=({"r": 5}, {"keep_rate": 0.5}, {"r": 0.3, "one_step_ahead": False}),
         r_capped_at_half=True,

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from tokvis.errors import MethodOptionError, WeightsError
+from tokvis.errors import MethodOptionError, TokvisError, WeightsError
 from tokvis.fileio import sha256_file
 
 __all__ = [
@@ -38,10 +38,11 @@ LOSSES = ("cosine", "mse")
 def _learned(method):
     from tokvis.methods._learned import LearnedMethod
 
-    if not isinstance(method, LearnedMethod):
+    if not isinstance(method, LearnedMethod) or not method.learned:
         name = getattr(method, "name", type(method).__name__)
         raise MethodOptionError(
-            f"method {name!r} has no learned parameters to fit; learned methods: dynamicvit, sit, patchmerger, sinkhorn"
+            f"method {name!r} has no learned parameters to fit with these options; learned methods: dynamicvit, "
+            "sit, patchmerger, sinkhorn, dpcknn with merge='learned'"
         )
     return method
 
@@ -466,6 +467,10 @@ def _read_method_header(path: Path) -> tuple[str, dict[str, Any], dict[str, Any]
 def load_method(path: str | os.PathLike):
     """Load a method saved by :func:`save_method` (a new method object, in eval mode).
 
+    A file saved before one of the method's options existed gets the option's former value
+    (``LearnedMethod.former_options``: e.g. SiT's ``placement="after_attn"``), so that it
+    decides as it was fitted to.
+
     Raises
     ------
     WeightsError
@@ -482,7 +487,13 @@ def load_method(path: str | os.PathLike):
         tensors = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for corrupt data
         raise WeightsError(f"{path} is not a readable safetensors file: {e}") from e
-    method = _learned(create_method(name, **options))
+    from tokvis.methods import get_method_class
+
+    try:  # a file saved before an option existed was fitted with the former behaviour: load it as that
+        former = getattr(get_method_class(name), "former_options", {})
+    except TokvisError:
+        former = {}  # an unknown name: create_method says so
+    method = _learned(create_method(name, **{**{k: v for k, v in former.items() if k not in options}, **options}))
     try:
         method.load_state_dict(tensors)
     except RuntimeError as e:

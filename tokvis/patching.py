@@ -170,11 +170,15 @@ class PatchState:
     size: torch.Tensor | None = None
     n_patches: int = 0
     grid: tuple[int, int] | None = None  # patch grid of the images of the current call (input hook)
+    # (block, [B, n]): attention received by each patch token in that block, for the next reducing block
+    # of a method that needs "prev_attn_received" (see _attn_received)
+    attn_received: tuple[int, torch.Tensor] | None = None
 
     checked: set = field(default_factory=set)
 
     def begin(self, x: torch.Tensor) -> None:
         self.size = None
+        self.attn_received = None
         self.n_patches = x.shape[1] - self.info.num_prefix_tokens
         if self.n_patches not in self.checked:  # other input sizes (dynamic_img_size) need their own check
             self.schedule.check(self.n_patches, self.method.max_removal, removals=keep_rate_removals(self.method))
@@ -198,7 +202,7 @@ def _patched_block_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None
         layer, n_in, st.n_patches, method.max_removal, removals=keep_rate_removals(method)
     )
     if target is not None and method.stage == "before_block":
-        ctx = _context(st, layer, x, target, stage="before_block")
+        ctx = _context(st, layer, x, target, stage="before_block", prev_attn_received=_prev_received(st, layer))
         x, _ = _decide_and_apply(self, st, ctx)
         target = None
     bias = st.size.log() if method.proportional_attention and st.size is not None else None
@@ -222,6 +226,7 @@ def _patched_block_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None
         x = x + self.drop_path1(self.ls1(_attention_output(self.attn, out, gate)))
     else:
         needs = method.needs if target is not None else ()
+        hand_on = "prev_attn_received" in method.needs and st.schedule.stage(layer + 1) is not None
         out, extras = attention_forward(
             self.attn,
             h,
@@ -230,15 +235,17 @@ def _patched_block_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None
             need_keys="keys" in needs,
             need_cls="cls_attn" in needs,
             need_cls_heads="cls_attn_heads" in needs,
-            need_attn="attn" in needs,
+            need_attn="attn" in needs or hand_on,
         )
         x = x + self.drop_path1(self.ls1(out))
         if target is not None and method.stage == "after_attn":
             ctx = _context(
                 st, layer, x, target, keys=extras.keys, cls_attn=extras.cls_attn,
-                cls_attn_heads=extras.cls_attn_heads, attn=extras.attn,
+                cls_attn_heads=extras.cls_attn_heads, attn=extras.attn, prev_attn_received=_prev_received(st, layer),
             )  # fmt: skip
             x, _ = _decide_and_apply(self, st, ctx)
+        if hand_on:
+            st.attn_received = (layer, _attn_received(extras.attn, p))
     x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
     if target is not None and method.stage == "after_block":  # on the block's output (MCTF without one-step-ahead)
         ctx = _context(
@@ -253,6 +260,19 @@ def keep_rate_removals(method: Method) -> bool:
     """The method turns a keep rate into per-stage removals (``Schedule.capped_target(removals=True)``):
     its ``keep_rate_removals`` attribute, False when it has none (ToMe's ``budget="study"`` sets it)."""
     return bool(getattr(method, "keep_rate_removals", False))
+
+
+def _attn_received(probs: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """Attention received by each patch token ``[B, n]``: the map ``[B, H, T, T]`` summed over heads and queries
+    (float32 for fp16 / bf16 maps), for the need ``"prev_attn_received"`` of the next block's method."""
+    return probs.to(decision_dtype(probs.dtype)).sum((1, 2))[:, num_prefix:]
+
+
+def _prev_received(st: PatchState, layer: int) -> torch.Tensor | None:
+    """The attention received in block ``layer - 1`` when that block handed it on, else ``None``."""
+    if st.attn_received is None or st.attn_received[0] != layer - 1:
+        return None
+    return st.attn_received[1]
 
 
 def _context(st: PatchState, layer: int, x: torch.Tensor, target: int, **extras) -> ReductionContext:

@@ -75,6 +75,12 @@ class LayerDecision:
         EViT's fused token as the study and EViT's code make it (the dropped tokens times their
         class attention, unnormalised); a token alone in its slot with weight 1 is unchanged.
         Saved with a trace (in the header, only when true).
+    mix : FloatTensor [B, n_in, C], optional
+        For ``soft`` decisions: the tokens the assignment mixes, when they are not the
+        input tokens themselves (``x_out = soft @ mix``): the study's PatchMerger mixes
+        the layer-normalised tokens, its Sinkhorn the L2-normalised ones.  Applied by
+        :func:`tokvis.methods.ops.apply_decision`; runtime only, like ``soft_kept_own``:
+        not saved with a trace, and dropped by :meth:`to` and :meth:`index`.
     """
 
     layer: int
@@ -88,6 +94,7 @@ class LayerDecision:
     size_scale: torch.Tensor | None = None
     soft_kept_own: bool = False
     weighted_sum: bool = False
+    mix: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -115,6 +122,11 @@ class LayerDecision:
             raise ValueError("soft_kept_own describes a soft assignment matrix: the decision has none")
         if self.weighted_sum and self.soft is not None:
             raise ValueError("weighted_sum describes a hard assignment (dst and weight): the decision is soft")
+        if self.mix is not None and (self.soft is None or tuple(self.mix.shape[:2]) != tuple(self.dst.shape)):
+            raise ValueError(
+                f"mix must be the [B, n_in, C] tokens a soft assignment mixes (B, n_in = {tuple(self.dst.shape)}): "
+                f"got {tuple(self.mix.shape)}" + ("" if self.soft is not None else " without a soft assignment")
+            )
 
     @property
     def batch_size(self) -> int:
@@ -142,7 +154,7 @@ class LayerDecision:
 
     def _map(self, fn) -> "LayerDecision":
         kw = {name: (None if getattr(self, name) is None else fn(getattr(self, name))) for name in _OPTIONAL}
-        return dataclasses.replace(self, dst=fn(self.dst), keep=fn(self.keep), **kw)
+        return dataclasses.replace(self, dst=fn(self.dst), keep=fn(self.keep), mix=None, **kw)
 
 
 @dataclass(frozen=True)

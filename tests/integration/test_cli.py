@@ -117,6 +117,7 @@ def no_model(monkeypatch):
         (["fit", "--method", "sit", "--r", "4", "--held-out", "-1", "--out", "x"], "--held-out"),
         (["fit", "--method", "sit", "--r", "4", "--threads", "-1", "--out", "x"], "--threads"),
         (["fit", "--method", "tome", "--r", "4", "--out", "x"], "--method tome has no learned parameters"),
+        (["fit", "--method", "dpcknn", "--r", "4", "--out", "x"], "--method dpcknn has no learned parameters"),
     ],
 )
 def test_bad_arguments_one_line_exit_2(args, message, capsys, no_model):

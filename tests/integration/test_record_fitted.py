@@ -296,6 +296,14 @@ def test_bad_sweep_fit_tables_one_line_nothing_fitted(tmp_path, capsys, body, ma
     assert not list(tmp_path.glob("a*"))  # nothing fitted
 
 
+def test_sweep_fit_of_dpcknn_needs_its_learned_merge(tmp_path, capsys):
+    body = 'keep_rates = [0.5]\n[fitted]\ndpcknn = "a{keep_rate}"\n[fit]\n'
+    f = _sweep(tmp_path, body)
+    f.write_text(f.read_text().replace('methods = ["sit", "topk"]', 'methods = ["dpcknn"]'))
+    _fails_cleanly(capsys, ["sweep", str(f), "--no-progress"], "dpcknn has no learned parameters with options {}")
+    assert not list(tmp_path.glob("a*"))  # nothing fitted
+
+
 def test_sweep_fit_one_file_for_two_backbones_needs_the_backbone_in_the_pattern(tmp_path, capsys):
     f = _sweep(tmp_path, 'keep_rates = [0.5]\n[fitted]\nsit = "fits/sit{keep_rate}"\n' + FIT_TABLE)
     text = f.read_text().replace(

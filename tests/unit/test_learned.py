@@ -1,4 +1,4 @@
-"""Learned methods (dynamicvit, sit, patchmerger, sinkhorn) and their fitting."""
+"""Learned methods (dynamicvit, sit, patchmerger, sinkhorn, dpcknn's learned merge) and their fitting."""
 
 from __future__ import annotations
 
@@ -19,6 +19,15 @@ from tokvis.methods.sinkhorn import log_sinkhorn
 
 LEARNED = ["dynamicvit", "sit", "patchmerger", "sinkhorn"]
 SOFT = ["sit", "patchmerger", "sinkhorn"]
+#: the options that make a method learned (dpcknn's study default merge, dpcknn.py:150-157)
+LEARNED_OPTIONS = {"dpcknn": {"merge": "learned"}}
+#: tokvis's former soft variants, kept as named options: after the attention, mixing the residual-stream tokens
+#: with rows of the assignment summing to 1 (the study's defaults are tested in test_study_rules_clustering.py)
+FORMER = {
+    "sit": {"placement": "after_attn"},
+    "patchmerger": {"placement": "after_attn", "output": "residual"},
+    "sinkhorn": {"placement": "after_attn", "output": "mean"},
+}
 
 
 def _quiet(method):
@@ -30,7 +39,7 @@ def _quiet(method):
 @pytest.mark.parametrize("name", SOFT)
 def test_soft_rows_sum_to_one_and_output_is_soft_product(name):
     model, x = make_model(dtype=torch.float64), make_images(dtype=torch.float64)
-    tokvis.patch(model, _quiet(create_method(name)), keep_rate=0.5, locations=[2])
+    tokvis.patch(model, _quiet(create_method(name, **FORMER[name])), keep_rate=0.5, locations=[2])
     captured = {}
     h = model.blocks[2].register_forward_hook(lambda m, i, o: captured.update(inp=i[0], out=o))
     with torch.no_grad():
@@ -104,7 +113,7 @@ def test_log_sinkhorn_matches_slow_loop(eps, iters):
 
 def test_sinkhorn_marginals():
     model, x = make_model(dtype=torch.float64), make_images(dtype=torch.float64)
-    method = _quiet(create_method("sinkhorn", eps=0.5, iters=50))
+    method = _quiet(create_method("sinkhorn", eps=0.5, iters=50, **FORMER["sinkhorn"]))
     tokvis.patch(model, method, keep_rate=0.5, locations=[1])
     cap = {}
     h = model.blocks[1].register_forward_hook(lambda m, i, o: cap.update(inp=i[0]))
@@ -122,17 +131,18 @@ def test_sinkhorn_marginals():
     torch.testing.assert_close(trace.decision(1).soft, plan.transpose(1, 2) * 32)
 
 
-@pytest.mark.parametrize("name", LEARNED)
+@pytest.mark.parametrize("name", [*LEARNED, "dpcknn"])
 def test_state_dict_round_trip(name, tmp_path):
     model, x = make_model(), make_images()
-    method = create_method(name, seed=3)
+    opts = LEARNED_OPTIONS.get(name, {})
+    method = create_method(name, seed=3, **opts)
     tokvis.patch(model, _quiet(method), keep_rate=0.5)
     with torch.no_grad():
         for p in method.parameters():  # move away from the seeded init so a reload must really load
             p.add_(0.1 * torch.randn_like(p))
         out, trace = tokvis.run_with_trace(model, x)
     # through a plain state dict into a fresh method (parameters created from the shapes)
-    fresh = create_method(name, seed=99)
+    fresh = create_method(name, seed=99, **opts)
     fresh.load_state_dict(method.state_dict())
     assert fresh.is_fitted
     tokvis.patch(model, fresh, keep_rate=0.5)
@@ -149,7 +159,7 @@ def test_state_dict_round_trip(name, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(x), out)
     # a fresh method with a different seed gives different outputs (the test can fail)
-    tokvis.patch(model, _quiet(create_method(name, seed=99)), keep_rate=0.5)
+    tokvis.patch(model, _quiet(create_method(name, seed=99, **opts)), keep_rate=0.5)
     with torch.no_grad():
         assert not torch.equal(model(x), out)
 
@@ -165,6 +175,17 @@ def test_seeded_init_is_deterministic():
 
 
 def _study_state_dict(name, dim, counts):
+    """The study model's state dict, from a plain description of its parameter names (not its code):
+
+    - DynamicViT: ``score_predictor`` (dyvit.py:180-182), a ModuleList of PredictorLG (dyvit.py:94-110):
+      ``in_conv`` = Sequential(LayerNorm, Linear(C, C), GELU), ``out_conv`` = Sequential(Linear(C, C/2),
+      GELU, Linear(C/2, C/4), GELU, Linear(C/4, 2), LogSoftmax); saved from DataParallel (``module.``);
+    - SiT: ``cluster_layers`` (sit.py:86) of TokenSlimmingModule (sit.py:28-34): ``weight`` =
+      Sequential(LayerNorm, Linear(C, C/2), GELU, Linear(C/2, K)), ``scale`` of shape [1, 1, 1];
+    - PatchMerger: ``cluster_layers`` (patchmerger.py:85): ``norm`` LayerNorm, ``queries`` [K, C] (:32-33);
+    - Sinkhorn: ``cluster_layers`` (sinkhorn.py:134): ``v`` [K, C] (:62);
+    - DPC-KNN (learned merge): ``cluster_layers`` (dpcknn.py:220) of CTM: ``score`` = Linear(C, 1) (:151).
+    """
     g = torch.Generator().manual_seed(0)
 
     def r(*shape):
@@ -188,16 +209,20 @@ def _study_state_dict(name, dim, counts):
         elif name == "patchmerger":
             p = f"cluster_layers.{i}."
             sd.update({p + "norm.weight": r(dim), p + "norm.bias": r(dim), p + "queries": r(k, dim)})
+        elif name == "dpcknn":
+            p = f"cluster_layers.{i}."
+            sd.update({p + "score.weight": 0.05 * r(1, dim), p + "score.bias": r(1)})
         else:
             sd[f"cluster_layers.{i}.v"] = r(k, dim)
     return sd
 
 
-@pytest.mark.parametrize("name", LEARNED)
+@pytest.mark.parametrize("name", [*LEARNED, "dpcknn"])
 def test_load_study_checkpoint(name):
     counts = [32, 16, 8]
     sd = _study_state_dict(name, 64, counts)
-    method = load_study_checkpoint(create_method(name), {"model": sd}, locations=[1, 3, 4])
+    method = create_method(name, **LEARNED_OPTIONS.get(name, {}))
+    method = load_study_checkpoint(method, {"model": sd}, locations=[1, 3, 4])
     assert method.is_fitted
     assert sorted(method.reducers) == ["1", "3", "4"]
     # spot checks of the mapping
@@ -208,6 +233,9 @@ def test_load_study_checkpoint(name):
         assert method.reducers["1"].scale.item() == 1.5
     elif name == "patchmerger":
         assert torch.equal(method.reducers["3"].queries, sd["cluster_layers.1.queries"])
+    elif name == "dpcknn":
+        assert torch.equal(method.reducers["4"].weight, sd["cluster_layers.2.score.weight"])
+        assert torch.equal(method.reducers["1"].bias, sd["cluster_layers.0.score.bias"])
     else:
         assert torch.equal(method.reducers["1"].centres, sd["cluster_layers.0.v"])
     model, x = make_model(), make_images()
@@ -226,6 +254,8 @@ def test_load_study_checkpoint_errors():
         load_study_checkpoint(create_method("sinkhorn"), sd, locations=[1, 3])
     with pytest.raises(MethodOptionError):
         load_study_checkpoint(create_method("topk"), sd)
+    with pytest.raises(MethodOptionError, match="merge='learned'"):  # the parameter-free --equal_weight mode
+        load_study_checkpoint(create_method("dpcknn"), _study_state_dict("dpcknn", 64, [32]))
 
 
 def test_slot_count_mismatch_is_an_error():
@@ -496,3 +526,29 @@ def test_fit_works_under_no_grad():
         fitted = tokvis.fit(model, "sit", images, keep_rate=0.5, epochs=1, batch_size=4, progress=False)
     losses = fitted.fit_info["epoch_losses"]
     assert len(losses) == 1 and losses[0] > 0
+
+
+@pytest.mark.parametrize("name", SOFT)
+def test_a_method_file_from_before_the_study_options_loads_as_fitted(name, tmp_path):
+    """A file whose options predate ``placement`` / ``output`` was fitted with the former behaviour."""
+    import json
+
+    from safetensors.torch import save_file
+
+    method = _quiet(create_method(name, seed=3, **FORMER[name]))
+    model, x = make_model(), make_images()
+    tokvis.patch(model, method, keep_rate=0.5)
+    with torch.no_grad():
+        out = model(x)
+    old = {k: v for k, v in method.options().items() if k not in ("placement", "output")}
+    meta = {"format": fitting.METHOD_FORMAT, "version": str(fitting.METHOD_VERSION), "method": name}
+    meta.update(options=json.dumps(old), fit_info="null")
+    save_file({k: v.contiguous() for k, v in method.state_dict().items()}, str(tmp_path / "old.safetensors"), meta)
+    loaded = fitting.load_method(tmp_path / "old.safetensors")
+    assert loaded.options() == method.options()
+    tokvis.patch(model, loaded, keep_rate=0.5)
+    with torch.no_grad():
+        assert torch.equal(model(x), out)
+    # a file that names the options keeps them
+    fitting.save_method(create_method(name, seed=3), tmp_path / "new.safetensors")
+    assert fitting.load_method(tmp_path / "new.safetensors").options() == create_method(name, seed=3).options()

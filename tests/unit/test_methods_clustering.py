@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ import torch
 import tokvis
 from tests.invariants import expected_counts
 from tests.models import make_images, make_model
-from tokvis.errors import MethodOptionError, UnsupportedModelError
+from tokvis.errors import MethodOptionError
 from tokvis.methods.ats import ATS, ats_scores, inverse_transform_sample
 from tokvis.methods.base import Method, ReductionContext
 from tokvis.methods.dpcknn import dpc_centres, dpc_knn
@@ -351,6 +350,7 @@ def slow_kmedoids(x: np.ndarray, init: list[int], iterations: int, metric: str):
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 @pytest.mark.parametrize("iterations", [1, 3])
 def test_kmedoids_equals_loop_reference(metric, iterations):
+    """update="within_cluster" (no weights), tokvis's former rule; the study's is in test_study_rules_clustering.py."""
     g = torch.Generator().manual_seed(iterations)
     x = torch.randn(3, 18, 5, generator=g, dtype=torch.float64)
     init = torch.stack([torch.randperm(18, generator=g)[:6] for _ in range(3)])
@@ -378,8 +378,9 @@ def _capture_ctx(method):
 
 
 def test_kmedoids_output_tokens_are_the_medoids():
+    # tokvis's former start and update (named options), after the attention; the study's: test_study_rules_clustering.py
     model, x = make_model("registers"), make_images("registers", n=3)
-    method = tokvis.create_method("kmedoids")
+    method = tokvis.create_method("kmedoids", init="cls_attn", update="within_cluster")
     seen = _capture_ctx(method)
     tokvis.patch(model, method, keep_rate=0.5)
     after = {}
@@ -445,13 +446,16 @@ def test_dpcknn_equals_loop_reference(k):
         assert centres[b][cluster[b]].tolist() == ref_assign
 
 
-def test_dpcknn_merges_by_average_and_centres_are_peaks():
+@pytest.mark.parametrize("placement", ["before_block", "after_attn"])
+def test_dpcknn_merges_by_average_and_centres_are_peaks(placement):
     model, x = make_model("avgpool", dtype=torch.float64), make_images("avgpool", n=3, dtype=torch.float64)
-    method = tokvis.create_method("dpcknn")
+    method = tokvis.create_method("dpcknn", placement=placement)
     seen = _capture_ctx(method)
     tokvis.patch(model, method, keep_rate=0.5)
     after = {}
-    h = model.blocks[1].norm2.register_forward_pre_hook(lambda m, a: after.update(x=a[0]))
+    # the reduced tokens enter the block's attention (study placement) or its MLP (after the attention)
+    norm = model.blocks[1].norm1 if placement == "before_block" else model.blocks[1].norm2
+    h = norm.register_forward_pre_hook(lambda m, a: after.update(x=a[0]))
     with torch.no_grad():
         _, trace = tokvis.run_with_trace(model, x)
     h.remove()
@@ -465,46 +469,7 @@ def test_dpcknn_merges_by_average_and_centres_are_peaks():
             torch.testing.assert_close(after["x"][b, slot], ctx.x[b, members].mean(0))
 
 
-def test_dpcknn_learned_weights_state_dict_warning_and_gradients():
-    model, x = make_model(), make_images(n=2)
-    ref_model = make_model()
-    method = tokvis.create_method("dpcknn", merge="learned", seed=3)
-    tokvis.patch(model, method, keep_rate=0.5)
-    assert method.score_layer is not None and method.score_layer.in_features == 64
-    with pytest.warns(UserWarning, match="untrained merge weights"):
-        untrained = model(x)
-    # seeded: the same seed gives the same initialisation, another seed another one
-    again = tokvis.create_method("dpcknn", merge="learned", seed=3, dim=64)
-    other = tokvis.create_method("dpcknn", merge="learned", seed=4, dim=64)
-    assert torch.equal(again.score_layer.weight, method.score_layer.weight)
-    assert not torch.equal(other.score_layer.weight, method.score_layer.weight)
-    # the merge weights are differentiable: the backbone output gives the linear layer gradients
-    model.zero_grad()
-    model(x).square().sum().backward()
-    grad = method.score_layer.weight.grad
-    assert grad is not None and float(grad.abs().sum()) > 0
-    # "fit" (here: change) the parameters, save, load into a fresh method without dim
-    with torch.no_grad():
-        method.score_layer.weight.mul_(50.0)
-        method.score_layer.bias.fill_(0.5)
-    state = {k: v.clone() for k, v in method.state_dict().items()}
-    assert set(state) == {"score_layer.weight", "score_layer.bias"}
-    fresh = tokvis.create_method("dpcknn", merge="learned", seed=3)
-    fresh.load_state_dict(state)
-    assert fresh.is_trained()
-    tokvis.patch(ref_model, fresh, keep_rate=0.5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # trained weights: no warning
-        with torch.no_grad():
-            fitted, loaded = model(x), ref_model(x)
-    torch.testing.assert_close(loaded, fitted)
-    assert not torch.allclose(fitted, untrained.detach(), atol=1e-6), "the learned weights change the output"
-
-
-def test_dpcknn_learned_dim_mismatch_is_an_error():
-    method = tokvis.create_method("dpcknn", merge="learned", dim=32)
-    with pytest.raises(UnsupportedModelError, match="dim=64"):
-        tokvis.patch(make_model(), method, keep_rate=0.5)
+# dpcknn's learned merge (one score layer per location): tests/unit/test_study_rules_clustering.py and test_learned.py
 
 
 # -- radial ------------------------------------------------------------------------------------------

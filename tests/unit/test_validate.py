@@ -50,7 +50,7 @@ def test_numpy_scalars_are_accepted_as_options(method, options):
     [
         ("dpcknn", {"k": True}, "k"),
         ("dpcknn", {"seed": 1.5}, "seed"),
-        ("dpcknn", {"dim": 0}, "dim"),
+        ("dpcknn", {"placement": "before"}, "placement"),
         ("kmedoids", {"iterations": 0}, "iterations"),
         ("vomix", {"votes": 2.0}, "votes"),
         ("vomix", {"tau": float("nan")}, "tau"),

@@ -32,16 +32,18 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     from tokvis import fitting
     from tokvis.errors import MethodOptionError
-    from tokvis.methods import get_method_class, list_methods
+    from tokvis.methods import create_method, get_method_class, list_methods
     from tokvis.store.models import create_backbone
 
     # every argument is checked before the model is loaded (argparse types check each value)
     if (args.keep_rate is None) == (args.r is None):
         raise MethodOptionError("pass one of --keep-rate (fraction kept per stage) or --r (tokens removed per block)")
-    if not hasattr(get_method_class(args.method), "mark_fitted"):
+    learned_class = hasattr(get_method_class(args.method), "mark_fitted")
+    if not learned_class or not create_method(args.method, **dict(args.option or [])).learned:
         raise MethodOptionError(
-            f"--method {args.method} has no learned parameters to fit; learned methods: "
+            f"--method {args.method} has no learned parameters to fit with these options; learned methods: "
             + ", ".join(m for m in list_methods() if hasattr(get_method_class(m), "mark_fitted"))
+            + " (dpcknn with --option merge=learned)"
         )
     if args.threads:
         torch.set_num_threads(args.threads)

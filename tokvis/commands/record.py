@@ -380,9 +380,14 @@ def _plan_fit(path: Path, jobs: dict, file: Path, pattern: str, cfg: dict, sched
             f"{path}: fitted.{method}: {method} has no learned parameters to fit; drop it from [fitted]"
         )
     try:
-        create_method(method, **job["options"])
+        learned = create_method(method, **job["options"]).learned
     except TokvisError as e:
         raise RunConfigError(f"{path}: method_options.{method}: {e}") from e
+    if not learned:  # e.g. dpcknn's parameter-free merge
+        raise RunConfigError(
+            f"{path}: fitted.{method}: {method} has no learned parameters with options {job['options']}; "
+            'set its learned option in [method_options] (dpcknn: merge = "learned") or drop it from [fitted]'
+        )
     jobs[key] = job
 
 

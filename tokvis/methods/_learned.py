@@ -1,4 +1,4 @@
-"""Shared machinery of the learned reduction methods (DynamicViT, SiT, PatchMerger, Sinkhorn).
+"""Shared machinery of the learned reduction methods (DynamicViT, SiT, PatchMerger, Sinkhorn, DPC-KNN's learned merge).
 
 A learned method owns one small module per reduction location (block), in
 ``method.reducers[str(block)]``.  The modules are created lazily at the first
@@ -66,21 +66,25 @@ def identity_decision(ctx: ReductionContext) -> LayerDecision:
     return LayerDecision(ctx.layer, "prune", dst, keep, n_out=n)
 
 
-def soft_decision(layer: int, soft: torch.Tensor, *, score: torch.Tensor | None = None) -> LayerDecision:
+def soft_decision(
+    layer: int, soft: torch.Tensor, *, score: torch.Tensor | None = None, mix: torch.Tensor | None = None
+) -> LayerDecision:
     """A ``kind="soft"`` decision from a row-normalised assignment ``soft [B, n_out, n_in]``.
 
     ``dst[b, i]`` is the slot receiving the largest share of input ``i``
     (arg-max over slots of column ``i``); ``keep[b, i]`` is true when input
     ``i`` is the largest contributor (arg-max over inputs) of that slot, so at
     most one input per slot is "kept" and kept inputs hold distinct tokens.
-    ``score`` defaults to each input's total mass ``soft.sum(1)``.
+    ``score`` defaults to each input's total mass ``soft.sum(1)``; ``mix`` ``[B, n_in, C]``
+    names the tokens the assignment mixes when they are not the inputs themselves
+    (:attr:`~tokvis.trace.LayerDecision.mix`).
     """
     dst = soft.argmax(1)  # [B, n_in]
     top = soft.argmax(2)  # [B, n_out]: top contributor of each slot
     keep = top.gather(1, dst) == torch.arange(soft.shape[2], device=soft.device)
     if score is None:
         score = soft.sum(1)
-    return LayerDecision(layer, "soft", dst, keep, n_out=int(soft.shape[1]), soft=soft, score=score)
+    return LayerDecision(layer, "soft", dst, keep, n_out=int(soft.shape[1]), soft=soft, score=score, mix=mix)
 
 
 class LearnedMethod(Method):
@@ -100,6 +104,11 @@ class LearnedMethod(Method):
     slots_in_shape: ClassVar[bool] = True
     #: name of the per-location module list in the study's (TokenReduction) models
     study_prefix: ClassVar[str] = "cluster_layers"
+    #: options that give the decisions of a method file saved before they existed (the former defaults, before
+    #: ``decisions_version`` 2): :func:`tokvis.fitting.load_method` fills them in where the file names none
+    former_options: ClassVar[dict[str, Any]] = {}
+    #: False for an instance without parameters to fit (DPC-KNN with ``merge="average"``)
+    learned: bool = True
     #: Adam learning rate :func:`tokvis.fit` uses when none is given
     fit_lr: ClassVar[float] = 3e-3
     #: the tokens reach :meth:`reduce` in float32 for fp16 / bf16 models (small modules that assign or score
@@ -264,8 +273,12 @@ def load_study_checkpoint(
     """
     from tokvis.errors import WeightsError
 
-    if not isinstance(method, LearnedMethod):
-        raise MethodOptionError(f"load_study_checkpoint needs a learned method: got {type(method).__name__}")
+    if not isinstance(method, LearnedMethod) or not method.learned:
+        raise MethodOptionError(
+            f"load_study_checkpoint needs a learned method (dynamicvit, sit, patchmerger, sinkhorn, dpcknn with "
+            f"merge='learned'): got {getattr(method, 'name', '') or type(method).__name__} with options "
+            f"{method.options() if isinstance(method, Method) else {}}"
+        )
     if isinstance(state_dict, dict) and "model" in state_dict and isinstance(state_dict["model"], dict):
         state_dict = state_dict["model"]
     locs = [int(v) for v in locations]

@@ -18,8 +18,24 @@ from tokvis.errors import UnsupportedModelError
 from tokvis.model import ModelInfo  # noqa: F401  (re-exported: methods import it from here)
 from tokvis.trace import LayerDecision
 
-NEEDS = frozenset({"keys", "cls_attn", "cls_attn_heads", "attn"})
+NEEDS = frozenset({"keys", "cls_attn", "cls_attn_heads", "attn", "prev_attn_received"})
 STAGES = ("before_block", "after_attn", "in_attention", "after_block")
+#: where a method with a ``placement`` option reduces: the block's input (the study's models) or after its attention
+PLACEMENTS = ("before_block", "after_attn")
+
+
+def check_placement(value: Any) -> str:
+    """``value`` if it is a valid ``placement`` option (one of :data:`PLACEMENTS`), else :class:`MethodOptionError`.
+
+    Parameters
+    ----------
+    value : any
+        The user's option.
+    """
+    from tokvis.errors import MethodOptionError
+    from tokvis.validate import check_choice
+
+    return check_choice("placement", value, PLACEMENTS, error=MethodOptionError)
 
 
 @dataclass
@@ -53,6 +69,12 @@ class ReductionContext:
     attn : Tensor [B, H, T, T] or None
         Full attention probabilities, if the method needs ``"attn"`` (the one
         need that makes the block compute the explicit map instead of fused attention).
+    prev_attn_received : Tensor [B, n] or None
+        If the method needs ``"prev_attn_received"``: the attention each patch token
+        *received* in the previous block (its column of the attention map summed over
+        the heads and over every query, prefix tokens included), in float32 for fp16 /
+        bf16 models; the previous block computes its explicit attention map for it.
+        For ``stage="before_block"`` these are the tokens of ``x``.  ``None`` at block 0.
     queries, values : Tensor [B, H, T, d] or None
         Attention queries (after ``q_norm``) and values; given to methods of stage
         ``"in_attention"`` only.
@@ -85,6 +107,7 @@ class ReductionContext:
     cls_attn: torch.Tensor | None = None
     cls_attn_heads: torch.Tensor | None = None
     attn: torch.Tensor | None = None
+    prev_attn_received: torch.Tensor | None = None
     queries: torch.Tensor | None = None
     values: torch.Tensor | None = None
     stage: str = "after_attn"
@@ -114,10 +137,11 @@ class Method(nn.Module):
         Registry name.
     kind : str
         Kind of the decisions it makes ("prune", "merge", "fuse", "soft").
-    needs : frozenset of {"keys", "cls_attn", "cls_attn_heads", "attn"}
+    needs : frozenset of {"keys", "cls_attn", "cls_attn_heads", "attn", "prev_attn_received"}
         What the patched attention must compute for it (see :class:`ReductionContext`).
         Only ``"attn"`` materialises the ``[B, H, T, T]`` attention map; the
-        others keep the block's fused attention.
+        others keep the block's fused attention (``"prev_attn_received"``: the block
+        *before* each reducing block materialises its map).
     requires_class_token : bool
         The method ranks tokens by the class token's attention.
     conventions : tuple of {"keep_rate", "r"}

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-import warnings
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from tokvis.errors import MethodOptionError, UnsupportedModelError
-from tokvis.methods.base import Method, ModelInfo, ReductionContext
+from tokvis.errors import MethodOptionError
+from tokvis.methods._learned import LearnedMethod, identity_decision, init_linear
+from tokvis.methods.base import ReductionContext, check_placement
 from tokvis.methods.ops import decision_dtype, slots_from_keep
 from tokvis.methods.registry import register_method
 from tokvis.trace import LayerDecision
@@ -76,130 +77,106 @@ def dpc_centres(score: torch.Tensor, dist: torch.Tensor, k: int) -> tuple[torch.
 
 
 @register_method("dpcknn")
-class DPCKNN(Method):
-    """DPC-KNN token clustering (TCFormer's clustering, as compared in the study).
+class DPCKNN(LearnedMethod):
+    """DPC-KNN token clustering (TCFormer's clustering, as in the study's ``models/dpcknn.py``).
 
-    At each reducing block, after the attention residual and before the MLP, on
-    the patch tokens' features: the density ``rho`` of each token comes from its
-    ``k`` nearest neighbours, the distance indicator ``delta`` is its distance to
-    the nearest denser token (:func:`dpc_knn`), the ``target`` tokens with the
-    largest ``rho * delta`` are the cluster centres, and every token joins its
-    nearest centre (:func:`dpc_centres`).  Deterministic: ties are broken by
-    index, where TCFormer adds tiny random noise to the density.
+    The study clusters the *input* of each reducing block, before the block
+    (``dpcknn.py:256-268``); that is the default here (``placement="before_block"``).
+    On the patch tokens' features: the density ``rho`` of each token comes from
+    its ``k`` nearest neighbours, the distance indicator ``delta`` is its distance
+    to the nearest denser token (:func:`dpc_knn`, ``dpcknn.py:59-84``), the
+    ``target`` tokens with the largest ``rho * delta`` are the cluster centres, and
+    every token joins its nearest centre (:func:`dpc_centres`, ``:87-98``).
+    Deterministic: ties are broken by index, where TCFormer and the study add
+    noise below ``1e-6`` to the density (``:73-74``).
 
-    Each cluster becomes one token, the weighted mean of its members:
+    Each cluster becomes one token, the weighted mean of its members
+    (``merge_tokens``, ``dpcknn.py:103-133``):
 
-    ``merge="average"``
-        equal weights (the plain mean of the members' features).
+    ``merge="average"`` (default, parameter-free)
+        equal weights: the plain mean of the members' features.  This is the
+        study's ``--equal_weight`` mode (``CTM.equal_weight``, ``dpcknn.py:150,158-159``).
     ``merge="learned"``
-        weights ``exp(s_i)`` with ``s_i = w . x_i + b`` from a learned
-        ``nn.Linear(dim, 1)`` (TCFormer's token-importance weights).  The layer is
-        initialised deterministically from ``seed`` (weights ``N(0, 0.02^2)``, bias
-        0) and created when the method is patched into a model (or at
-        construction with ``dim=``); it is trained through the weighted mean
-        (``tokvis.fit``) or loaded with ``load_state_dict``.  Running with the
-        untrained initialisation emits a ``UserWarning``.
+        the study's default mode (``dpcknn.py:150-157``): weights ``exp(s_i)`` with
+        ``s_i = w . x_i + b`` from a learned ``nn.Linear(dim, 1)``, *one per reduction
+        location* (the study's ``cluster_layers.{i}.score``).  Each layer is
+        initialised from ``(seed, block)`` (weights ``N(0, 0.02^2)`` clipped at two
+        standard deviations, bias 0, as timm initialises the study's) when the
+        block first reduces; it is trained through the weighted mean
+        (:func:`tokvis.fit`), or loaded (:func:`tokvis.fitting.load_method`,
+        :func:`~tokvis.fitting.load_study_checkpoint`).  Running it unfitted warns once.
 
-    ``keep`` marks the centres; output slots follow the centres' original order;
-    the recorded score is ``rho * delta``.  Works with and without a class token.
+    ``placement="after_attn"`` keeps tokvis's former placement: after the block's
+    attention residual and before its MLP, on those tokens (the block's attention
+    then runs on all tokens).
+
+    The study adds ``1e-6`` to each cluster's summed weight (``:125``); tokvis
+    divides by the exact sum (a relative difference below ``1e-6`` per cluster).
+    ``keep`` marks the centres; output slots follow the centres' original order
+    (the study's follow the centres' score order; later blocks are
+    permutation-equivariant); the recorded score is ``rho * delta``.  Works with
+    and without a class token.
 
     Parameters
     ----------
     k : int, >= 1
-        Neighbours for the density (default 5).
+        Neighbours for the density (default 5, the study's ``--k_neighbors``).
     merge : {"average", "learned"}
-    seed : int
+    placement : {"before_block", "after_attn"}
+        Where the block reduces (default "before_block", the study's).
+    seed : int >= 0
         Initialisation of the learned weights.
-    dim : int, optional
-        Token dimension, to create the learned layer before patching (e.g. to load
-        a state dict first).
+
+    Study checkpoints (``merge="learned"``): ``cluster_layers.{i}.score.weight`` /
+    ``.bias`` -> ``reducers.{block}.weight`` / ``.bias``.
     """
 
     kind = "merge"
+    decisions_version: ClassVar[int] = 2
+    slots_in_shape = False
 
-    def __init__(self, *, k: int = 5, merge: str = "average", seed: int = 0, dim: int | None = None) -> None:
-        super().__init__()
+    def __init__(self, *, k: int = 5, merge: str = "average", placement: str = "before_block", seed: int = 0) -> None:
+        super().__init__(seed=seed)
         self.k = check_int("k (neighbours for the density)", k, minimum=1, error=MethodOptionError)
-        self.seed = check_int("seed", seed, error=MethodOptionError)
-        if dim is not None:
-            dim = check_int("dim (the model's embed_dim)", dim, minimum=1, error=MethodOptionError)
         self.merge = check_choice("merge", merge, MERGES, error=MethodOptionError)
-        self.score_layer: nn.Linear | None = None
-        self._warned = False
-        if merge == "learned" and dim is not None:
-            self._build(dim)
+        self.stage = check_placement(placement)
+        self.learned = merge == "learned"
 
     def options(self) -> dict:
-        return {"k": self.k, "merge": self.merge, "seed": self.seed}
+        return {"k": self.k, "merge": self.merge, "placement": self.stage, "seed": self.seed}
 
-    # -- learned weights --------------------------------------------------------------------------
-    def _build(self, dim: int) -> None:
-        g = torch.Generator().manual_seed(self.seed)
+    # -- learned weights (merge="learned") --------------------------------------------------------
+    def make_reducer(self, dim: int, n_out: int, g: torch.Generator) -> nn.Module:
         layer = nn.Linear(dim, 1)
-        with torch.no_grad():
-            layer.weight.copy_(0.02 * torch.randn(1, dim, generator=g))
-            layer.bias.zero_()
-        self.score_layer = layer
-        # the initial values, to tell untrained parameters apart (not saved in the state dict)
-        self.register_buffer("_init_weight", layer.weight.detach().clone(), persistent=False)
+        init_linear(layer, g)
+        return layer
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        # learned weights saved from a patched method load into a fresh one (the layer is created lazily)
-        w = state_dict.get(prefix + "score_layer.weight")
-        if self.merge == "learned" and self.score_layer is None and w is not None and w.dim() == 2:
-            self._build(int(w.shape[1]))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def reducer_shape(self, entries: dict[str, torch.Tensor]) -> tuple[int, int]:
+        return int(entries["weight"].shape[1]), 0
 
-    def check_model(self, info: ModelInfo) -> None:
-        super().check_model(info)
-        if self.merge != "learned":
-            return
-        if self.score_layer is None:
-            self._build(info.embed_dim)
-        elif self.score_layer.in_features != info.embed_dim:
-            raise UnsupportedModelError(
-                f"dpcknn's learned weights take {self.score_layer.in_features}-dim tokens but the model's tokens "
-                f"have {info.embed_dim} dims; create the method with dim={info.embed_dim} (or load matching weights)"
-            )
-
-    def is_trained(self) -> bool:
-        """Whether the learned layer differs from its seeded initialisation (fitted or loaded)."""
-        if self.score_layer is None:
-            return False
-        w = self.score_layer.weight
-        return not torch.equal(w.detach(), self._init_weight.to(w.dtype))
-
-    def _weights(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merge == "average":
-            return torch.ones(x.shape[:2], dtype=x.dtype, device=x.device)
-        if self.score_layer is None:
-            self._build(x.shape[-1])
-            self.score_layer.to(x.device)  # type: ignore[union-attr]
-            self._init_weight = self._init_weight.to(x.device)
-        if not self._warned and not self.is_trained():
-            warnings.warn(
-                "dpcknn with merge='learned' is running with untrained merge weights (seeded initialisation); "
-                "fit them with tokvis.fit or load a state dict, or use merge='average'",
-                UserWarning,
-                stacklevel=2,
-            )
-            self._warned = True
-        layer = self.score_layer
-        assert layer is not None
-        s = nn.functional.linear(x, layer.weight.to(x.dtype), layer.bias.to(x.dtype)).squeeze(-1)
-        return s.exp()
+    def study_key_map(self) -> dict[str, str]:
+        return {"score.weight": "weight", "score.bias": "bias"}
 
     # -- decision ---------------------------------------------------------------------------------
     def decide(self, ctx: ReductionContext) -> LayerDecision:
+        if self.learned:  # the per-block score layer (created, checked, warned about by LearnedMethod)
+            return super().decide(ctx)
+        if ctx.target >= ctx.n_in:
+            return identity_decision(ctx)
         x = ctx.x[:, ctx.num_prefix :]
+        return self._cluster(ctx, x, torch.ones(x.shape[:2], dtype=x.dtype, device=x.device))
+
+    def reduce(self, module: nn.Module, ctx: ReductionContext) -> LayerDecision:
+        x = ctx.x[:, ctx.num_prefix :]
+        s = nn.functional.linear(x, module.weight.to(x.dtype), module.bias.to(x.dtype)).squeeze(-1)
+        return self._cluster(ctx, x, s.exp())
+
+    def _cluster(self, ctx: ReductionContext, x: torch.Tensor, weight: torch.Tensor) -> LayerDecision:
         B, n, _ = x.shape
-        if ctx.target >= n:
-            ar = torch.arange(n, device=x.device).expand(B, n).clone()
-            return LayerDecision(ctx.layer, "merge", ar, torch.ones_like(ar, dtype=torch.bool), n_out=n)
         density, delta, dist = dpc_knn(x.detach(), self.k)
         score = density * delta
         centres, cluster = dpc_centres(score, dist, ctx.target)
         keep = torch.zeros(B, n, dtype=torch.bool, device=x.device)
         keep.scatter_(1, centres, True)
         dst = slots_from_keep(keep).gather(1, centres).gather(1, cluster)
-        return LayerDecision(ctx.layer, "merge", dst, keep, n_out=ctx.target, weight=self._weights(x), score=score)
+        return LayerDecision(ctx.layer, "merge", dst, keep, n_out=ctx.target, weight=weight, score=score)

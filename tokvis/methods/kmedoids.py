@@ -1,10 +1,12 @@
-"""K-Medoids token clustering: each cluster is replaced by its medoid token."""
+"""K-Medoids token clustering: each cluster is replaced by its medoid token (the study's start and update)."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
-from tokvis.errors import MethodOptionError
+from tokvis.errors import MethodOptionError, ScheduleError
 from tokvis.methods.base import Method, ReductionContext
 from tokvis.methods.ops import decision_dtype, slots_from_keep
 from tokvis.methods.registry import register_method
@@ -60,13 +62,18 @@ def assign_to_medoids(dist: torch.Tensor, medoids: torch.Tensor) -> torch.Tensor
     return cluster
 
 
-def kmedoids(dist: torch.Tensor, init: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+def kmedoids(
+    dist: torch.Tensor, init: torch.Tensor, iterations: int, weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Alternating K-Medoids (Voronoi iteration) from given initial medoids.
 
     One iteration: assign every token to its nearest medoid, then make each
-    cluster's medoid the member with the smallest sum of distances to the other
-    members (first one on ties).  After ``iterations`` updates the tokens are
-    assigned once more to the final medoids.
+    cluster's medoid the member with the smallest cost (first one on ties).
+    The cost is, with ``weight`` (the study's rule, ``kmedoids.py:68-69,76-79``),
+    the token's weight times its summed distance to *all* tokens, whatever their
+    cluster; without it (``None``), the summed distance to the other members of
+    its own cluster (the textbook medoid).  After ``iterations`` updates the
+    tokens are assigned once more to the final medoids.
 
     Parameters
     ----------
@@ -75,6 +82,8 @@ def kmedoids(dist: torch.Tensor, init: torch.Tensor, iterations: int) -> tuple[t
     init : LongTensor [B, K]
         Distinct initial medoids.
     iterations : int, >= 1
+    weight : Tensor [B, n], optional
+        Token weights of the study's update rule.
 
     Returns
     -------
@@ -86,66 +95,138 @@ def kmedoids(dist: torch.Tensor, init: torch.Tensor, iterations: int) -> tuple[t
     B, n, _ = dist.shape
     K = init.shape[1]
     medoids = init
+    if weight is not None:  # the same for every iteration: row i of the distances scaled by w_i, summed
+        total = (dist * weight.to(dist.dtype)[:, :, None]).sum(2)
     for _ in range(iterations):
         cluster = assign_to_medoids(dist, medoids)
-        same = cluster[:, :, None] == cluster[:, None, :]  # [B, n, n]
-        cost = torch.where(same, dist, 0.0).sum(2)  # [B, n] sum of distances within the own cluster
+        if weight is None:
+            same = cluster[:, :, None] == cluster[:, None, :]  # [B, n, n]
+            cost = torch.where(same, dist, 0.0).sum(2)  # [B, n] sum of distances within the own cluster
+        else:
+            cost = total
         member = cluster[:, None, :] == torch.arange(K, device=dist.device)[None, :, None]  # [B, K, n]
         medoids = torch.where(member, cost[:, None, :], float("inf")).argmin(2)  # first minimum: lowest index
     return medoids, assign_to_medoids(dist, medoids)
 
 
+INITS = ("attn_received", "cls_attn")
+UPDATES = ("weighted_total", "within_cluster")
+
+
 @register_method("kmedoids")
 class KMedoids(Method):
-    """K-Medoids clustering of the patch tokens; each cluster becomes its medoid.
+    """K-Medoids clustering of the patch tokens; each cluster becomes its medoid (the study's rule by default).
 
-    At each reducing block, after the attention residual and before the MLP, the
-    patch tokens are clustered into ``target`` clusters by K-Medoids on their
-    features (the block's tokens at that point), under ``metric`` distance.
-    Initial medoids are the ``target`` patch tokens the class token attends to
-    most (head-mean attention); then ``iterations`` rounds of assignment and
-    medoid update (:func:`kmedoids`).  Each cluster's output token is the medoid
-    token itself: the decision gives the medoid weight 1 and the other members
-    weight 0, so :func:`~tokvis.methods.ops.apply_decision` returns exactly the
-    medoid's features, while the output token's size is the sum of the cluster's
-    sizes.  ``keep`` marks the medoids; output slots follow the medoids' original
-    order.  The recorded score is the class attention used for initialisation.
+    The study (``models/kmedoids.py`` of the TokenReduction repository) clusters
+    the *input* of each reducing block ``L``, before the block
+    (``kmedoids.py:237-251``), on the tokens' features under Euclidean distance:
 
-    Needs a class token (``UnsupportedModelError`` on average-pooling models).
+    - start: the ``K = target`` tokens that *received* the most attention in block
+      ``L - 1`` (its attention map summed over heads and queries,
+      ``kmedoids.py:240``; top-K, ``:63``), by decreasing attention;
+    - ``iterations`` rounds of: assign every token to its nearest medoid
+      (``:72-73``), then in each cluster take the member that minimises its
+      attention weight times its summed distance to *all* tokens (``:68-69,76-79``);
+    - a last assignment to the final medoids (``:81-82``); each cluster's output
+      token is its medoid's features (``:84``).
+
+    That is the default here (``init="attn_received"``, ``update="weighted_total"``):
+    stage ``"before_block"``, and the block before each reducing block hands on the
+    attention its tokens received (need ``"prev_attn_received"``; that block
+    computes its explicit attention map).  A reduction at block 0 has no block
+    before it (the study's model cannot run there either): ``ScheduleError`` when
+    the model runs; a count ``r`` without ``locations`` therefore reduces at every
+    block but the first.
+
+    Named options keep tokvis's former rule:
+
+    ``init="cls_attn"``
+        start from the ``K`` tokens the class token attends to most (head mean) in
+        block ``L`` itself, deciding after block ``L``'s attention residual and
+        before its MLP (stage ``"after_attn"``); needs a class token.
+    ``update="within_cluster"``
+        a medoid is the member with the smallest summed distance to the other
+        members of its cluster (the textbook medoid; no weights).
+
+    With ``update="weighted_total"`` the weights are the start scores (the attention
+    received, or the class attention under ``init="cls_attn"``).  Ties go to the
+    lower index; a medoid always belongs to its own cluster, and a cluster's new
+    medoid is one of its members (the study masks non-members with a large
+    constant, ``:77``, which only differs when a cost exceeds it).
+
+    The decision gives the medoid weight 1 and the other members weight 0, so
+    :func:`~tokvis.methods.ops.apply_decision` returns exactly the medoid's
+    features, while the output token's size is the sum of the cluster's sizes.
+    ``keep`` marks the medoids; output slots follow the medoids' original order
+    (the study's follow its medoid list; later blocks are permutation-equivariant).
+    The recorded score is the start score.
 
     Parameters
     ----------
     iterations : int, >= 1
-        Medoid updates (default 3).
+        Medoid updates (default 3, the study's ``--cluster_iters``).
     metric : {"euclidean", "cosine"}
-        Token distance (default "euclidean").
+        Token distance (default "euclidean", the study's).
+    init : {"attn_received", "cls_attn"}
+        Start medoids (default "attn_received", the study's).
+    update : {"weighted_total", "within_cluster"}
+        Medoid update rule (default "weighted_total", the study's).
     """
 
     kind = "merge"
-    needs = frozenset({"cls_attn"})
-    requires_class_token = True
-    class_token_use = "initialises its medoids from the class token's attention"
+    decisions_version: ClassVar[int] = 2
+    class_token_use = "initialises its medoids from the class token's attention (init='cls_attn')"
+    no_class_token_hint = "use init='attn_received' (the study's start), or a method such as 'tome' or 'dpcknn'"
 
-    def __init__(self, *, iterations: int = 3, metric: str = "euclidean") -> None:
+    def __init__(
+        self,
+        *,
+        iterations: int = 3,
+        metric: str = "euclidean",
+        init: str = "attn_received",
+        update: str = "weighted_total",
+    ) -> None:
         super().__init__()
         self.iterations = check_int("iterations", iterations, minimum=1, error=MethodOptionError)
         self.metric = check_choice("metric", metric, METRICS, error=MethodOptionError)
+        self.init = check_choice("init", init, INITS, error=MethodOptionError)
+        self.update = check_choice("update", update, UPDATES, error=MethodOptionError)
+        study_start = init == "attn_received"
+        self.stage = "before_block" if study_start else "after_attn"
+        self.needs = frozenset({"prev_attn_received" if study_start else "cls_attn"})
+        self.requires_class_token = not study_start
 
     def options(self) -> dict:
-        return {"iterations": self.iterations, "metric": self.metric}
+        return {"iterations": self.iterations, "metric": self.metric, "init": self.init, "update": self.update}
+
+    def default_locations(self, depth: int, *, keep_rate=None, r=None) -> list[int] | None:
+        """``r`` at every block but the first under the study's start (block 0 has no block before it)."""
+        if self.init != "attn_received" or isinstance(r, (bool, list, tuple)) or not isinstance(r, (int, float)):
+            return None  # keep_rate (the quarter points), a per-block r list, or the former start: the schedule's own
+        return list(range(1, depth)) if depth > 1 else None
+
+    def _start_score(self, ctx: ReductionContext) -> torch.Tensor:
+        score = ctx.prev_attn_received if self.init == "attn_received" else ctx.cls_attn
+        if score is None and self.init == "attn_received":
+            raise ScheduleError(
+                f"kmedoids starts from the attention received in the block before the reducing block, but block "
+                f"{ctx.layer} has none before it; reduce at blocks >= 1, or use init='cls_attn'"
+            )
+        assert score is not None
+        return score
 
     def decide(self, ctx: ReductionContext) -> LayerDecision:
-        assert ctx.cls_attn is not None
+        score = self._start_score(ctx)
         x = ctx.x[:, ctx.num_prefix :]
         B, n, _ = x.shape
-        score = ctx.cls_attn
         if ctx.target >= n:
             ar = torch.arange(n, device=x.device).expand(B, n).clone()
             return LayerDecision(ctx.layer, "merge", ar, torch.ones_like(ar, dtype=torch.bool), n_out=n, score=score)
         K = ctx.target
         init = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :K]
         dist = pairwise_distance(x.detach(), self.metric)
-        medoids, cluster = kmedoids(dist, init, self.iterations)
+        weight = score if self.update == "weighted_total" else None
+        medoids, cluster = kmedoids(dist, init, self.iterations, weight)
         keep = torch.zeros(B, n, dtype=torch.bool, device=x.device)
         keep.scatter_(1, medoids, True)
         slot_of_token = slots_from_keep(keep)  # slot of each medoid by original position

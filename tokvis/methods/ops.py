@@ -38,8 +38,9 @@ def apply_decision(
         Output token ``j`` is the weighted mean ``sum_i w_i x_i / sum_i w_i`` over
         the inputs with ``dst_i = j`` (``w`` = ``decision.weight``, 1 if absent), or
         the weighted sum ``sum_i w_i x_i`` when ``decision.weighted_sum`` (EViT's fused token);
-        for soft decisions ``x_out = soft @ x`` (rows of ``soft`` are normalised
-        by the method; computed sparsely when the kept tokens feed only their own
+        for soft decisions ``x_out = soft @ x`` (``soft @ decision.mix`` when the
+        decision names the tokens it mixes; rows of ``soft`` are normalised
+        by the method, or not: the study's Sinkhorn; computed sparsely when the kept tokens feed only their own
         slot, see :func:`_soft_apply`).
     size_out : Tensor [B, num_prefix + n_out]
         Sum of the sizes of the inputs of each output token (soft: ``soft @ size``),
@@ -56,7 +57,8 @@ def apply_decision(
     if decision.size_scale is not None:  # soft keep: scale the input sizes, not the tokens
         tsize = tsize * decision.size_scale.to(tsize.dtype)
     if decision.soft is not None:
-        out = _soft_apply(decision.soft.to(patches.dtype), patches, decision)
+        mixed = patches if decision.mix is None else decision.mix.to(patches.dtype)
+        out = _soft_apply(decision.soft.to(patches.dtype), mixed, decision)
         new_size = torch.bmm(decision.soft.to(tsize.dtype), tsize.unsqueeze(-1)).squeeze(-1)
     elif (
         n_out == n_in

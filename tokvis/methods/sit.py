@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +11,7 @@ from torch import nn
 
 from tokvis.errors import MethodOptionError
 from tokvis.methods._learned import LearnedMethod, init_linear, layer_norm_in, linear_in, soft_decision
-from tokvis.methods.base import ReductionContext
+from tokvis.methods.base import ReductionContext, check_placement
 from tokvis.methods.ops import decision_dtype
 from tokvis.methods.registry import register_method
 from tokvis.trace import LayerDecision
@@ -54,19 +55,28 @@ class SlotMLP(nn.Module):
 class SiT(LearnedMethod):
     """SiT token slimming (Zong et al., "Self-slimmed Vision Transformer", ECCV 2022), as in the study.
 
-    At each reducing block (after the attention, before the MLP), a
-    :class:`SlotMLP` gives every patch token a logit for each of the ``target``
-    output slots; a softmax over the *tokens* makes each slot a convex
+    The study's ``models/sit.py`` reduces the *input* of each reducing block,
+    before the block (``sit.py:115-119``); that is the default here
+    (``placement="before_block"``).  A :class:`SlotMLP` (the study's
+    ``TokenSlimmingModule``, ``sit.py:25-40``: LayerNorm, Linear, GELU, Linear, and
+    a learned ``scale``) gives every patch token a logit for each of the ``target``
+    output slots; a softmax over the *tokens* (``:38``) makes each slot a convex
     combination of the input tokens: ``x_out = soft @ x`` with ``soft [B, target,
-    n_in]``, rows summing to 1 (kind ``"soft"``).  The recorded ``dst`` of a token
-    is the slot taking the largest share of it, ``keep`` marks the largest
-    contributor of each slot (see :func:`~tokvis.methods._learned.soft_decision`).
-    A block whose budget keeps every token is skipped (identity, kind "prune").
+    n_in]``, rows summing to 1 (``:39``; kind ``"soft"``).  The recorded ``dst`` of a
+    token is the slot taking the largest share of it (the study's hard assignment,
+    ``sit.py:122``), ``keep`` marks the largest contributor of each slot (see
+    :func:`~tokvis.methods._learned.soft_decision`).  A block whose budget keeps
+    every token is skipped (identity, kind "prune").
+
+    ``placement="after_attn"`` keeps tokvis's former placement: after the block's
+    attention residual and before its MLP, on those tokens.
 
     Parameters
     ----------
     hidden_ratio : float in (0, 4]
         Hidden width of the MLP as a fraction of the embedding width (study: 0.5).
+    placement : {"before_block", "after_attn"}
+        Where the block reduces (default "before_block", the study's).
     seed : int >= 0
         Seeds the initial weights.  ``fc1`` / ``fc2`` start at std ``1/sqrt(fan_in)``
         (not timm's 0.02) so that the initial assignment is random but not
@@ -77,16 +87,19 @@ class SiT(LearnedMethod):
     """
 
     kind = "soft"
+    decisions_version: ClassVar[int] = 2
+    former_options: ClassVar[dict] = {"placement": "after_attn"}
     float32_tokens = False  # fc1 runs in the model's compute dtype, fc2 and the softmax in float32
 
-    def __init__(self, *, hidden_ratio: float = 0.5, seed: int = 0) -> None:
+    def __init__(self, *, hidden_ratio: float = 0.5, placement: str = "before_block", seed: int = 0) -> None:
         super().__init__(seed=seed)
         self.hidden_ratio = check_float(
             "hidden_ratio", hidden_ratio, low=0.0, high=4.0, low_open=True, error=MethodOptionError
         )
+        self.stage = check_placement(placement)
 
     def options(self) -> dict:
-        return {"hidden_ratio": self.hidden_ratio, "seed": self.seed}
+        return {"hidden_ratio": self.hidden_ratio, "placement": self.stage, "seed": self.seed}
 
     def make_reducer(self, dim: int, n_out: int, g: torch.Generator) -> nn.Module:
         hidden = max(1, int(dim * self.hidden_ratio))
