@@ -430,24 +430,12 @@ def _fig_performance(runs, args, root: Path, emit) -> None:
 
 
 def _image_for(run, index: int):
-    """The run's image ``index`` as [H, W, 3] in [0, 1], centre-cropped to the patch grid's aspect."""
-    import numpy as np
+    """The run's image ``index`` as [H, W, 3] in [0, 1]: the pixels its model saw (:func:`tokvis.store.seen_pixels`)."""
+    from tokvis.store.models import seen_pixels
 
-    from tokvis.datasets import open_dataset
-
-    spec = (run.manifest.get("dataset") or {}).get("spec")
-    ds = open_dataset(spec)
-    image_id = run.image_ids[index]
-    if image_id not in ds.ids:
-        raise KeyError(image_id)
-    img = ds.load(ds.ids.index(image_id)).convert("RGB")
-    gh, gw = run.grid_size
-    w, h = img.size
-    scale = min(w / gw, h / gh)
-    cw, ch = gw * scale, gh * scale
-    left, top = (w - cw) / 2, (h - ch) / 2
-    img = img.crop((round(left), round(top), round(left + cw), round(top + ch))).resize((gw * 16, gh * 16))
-    return np.asarray(img, dtype=np.float64) / 255.0
+    if not 0 <= index < run.num_images:
+        raise KeyError(index)
+    return seen_pixels(run, [index])[0] / 255.0
 
 
 def _fig_overlays(runs, keep_rate, args, emit) -> None:
