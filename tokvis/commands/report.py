@@ -25,7 +25,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "report",
         help="a sweep in one self-contained HTML file (table, viewer, similarity, figures)",
-        description=__doc__.split("\n\n")[0] + " Nothing is fetched from anywhere when it is opened.",
+        description="A sweep in one self-contained HTML file: run table, viewer, similarity, figures; it loads "
+        "nothing from anywhere when opened.",
     )
     p.add_argument("runs", help="folder holding run stores (searched recursively)")
     p.add_argument("--out", default="report.html", help="the HTML file to write (default report.html)")

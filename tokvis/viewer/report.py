@@ -206,8 +206,9 @@ def _viewer_groups(runs, n_images: int, log) -> list[dict[str, Any]]:
                 blobs.extend(pack(payload))
             m = r.meta
             sched = f"keep {m.keep_rate:g}" if m.keep_rate is not None else f"r={m.r}"
-            entries.append({**panel.describe(), "method": str(m.method), "schedule": sched, "weight": weight,
-                            "backbone_label": str(m.backbone), "data": _b64(deflate(b"".join(blobs)))})  # fmt: skip
+            entries.append({**panel.describe(), "run": r.path.name, "method": str(m.method), "schedule": sched,
+                            "weight": weight, "backbone_label": str(m.backbone),
+                            "data": _b64(deflate(b"".join(blobs)))})  # fmt: skip
         first = members[0]
         source = ImageSource([Panel(first, "")])
         with warnings.catch_warnings():
