@@ -14,7 +14,7 @@ import pytest
 
 import tokvis
 from tests.browser import browser_page, canvas_pixels, needs_browser
-from tests.integration.conftest import fails_cleanly
+from tests.integration.conftest import fails_cleanly, write_metrics
 from tokvis.cli import main
 from tokvis.store.verify import find_runs
 
@@ -32,12 +32,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     _record(root, "--method", "topk", "tome", "--keep-rate", "0.7", "0.5")
     _record(root, "--method", "vomix", "--r", "8", "--soft", "--method-options", '{"residual": "mix"}')
-    rows = []
-    for i, p in enumerate(find_runs(root)):
-        m = tokvis.load_run(p).meta
-        rows.append({"run": p.name, "backbone": m.backbone, "method": m.method, "keep_rate": m.keep_rate,
-                     "dataset": m.dataset, "fidelity": 0.5 + 0.07 * i})  # fmt: skip
-    pd.DataFrame(rows).to_csv(root / "metrics.csv", index=False)
+    write_metrics(root)
     return root
 
 
