@@ -41,7 +41,7 @@ def browser_page(allowed_prefix: str, *, width: int = 1500, height: int = 1100):
 
             ctx.route("**/*", route)
             page.on("console", lambda m: console.append((m.type, m.text)))
-            page.on("pageerror", lambda e: console.append(("pageerror", str(e))))
+            page.on("pageerror", lambda e: console.append(("pageerror", f"{e.message}\n{e.stack}")))
             yield page, console, outside
         finally:
             browser.close()

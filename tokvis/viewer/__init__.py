@@ -127,8 +127,15 @@ class ImageSource:
 
 
 def _widget_class():
-    import anywidget
-    import traitlets
+    try:
+        import anywidget
+        import traitlets
+    except ImportError as e:
+        from tokvis.errors import MissingDependencyError
+
+        raise MissingDependencyError(
+            f"tokvis.explore needs anywidget ({e}): pip install 'tokvis[explore]' (or pip install anywidget)"
+        ) from e
 
     class Explorer(anywidget.AnyWidget):
         """The explorer widget (made by :func:`explore`): ``block``, ``image``, ``selected_token`` are synced.

@@ -218,12 +218,12 @@ def _viewer_groups(runs, n_images: int, log) -> list[dict[str, Any]]:
             log(f"report: dataset {dataset!r}: {source.note}")
         images = [{"name": str(i), "src": None if pixels is None else "data:image/jpeg;base64," + _b64(jpeg(px, 85))}
                   for i, px in zip(ids, pixels if pixels is not None else [None] * len(ids), strict=True)]  # fmt: skip
-        # default panels: one run per method at the keep rate most methods have, up to 4
+        # default panels: one run per method at the keep rate most methods have, up to 6
         rates = [r.meta.keep_rate for r in members]
         common = max(set(rates), key=lambda k: (rates.count(k), -(k or 0)))
         panels, seen = [], set()
         for j, r in enumerate(members):
-            if r.meta.keep_rate == common and r.meta.method not in seen and len(panels) < 4:
+            if r.meta.keep_rate == common and r.meta.method not in seen and len(panels) < 6:
                 panels.append(j)
                 seen.add(r.meta.method)
         out.append({"title": f"{dataset}, {grid[0]}x{grid[1]} patches", "grid": list(grid), "runs": entries,

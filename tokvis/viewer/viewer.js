@@ -59,6 +59,7 @@ function createViewer(root, cfg) {
 
   root.classList.add("tv-viewer");
   root.tabIndex = 0;
+  root.dataset.lmSuppressShortcuts = "true"; // JupyterLab / Notebook 7: the arrow keys are the viewer's
   root.innerHTML = "";
   const bar = tvEl("div", "tv-bar", root);
   tvEl("span", "tv-label", bar, "block");
@@ -396,9 +397,11 @@ function createViewer(root, cfg) {
     const im = { ArrowUp: -1, ArrowDown: 1 }[e.key];
     if (d !== undefined) {
       e.preventDefault();
+      e.stopPropagation();
       setBlock(state.block + d, true);
     } else if (im !== undefined) {
       e.preventDefault();
+      e.stopPropagation();
       setImage(state.image + im, true);
     }
   });
