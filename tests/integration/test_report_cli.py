@@ -251,3 +251,25 @@ def test_report_in_chromium(runs, report, tmp_path):
     assert not outside, outside
     assert not [m for m in console if m[0] in ("error", "pageerror")], console
     assert (tmp_path / "report_selected.png").stat().st_size > 1000
+
+
+def test_seen_pixels_are_what_the_model_saw(runs):
+    """The reloaded pixels, normalised and fed to the run's rebuilt model, reproduce the recorded decisions."""
+    import torch
+
+    from tokvis.data import data_config
+    from tokvis.store import build_model, patch_for
+    from tokvis.store.models import run_spec, seen_pixels
+
+    run = tokvis.load_run(next(p for p in find_runs(runs) if "__tome__keep0.5" in p.name))
+    pixels = seen_pixels(run, range(run.num_images))
+    model = build_model(run_spec(run))
+    cfg = data_config(model)
+    assert pixels.shape == (run.num_images, *cfg["input_size"][1:], 3) and pixels.dtype == np.uint8
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(cfg["mean"]).view(1, 3, 1, 1)) / torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    patch_for(model, run_spec(run))
+    with torch.no_grad():
+        _, trace = tokvis.run_with_trace(model, x)
+    for layer in run.layers:
+        np.testing.assert_array_equal(trace.labels(layer).numpy(), run.labels(layer))
