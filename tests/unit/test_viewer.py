@@ -124,3 +124,18 @@ def test_images_reordered_by_id_and_grey_grid_note(traces):
     assert a == b  # image 1 of panel 0 is image 2 of the reversed panel
     renamed = Trace(t.decisions, dataclasses.replace(t.meta, method="renamed"))
     assert open_panels([t, renamed])[1].title.startswith("renamed")
+
+
+def test_notebook_output_keeps_a_static_picture(traces):
+    from PIL import Image
+
+    w = tokvis.explore([traces["topk"], traces["tome"]])
+    w.block = 4
+    data = w._repr_mimebundle_()
+    data = data[0] if isinstance(data, tuple) else data
+    assert "application/vnd.jupyter.widget-view+json" in data
+    img = Image.open(__import__("io").BytesIO(data["image/png"]))
+    assert img.width > img.height  # two panels side by side
+    # the picture follows the state: another block draws other regions
+    w.block = -1
+    assert w.snapshot() != data["image/png"]

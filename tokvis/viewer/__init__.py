@@ -202,6 +202,49 @@ def _widget_class():
                 buffers.extend(bufs)
             return {"type": "data", "image": int(image), "panels": panels}, buffers
 
+        def snapshot(self, *, dpi: int = 60) -> bytes:
+            """The current view (image, block) of every panel as a static PNG (matplotlib), for where widgets
+            do not render; it is part of the widget's notebook output.
+
+            Parameters
+            ----------
+            dpi : int
+                Resolution of the PNG.
+            """
+            import matplotlib
+
+            from tokvis.plotting.overlay import merge_overlay
+
+            with matplotlib.rc_context({"figure.dpi": dpi}):
+                from matplotlib.figure import Figure
+
+                fig = Figure(figsize=(2.6 * len(self.panels), 2.9), layout="constrained")
+                axes = fig.subplots(1, len(self.panels), squeeze=False)[0]
+                row = int(self._rows[self._images.panel][self.image])
+                px = self._images.pixels([row])
+                for k, (ax, p) in enumerate(zip(axes, self.panels, strict=True)):
+                    data = panel_payload(p, int(self._rows[k][self.image]))
+                    b = min(self.block, p.depth - 1)
+                    slot = sum(1 for lay in p.layers if lay <= b)
+                    gh, gw = p.grid_size
+                    img = px[0] if px is not None else np.full((gh * 8, gw * 8, 3), 0.55)
+                    merge_overlay(img, data["labels"][slot], grid_size=(gh, gw), kept=data["depth"] > b, ax=ax)
+                    ax.set_title(f"{p.title}\nblock {self.block}", fontsize=8)
+                    ax.axis("off")
+                buf = io.BytesIO()
+                fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.05)
+            return buf.getvalue()
+
+        def _repr_mimebundle_(self, **kwargs):
+            bundle = super()._repr_mimebundle_(**kwargs)
+            if isinstance(bundle, tuple):  # (data, metadata)
+                data = dict(bundle[0])
+                data["image/png"] = self.snapshot()
+                return data, bundle[1]
+            bundle = dict(bundle or {})
+            bundle["image/png"] = self.snapshot()
+            return bundle
+
         def _on_msg(self, _widget, content, _buffers) -> None:
             kind, image = content.get("type"), int(content.get("image", -1))
             if not 0 <= image < self.panels[0].num_images:
