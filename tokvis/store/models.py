@@ -211,10 +211,18 @@ def _recording_transform(spec: RunSpec):
     key = json.dumps([spec.backbone, spec.pretrained, spec.model_kwargs, spec.seed], sort_keys=True, default=str)
     if key not in _TRANSFORMS:
         import timm.data
+        import torch
 
         from tokvis.data import data_config
 
-        cfg = data_config(build_model(spec))
+        # the transform depends on the architecture's data configuration, not on the weights: build without them,
+        # on the meta device (no initialisation), and fall back to a plain build where that is not possible
+        try:
+            with torch.device("meta"):
+                model = create_backbone(spec.backbone, pretrained=False, model_kwargs=spec.model_kwargs)
+        except Exception:  # noqa: BLE001 - some architectures cannot be built on the meta device
+            model = build_model(spec)
+        cfg = data_config(model)
         _TRANSFORMS[key] = (timm.data.create_transform(**cfg, is_training=False), cfg["mean"], cfg["std"])
     return _TRANSFORMS[key]
 
