@@ -105,14 +105,14 @@ def test_widget_in_notebook(server, tmp_path):
     gh, gw = run.grid_size
     with browser_page(base) as (page, console, outside):
         page.goto(f"{base}/notebooks/explore.ipynb?token={token}")
-        page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+        page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=300_000)
         page.wait_for_timeout(1500)  # the kernel starts
         _run_cell(page, 0)
-        page.wait_for_selector(".tv-viewer canvas.tv-canvas", timeout=120_000)
+        page.wait_for_selector(".tv-viewer canvas.tv-canvas", timeout=300_000)
         page.wait_for_function(
             "() => { const i = document.querySelector('.tv-viewer .tv-info');"
             " return i && !/loading/.test(i.textContent) }",
-            timeout=60_000,
+            timeout=300_000,
         )
         viewer = page.locator(".tv-viewer").first
         viewer.screenshot(path=str(tmp_path / "widget_opened.png"))
@@ -134,13 +134,13 @@ def test_widget_in_notebook(server, tmp_path):
         page.wait_for_timeout(500)  # the change reaches the kernel
         _run_cell(page, 1)
         out = page.locator(".jp-Cell").nth(1).locator(".jp-OutputArea-output")
-        out.wait_for(timeout=60_000)
+        out.wait_for(timeout=300_000)
         state = re.search(r"STATE (-?\d+) (-?\d+) (-?\d+) (-?\d+)", out.text_content()).groups()
         assert tuple(map(int, state)) == (0, int(labels[own]), 3, 0)
         # w.block set in the kernel redraws the widget
         before = canvas_pixels(page, ".tv-viewer canvas.tv-canvas", 0)
         _run_cell(page, 2)
-        page.wait_for_function("document.querySelector('.tv-viewer').dataset.block === '1'", timeout=60_000)
+        page.wait_for_function("document.querySelector('.tv-viewer').dataset.block === '1'", timeout=300_000)
         assert (before != canvas_pixels(page, ".tv-viewer canvas.tv-canvas", 0)).any()
         viewer.screenshot(path=str(tmp_path / "widget_block1.png"))
     assert not outside, outside

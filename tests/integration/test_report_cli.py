@@ -238,6 +238,11 @@ def test_report_in_chromium(runs, report, tmp_path):
                        shaded[(p // gw) * c + c // 4, (p % gw) * c + c // 4]).any()]  # fmt: skip
         assert changed == expect
         root.screenshot(path=str(tmp_path / "report_selected.png"))
+        # "save view as PNG": a PNG of every panel, downloaded
+        with page.expect_download() as dl:
+            page.locator("#tv-viewer-0 .tv-save").click()
+        dl.value.save_as(tmp_path / "saved_view.png")
+        assert (tmp_path / "saved_view.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         # the pickers swap a panel's run
         page.select_option("#tv-viewer-0 select.tv-pick-method >> nth=0", "vomix")
         page.wait_for_timeout(300)
