@@ -26,10 +26,23 @@ function tvRamp(t) {
   return [0, 1, 2].map((c) => Math.round(a[c] + f * (b[c] - a[c])));
 }
 
-function tvHue(n) {
-  // a stable colour per patch index (golden-angle hues)
-  const h = (n * 137.508) % 360;
-  return `hsla(${h.toFixed(1)}, 85%, 55%, `;
+const TV_WHITE = [255, 255, 255];
+const TV_BLACK = [0, 0, 0];
+const TV_COLOURS = new Map();
+
+function tvRgb(n) {
+  // a stable colour per patch index: golden-angle hues, saturation 85 %, lightness 55 % (HSL to RGB)
+  if (TV_COLOURS.has(n)) return TV_COLOURS.get(n);
+  const h = ((n * 137.508) % 360) / 360, s = 0.85, l = 0.55;
+  const q = l + s - l * s, p = 2 * l - q;
+  const f = (t) => {
+    t = (t + 1) % 1;
+    const v = t < 1 / 6 ? p + (q - p) * 6 * t : t < 1 / 2 ? q : t < 2 / 3 ? p + (q - p) * (2 / 3 - t) * 6 : p;
+    return Math.round(v * 255);
+  };
+  const rgb = [f(h + 1 / 3), f(h), f(h - 1 / 3)];
+  TV_COLOURS.set(n, rgb);
+  return rgb;
 }
 
 function tvSlot(layers, block) {
@@ -228,31 +241,40 @@ function createViewer(root, cfg) {
       size.set(t, (size.get(t) || 0) + 1);
       if (!rep.has(t) || d.depth[i] > block) if (!rep.has(t) || d.depth[rep.get(t)] <= block) rep.set(t, i);
     }
+    // region fills, the selection's shading and dropped patches: one RGBA pixel per patch, drawn scaled up
     const selT = selectedToken(k);
+    if (!v.overlay || v.overlay.width !== gw || v.overlay.height !== gh) {
+      v.overlay = document.createElement("canvas");
+      v.overlay.width = gw;
+      v.overlay.height = gh;
+      v.octx = v.overlay.getContext("2d");
+      v.pixels = v.octx.createImageData(gw, gh);
+    }
+    const px = v.pixels.data;
     for (let i = 0; i < P; i++) {
-      const t = lab[i];
-      const x = (i % gw) * c, y = Math.floor(i / gw) * c;
-      if (selT !== null && t === selT) continue; // drawn below
-      if (t < 0) {
-        ctx.fillStyle = "rgba(0, 0, 0, 0.72)";
+      const t = lab[i], o = 4 * i;
+      let rgb, a;
+      if (selT !== null && t === selT) {
+        // the selected token's source patches, shaded by the block at which each was merged in (or dropped)
+        const blk = selT < 0 ? dropBlock(k, i) : d.depth[i];
+        rgb = blk > block ? TV_WHITE : tvRamp((blk + 1) / Math.max(1, p.depth));
+        a = w && selT >= 0 ? Math.max(0.1, w[i] / 255) : 0.85;
+      } else if (t < 0) {
+        rgb = TV_BLACK;
+        a = 0.72;
       } else {
-        const a = w ? 0.08 + 0.42 * (w[i] / 255) : 0.3;
-        ctx.fillStyle = tvHue(rep.get(t)) + a.toFixed(3) + ")";
+        rgb = tvRgb(rep.get(t));
+        a = w ? 0.08 + 0.42 * (w[i] / 255) : 0.3;
       }
-      ctx.fillRect(x, y, c, c);
+      px[o] = rgb[0];
+      px[o + 1] = rgb[1];
+      px[o + 2] = rgb[2];
+      px[o + 3] = Math.round(a * 255);
     }
-    if (selT !== null) {
-      // the selected token's source patches, shaded by the block at which each was merged in (or dropped)
-      for (let i = 0; i < P; i++) {
-        if (lab[i] !== selT) continue;
-        const x = (i % gw) * c, y = Math.floor(i / gw) * c;
-        let blk = selT < 0 ? dropBlock(k, i) : d.depth[i];
-        let rgb = blk > block ? [255, 255, 255] : tvRamp((blk + 1) / Math.max(1, p.depth));
-        const a = w && selT >= 0 ? Math.max(0.1, w[i] / 255) : 0.85;
-        ctx.fillStyle = `rgba(${rgb[0]}, ${rgb[1]}, ${rgb[2]}, ${a.toFixed(3)})`;
-        ctx.fillRect(x, y, c, c);
-      }
-    }
+    v.octx.putImageData(v.pixels, 0, 0);
+    ctx.imageSmoothingEnabled = false;
+    ctx.drawImage(v.overlay, 0, 0, W, H);
+    ctx.imageSmoothingEnabled = true;
     // region borders
     ctx.strokeStyle = "rgba(255, 255, 255, 0.9)";
     ctx.lineWidth = 1;
