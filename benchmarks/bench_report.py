@@ -71,12 +71,17 @@ def bench_report(runs: Path, out: Path, images: int) -> Path:
     from tokvis.store import find_runs
 
     n = len(find_runs(runs))
-    t0 = time.perf_counter()
+    import os
+
+    t0, c0 = time.perf_counter(), time.process_time()
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["report", str(runs), "--out", str(out), "--images", str(images)]) == 0
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     size = out.stat().st_size / 1e6
-    print(f"report: {n} runs x {images} images: {size:.2f} MB (budget 5), written in {dt:.1f} s (budget 60)")
+    print(
+        f"report: {n} runs x {images} images: {size:.2f} MB (budget 5), written in {dt:.1f} s (budget 60; "
+        f"{cpu:.1f} s of CPU time, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)"
+    )
     return out
 
 
