@@ -149,7 +149,7 @@ def test_bad_inputs_one_line_and_nothing_lost(runs, tmp_path, capsys, monkeypatc
         fails_cleanly(capsys, ["report", str(runs), "--out", str(out)], "is being recorded now")
 
     # a recording starts while the report reads the stores
-    import tokvis.viewer.report as R
+    import tokvis.commands._report as R
 
     real = R.report_html
 

@@ -83,11 +83,11 @@ def _load(root: Path) -> list:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from tokvis.commands._report import report_html
     from tokvis.errors import DataError
     from tokvis.fileio import atomic_write
     from tokvis.store import StoreError
     from tokvis.store.writer import recording_now
-    from tokvis.viewer.report import report_html
 
     root, out, metrics = _check(args)
     t0 = time.perf_counter()

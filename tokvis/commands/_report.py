@@ -1,6 +1,7 @@
-"""``tokvis report``'s page: one self-contained HTML file of a sweep (table, figures, similarity, the viewer).
+"""``tokvis report``'s page (built here, for the command line): one self-contained HTML file of a sweep (table,
+figures, similarity, the viewer).
 
-Everything is inline: the viewer's JavaScript and CSS, the figures (SVG or PNG, whichever is smaller), the images
+Everything is inline: the viewer's JavaScript and CSS, the figures (SVG for plots, PNG for maps), the images
 (JPEG) and the labels (int16, zlib-deflated, base64).  The page loads nothing from anywhere.
 """
 
@@ -265,7 +266,7 @@ def report_html(runs, root: Path, *, images: int = 12, metrics: Path | None = No
         f'<div id="tv-viewer-{n}"></div>'
         for n, g in enumerate(groups)
     )
-    script = viewer_js() + "\n" + resources.files(__package__).joinpath("report.js").read_text(encoding="utf-8")
+    script = viewer_js() + "\n" + resources.files("tokvis.viewer").joinpath("report.js").read_text(encoding="utf-8")
     script = script.replace("</script", "<\\/script")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
