@@ -278,3 +278,32 @@ def test_seen_pixels_are_what_the_model_saw(runs):
         _, trace = tokvis.run_with_trace(model, x)
     for layer in run.layers:
         np.testing.assert_array_equal(trace.labels(layer).numpy(), run.labels(layer))
+
+
+def test_explore_a_run_whose_images_are_gone_draws_a_grey_grid_with_one_warning(runs, monkeypatch):
+    import warnings
+
+    import tokvis.datasets
+    from tokvis.errors import DataError
+    from tokvis.store import models
+
+    def gone(spec, **kw):
+        raise DataError(f"dataset {spec!r}: folder not found")
+
+    monkeypatch.setattr(models, "_DATASETS", {})
+    monkeypatch.setattr(tokvis.datasets, "open_dataset", gone)
+    paths = find_runs(runs)[:2]
+    w = tokvis.explore(paths)  # run folders, opened lazily
+    sent = []
+    w.send = lambda msg, buffers=None: sent.append((msg, buffers))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(3):
+            w._on_msg(w, {"type": "need_image", "image": i}, [])
+    assert [str(c.message) for c in caught if "grey grid" in str(c.message)] == [
+        "tokvis.explore: the images cannot be read here (dataset 'digits': folder not found): patterns are drawn on "
+        "a grey grid"
+    ]
+    assert all(m["type"] == "image" and not b and "grey grid" in m["note"] for m, b in sent)
+    w._on_msg(w, {"type": "need", "image": 1}, [])
+    assert sent[-1][0]["type"] == "data"

@@ -253,7 +253,7 @@ def _widget_class():
                 msg, buffers = self.payload(image)
             elif kind == "need_image":
                 data = self._images.jpeg(int(self._rows[self._images.panel][image]))
-                msg, buffers = {"type": "image", "image": image}, ([data] if data else [])
+                msg, buffers = {"type": "image", "image": image, "note": self._images.note}, ([data] if data else [])
             else:
                 return
             self.bytes_sent += sum(len(b) for b in buffers)

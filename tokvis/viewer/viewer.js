@@ -468,6 +468,10 @@ function createViewer(root, cfg) {
       return ensure(state.image).then(() => drawAll());
     },
     highlighted,
+    setNote(text) {
+      note.textContent = text || "";
+      note.style.display = text ? "" : "none";
+    },
     lastDrawMs: () => lastDrawMs,
     ready: () => ensure(state.image).then(() => drawAll()),
     redraw: drawAll,

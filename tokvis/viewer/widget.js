@@ -34,6 +34,7 @@ function render({ model, el }) {
       dataCache.set(msg.image, panels);
       answer(`d${msg.image}`, panels);
     } else if (msg.type === "image") {
+      if (msg.note) viewer.setNote(msg.note);
       if (!buffers.length) return answer(`i${msg.image}`, null);
       const blob = new Blob([tvBytes(buffers[0])], { type: "image/jpeg" });
       createImageBitmap(blob).then((img) => answer(`i${msg.image}`, img), () => answer(`i${msg.image}`, null));
