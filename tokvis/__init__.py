@@ -42,6 +42,7 @@ _EXPORTS = {
     "make_schedule": "tokvis.schedule",
     "fit": "tokvis.fitting",
     "load_run": "tokvis.store",
+    "explore": "tokvis.viewer",
 }
 _SUBMODULES = ("zoo", "data", "plotting", "analysis", "attention", "adapters", "bench", "methods", "trace", "cli")
 
@@ -69,6 +70,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from tokvis.schedule import make_schedule
     from tokvis.store import load_run
     from tokvis.trace import LayerDecision, Trace, TraceMeta, load_trace
+    from tokvis.viewer import explore
 
 __all__ = [  # noqa: F822 - resolved lazily by __getattr__
     "__version__",
@@ -90,4 +92,5 @@ __all__ = [  # noqa: F822 - resolved lazily by __getattr__
     "make_schedule",
     "fit",
     "load_run",
+    "explore",
 ]

@@ -54,3 +54,7 @@ class ImageValueError(ImageSizeError):
 
 class AnalysisOptionError(TokvisError, ValueError):
     """An analysis option is not one tokvis knows (e.g. ``convention=``) or does not apply to the inputs."""
+
+
+class MissingDependencyError(TokvisError, ImportError):
+    """An optional package a feature needs is not installed (the message names the extra to install)."""

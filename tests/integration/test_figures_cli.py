@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 import tokvis
+from tests.integration.conftest import write_metrics
 from tokvis.cli import main
 from tokvis.store.verify import find_runs
 
@@ -32,12 +33,7 @@ def runs(tmp_path_factory):
     _record(root / "mctf_similarity", "vit_tiny_patch16_224", "--method", "mctf", "--r", "2",
             "--method-options", '{"criteria": ["similarity"]}')  # fmt: skip
     _record(root / "mctf_all", "vit_tiny_patch16_224", "--method", "mctf", "--r", "2")
-    rows = []
-    for i, p in enumerate(find_runs(root)):
-        m = tokvis.load_run(p).meta
-        rows.append({"run": p.name, "backbone": m.backbone, "method": m.method, "keep_rate": m.keep_rate,
-                     "dataset": m.dataset, "fidelity": 0.5 + 0.07 * i})  # fmt: skip
-    pd.DataFrame(rows).to_csv(root / "metrics.csv", index=False)
+    write_metrics(root)
     return root
 
 

@@ -281,14 +281,19 @@ def _fig_global_maps(runs, keep_rate, emit) -> None:
             _skip(f"global_maps (PCC matrix, {key[0]}, {key[1]})", f"needs >= 2 methods at keep rate {keep_rate:g}")
 
 
-def _performance_table(args, root: Path):
+def read_performance_table(path: Path):
+    """``tokvis evaluate``'s table (or a user's CSV) in wide form, its numeric measure columns with values and
+    those that are empty.
+
+    Parameters
+    ----------
+    path : Path
+        The CSV file (long form with ``measure`` / ``value`` columns, or one column per measure).
+    """
     import pandas as pd
 
     from tokvis.errors import DataError
 
-    path = Path(args.metrics) if args.metrics else root / "metrics.csv"
-    if not path.is_file():
-        return None, None, f"no performance table ({path} not found; write one with tokvis evaluate, or --metrics)"
     try:
         table = pd.read_csv(path)
     except (ValueError, pd.errors.ParserError) as e:
@@ -313,6 +318,16 @@ def _performance_table(args, root: Path):
     # matching head), a text 'measure' note and bookkeeping columns that are no performance measure
     empty = [c for c in numeric if table[c].isna().all()]
     numeric = [c for c in numeric if c not in empty and c not in _NOT_MEASURES and not str(c).endswith("_unreduced")]
+    return table, numeric, empty
+
+
+def _performance_table(args, root: Path):
+    from tokvis.errors import DataError
+
+    path = Path(args.metrics) if args.metrics else root / "metrics.csv"
+    if not path.is_file():
+        return None, None, f"no performance table ({path} not found; write one with tokvis evaluate, or --metrics)"
+    table, numeric, empty = read_performance_table(path)
     measure = args.measure
     if measure is None:
         preferred = list(dict.fromkeys([c for c in _PREFERRED if c in numeric] + numeric))
@@ -430,24 +445,12 @@ def _fig_performance(runs, args, root: Path, emit) -> None:
 
 
 def _image_for(run, index: int):
-    """The run's image ``index`` as [H, W, 3] in [0, 1], centre-cropped to the patch grid's aspect."""
-    import numpy as np
+    """The run's image ``index`` as [H, W, 3] in [0, 1]: the pixels its model saw (:func:`tokvis.store.seen_pixels`)."""
+    from tokvis.store.models import seen_pixels
 
-    from tokvis.datasets import open_dataset
-
-    spec = (run.manifest.get("dataset") or {}).get("spec")
-    ds = open_dataset(spec)
-    image_id = run.image_ids[index]
-    if image_id not in ds.ids:
-        raise KeyError(image_id)
-    img = ds.load(ds.ids.index(image_id)).convert("RGB")
-    gh, gw = run.grid_size
-    w, h = img.size
-    scale = min(w / gw, h / gh)
-    cw, ch = gw * scale, gh * scale
-    left, top = (w - cw) / 2, (h - ch) / 2
-    img = img.crop((round(left), round(top), round(left + cw), round(top + ch))).resize((gw * 16, gh * 16))
-    return np.asarray(img, dtype=np.float64) / 255.0
+    if not 0 <= index < run.num_images:
+        raise KeyError(index)
+    return seen_pixels(run, [index])[0] / 255.0
 
 
 def _fig_overlays(runs, keep_rate, args, emit) -> None:
@@ -508,22 +511,13 @@ def _fig_sources(runs, args, emit) -> None:
          "fused_tokens_mctf")  # fmt: skip
 
 
-def cmd_figures(args: argparse.Namespace) -> int:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def make_figures(runs, args, root: Path, only, keep_rate, emit) -> None:
+    """Every figure of ``only`` (:data:`FIGURES` names) from ``runs``, each passed to ``emit(fig, name)``; a figure
+    whose inputs are absent is skipped with one printed line (``args``: the options of ``tokvis figures``)."""
     import matplotlib.pyplot as plt
 
-    from tokvis.errors import DataError, TraceMismatchError
+    from tokvis.errors import TraceMismatchError
     from tokvis.store import StoreError
-
-    root, out, only, formats = _check_args(args)
-    runs = _load_runs(root)
-    keep_rate = _choose_keep_rate(runs, args.keep_rate)
-    written: list[Path] = []
-
-    def emit(fig, name: str) -> None:
-        _save(fig, out, name, formats, args.dpi, written)
 
     steps = {
         "keep_rate": lambda: _fig_keep_rate(runs, emit),
@@ -541,6 +535,24 @@ def cmd_figures(args: argparse.Namespace) -> int:
         except (TraceMismatchError, StoreError) as e:  # runs that cannot be compared, a shard failing its checksum
             plt.close("all")
             _skip(name, " ".join(str(e).split()))
+
+
+def cmd_figures(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+
+    from tokvis.errors import DataError
+
+    root, out, only, formats = _check_args(args)
+    runs = _load_runs(root)
+    keep_rate = _choose_keep_rate(runs, args.keep_rate)
+    written: list[Path] = []
+
+    def emit(fig, name: str) -> None:
+        _save(fig, out, name, formats, args.dpi, written)
+
+    make_figures(runs, args, root, only, keep_rate, emit)
     if not written:
         raise DataError(
             f"no figure could be made from the {len(runs)} runs in {root} (each figure's reason is printed above)"

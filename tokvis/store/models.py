@@ -17,7 +17,15 @@ from typing import Any
 
 from tokvis.store.format import RunConfigError, RunSpec, StoreError
 
-__all__ = ["build_model", "create_backbone", "patch_for", "run_spec", "fitted_fields", "load_fitted"]
+__all__ = [
+    "build_model",
+    "create_backbone",
+    "patch_for",
+    "run_spec",
+    "fitted_fields",
+    "load_fitted",
+    "seen_pixels",
+]
 
 
 def run_spec(run) -> RunSpec:
@@ -192,3 +200,79 @@ def patch_for(model, spec) -> None:
         kw["locations"] = list(spec.locations)
     method = load_fitted(spec) if spec.fitted is not None else spec.method
     tokvis.patch(model, method, keep_rate=spec.keep_rate, r=spec.r, **kw)
+
+
+_TRANSFORMS: dict[str, Any] = {}
+_DATASETS: dict[str, Any] = {}
+
+
+def _recording_transform(spec: RunSpec):
+    """timm's evaluation transform of a run's model and its ``mean`` / ``std`` (one model build per configuration)."""
+    key = json.dumps([spec.backbone, spec.pretrained, spec.model_kwargs, spec.seed], sort_keys=True, default=str)
+    if key not in _TRANSFORMS:
+        import timm.data
+        import torch
+
+        from tokvis.data import data_config
+
+        # the transform depends on the architecture's data configuration, not on the weights: build without them,
+        # on the meta device (no initialisation), and fall back to a plain build where that is not possible
+        try:
+            with torch.device("meta"):
+                model = create_backbone(spec.backbone, pretrained=False, model_kwargs=spec.model_kwargs)
+        except Exception:  # noqa: BLE001 - some architectures cannot be built on the meta device
+            model = build_model(spec)
+        cfg = data_config(model)
+        _TRANSFORMS[key] = (timm.data.create_transform(**cfg, is_training=False), cfg["mean"], cfg["std"])
+    return _TRANSFORMS[key]
+
+
+def seen_pixels(run, positions) -> Any:
+    """The pixels a run's model saw: its images reloaded from the run's dataset through the recording transform.
+
+    The run's manifest names the dataset and the model (backbone, weights, keyword arguments), from which the
+    recording's timm evaluation transform (resize, centre crop, normalisation; :func:`tokvis.data.transform_for`)
+    is rebuilt; the normalised tensor the model received is mapped back to pixels.
+
+    Parameters
+    ----------
+    run : tokvis.store.Run
+        A loaded run (:func:`tokvis.load_run`).
+    positions : sequence of int
+        Image positions in the run (``run.image_ids[i]``).
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 ``[len(positions), H, W, 3]`` at the model's input size.
+
+    Raises
+    ------
+    tokvis.errors.DataError
+        The run's dataset cannot be opened here, or it no longer holds one of the images.
+    """
+    import numpy as np
+    import torch
+
+    from tokvis.datasets import open_dataset
+    from tokvis.errors import DataError
+
+    desc = run.manifest.get("dataset") or {}
+    ds_spec = desc.get("spec")
+    if not ds_spec:
+        raise DataError(f"{run.path}: the manifest names no dataset to reload the images from")
+    if ds_spec not in _DATASETS:
+        ds = open_dataset(ds_spec)
+        _DATASETS[ds_spec] = (ds, {i: k for k, i in enumerate(ds.ids)})
+    ds, where = _DATASETS[ds_spec]
+    transform, mean, std = _recording_transform(run_spec(run))
+    ids = run.image_ids
+    out = []
+    for i in positions:
+        image_id = ids[int(i)]
+        if image_id not in where:
+            raise DataError(f"dataset {ds_spec!r} no longer holds image {image_id!r} of run {run.path.name}")
+        x = transform(ds.load(where[image_id]).convert("RGB"))
+        x = x * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
+        out.append((x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+    return np.stack(out) if out else np.zeros((0, 0, 0, 3), np.uint8)

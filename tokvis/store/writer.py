@@ -157,6 +157,32 @@ class RunLock:
         self.release()
 
 
+def recording_now(run_dir: Path) -> str | None:
+    """Who is recording into ``run_dir`` now (the lock holder, described), or None when nobody holds its lock.
+
+    Parameters
+    ----------
+    run_dir : path
+        A run directory.
+    """
+    import fcntl
+
+    path = Path(run_dir) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _describe(_read_holder(fd))
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def _read_holder(fd: int) -> dict[str, Any]:
     try:
         data = json.loads(os.pread(fd, 4096, 0) or b"{}")
