@@ -275,10 +275,10 @@ def check_composition_kept_depth(flavour, method, kw):
         prev_kept = kept
 
 
-def check_batch_items_independent(method, kw):
+def check_batch_items_independent(method, kw, flavour="registers"):
     """Each image of a batch gets the partition it gets alone, and the same output up to float rounding
     (float64 model; never bit for bit across batch sizes: BLAS kernels depend on the batch size)."""
-    model, x = make_model("registers", dtype=torch.float64), make_images("registers", n=3, dtype=torch.float64)
+    model, x = make_model(flavour, dtype=torch.float64), make_images(flavour, n=3, dtype=torch.float64)
     obj, sched = method_for(method, kw)
     tokvis.patch(model, obj, **sched)
     with torch.no_grad():

@@ -25,9 +25,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from tokvis.backbones import backbone_for
 from tokvis.errors import MethodOptionError, TokvisError
 from tokvis.model import check_images, grid_for_input, is_patched, model_info
-from tokvis.patching import attention_forward
+from tokvis.patching import _probs
 from tokvis.validate import check_choice, check_float, check_int
 
 __all__ = ["attention_maps", "attention_rollout"]
@@ -77,14 +78,19 @@ def _maps(model: nn.Module, images: torch.Tensor, blocks: Sequence[int], heads: 
     """:func:`attention_maps` for a checked model, images and block list."""
     out: dict[int, torch.Tensor] = {}
 
+    bb = backbone_for(model)
+    seq = bb.blocks(model)
+
     def hook(index: int):
-        def store(module: nn.Module, args, output: torch.Tensor) -> None:
-            _, extras = attention_forward(model.blocks[index].attn, output, need_attn=True)
-            out[index] = extras.attn.mean(1) if heads == "mean" else extras.attn
+        def store(module: nn.Module, args, kwargs) -> None:  # the block's input, through its own layers
+            x = args[0] if args else kwargs["x"]
+            q, k, _, _ = bb.project(module, bb.norm1(module, x), None, kwargs.get("rope"))
+            probs = _probs(bb.attention(module), q, k, None)
+            out[index] = probs.mean(1) if heads == "mean" else probs
 
         return store
 
-    handles = [model.blocks[i].norm1.register_forward_hook(hook(i)) for i in sorted(set(blocks))]
+    handles = [seq[i].register_forward_pre_hook(hook(i), with_kwargs=True) for i in sorted(set(blocks))]
     was_training = model.training
     try:
         model.eval()

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokvis.errors import ImageSizeError, ImageValueError, UnsupportedModelError
+from tokvis.errors import ImageSizeError, ImageValueError
 
 __all__ = [
     "ModelInfo",
@@ -76,49 +76,19 @@ def attn_dim(attn: nn.Module) -> int:
 
 
 def model_info(model: nn.Module) -> ModelInfo:
-    """Check that ``model`` is a supported timm ViT and describe it.
+    """Check that ``model`` is a supported vision transformer and describe it.
+
+    The model's family adapter (:func:`tokvis.backbones.backbone_for`) checks its blocks.
 
     Raises
     ------
     UnsupportedModelError
-        Not a timm ``VisionTransformer``, or a block / attention layer of a kind
+        Not a model of a supported family, or a block / attention layer of a kind
         tokvis cannot patch; the message names the unsupported part.
     """
-    VisionTransformer, Block, Attention = timm_classes()
-    if not isinstance(model, VisionTransformer):
-        raise UnsupportedModelError(
-            f"tokvis patches timm VisionTransformer models (ViT, DeiT, DeiT-III, DINOv2, ...); got "
-            f"{type(model).__module__}.{type(model).__name__}. Hierarchical or convolutional models "
-            "(ResNet, Swin, ConvNeXt, ...) have no flat token sequence to reduce"
-        )
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
-        raise UnsupportedModelError("the model has no nn.Sequential of blocks (model.blocks)")
-    for i, blk in enumerate(blocks):
-        base = getattr(type(blk), "_tokvis_original_class", type(blk))
-        if base is not Block:
-            raise UnsupportedModelError(
-                f"block {i} is a {base.__module__}.{base.__name__}; tokvis supports timm's standard "
-                "pre-norm Block only (not ResPostBlock, ParallelScalingBlock, ...)"
-            )
-        if type(blk.attn) is not Attention:
-            a = type(blk.attn)
-            raise UnsupportedModelError(
-                f"block {i} uses attention {a.__module__}.{a.__name__}; tokvis supports timm's standard "
-                "Attention (qk-norm, scale-norm and gating included), not rotary / differential / other variants"
-            )
-    attn = blocks[0].attn
-    pe = model.patch_embed
-    return ModelInfo(
-        depth=len(blocks),
-        num_prefix_tokens=int(model.num_prefix_tokens),
-        has_class_token=model.cls_token is not None,
-        embed_dim=int(model.embed_dim),
-        num_heads=int(attn.num_heads),
-        grid_size=tuple(int(v) for v in pe.grid_size),  # type: ignore[arg-type]
-        dynamic_img_size=bool(getattr(model, "dynamic_img_size", False)),
-        gated_attention=any(getattr(b.attn, "gate", None) is not None for b in blocks),
-    )
+    from tokvis.backbones import backbone_for
+
+    return backbone_for(model).describe(model)
 
 
 def backbone_name(model: nn.Module) -> str:
@@ -129,10 +99,9 @@ def backbone_name(model: nn.Module) -> str:
 
 def grid_for_input(model: nn.Module, hw: tuple[int, int]) -> tuple[int, int]:
     """Patch grid the model produces for an input of size ``hw``."""
-    pe = model.patch_embed
-    if getattr(model, "dynamic_img_size", False):
-        return tuple(int(v) for v in pe.dynamic_feat_size(hw))  # type: ignore[return-value]
-    return tuple(int(v) for v in pe.grid_size)  # type: ignore[return-value]
+    from tokvis.backbones import backbone_for
+
+    return backbone_for(model).grid_for_input(model, hw)
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype | None:

@@ -1,11 +1,12 @@
-"""Apply / remove a reduction method on a timm ``VisionTransformer``.
+"""Apply / remove a reduction method on a vision transformer (timm ``VisionTransformer``, ``Eva``, ...).
 
-Patching swaps the class of every timm ``Block`` for a subclass whose
-``forward`` calls the block's *own* submodules in timm's order (``norm1``,
-``attn.qkv``, ``attn.q_norm`` / ``k_norm``, ``attn.norm``, ``attn.gate``,
-``attn.proj``, ``ls1``, ``drop_path1``, ``norm2``, ``mlp``, ``ls2``,
-``drop_path2``), so LayerScale, qk-norm and gated / scale-normed attention keep
-working.  No timm forward is copied.  At a reducing block the method is asked
+Patching swaps the class of every block for a subclass whose ``forward`` calls
+the block's *own* submodules through the model family's adapter
+(:mod:`tokvis.backbones`: for timm's ViT ``norm1``, ``attn.qkv``,
+``attn.q_norm`` / ``k_norm``, ``attn.norm``, ``attn.gate``, ``attn.proj``,
+``ls1``, ``drop_path1``, ``norm2``, ``mlp``, ``ls2``, ``drop_path2``), so
+LayerScale, qk-norm, gated / scale-normed attention and rotary embeddings keep
+working.  No library forward is copied.  At a reducing block the method is asked
 for a decision after the attention residual and before the MLP; the one shared
 :func:`tokvis.methods.ops.apply_decision` applies it.
 
@@ -19,6 +20,7 @@ class token's query alone, beside the fused ``scaled_dot_product_attention``.
 
 from __future__ import annotations
 
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -27,13 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokvis.errors import TokvisError
+from tokvis.backbones import Backbone, TokenPositions, backbone_for
+from tokvis.backbones.timm_vit import TimmViT
+from tokvis.errors import MethodOptionError, TokvisError
 from tokvis.methods.base import Method, ReductionContext
 from tokvis.methods.ops import apply_decision, decision_dtype
 from tokvis.methods.registry import create_method
 from tokvis.model import (  # noqa: F401  (model_info, check_images, ... stay importable from here)
     ModelInfo,
-    attn_dim,
     backbone_name,
     check_images,
     grid_for_input,
@@ -44,6 +47,10 @@ from tokvis.model import (  # noqa: F401  (model_info, check_images, ... stay im
 from tokvis.recording import report
 from tokvis.schedule import Schedule, make_schedule
 from tokvis.trace import LayerDecision
+from tokvis.validate import check_choice
+
+#: where a merged token sits for rotary position embeddings (:func:`patch`'s ``merge_position``)
+MERGE_POSITIONS = ("destination", "mean")
 
 __all__ = ["patch", "unpatch", "is_patched", "model_info", "attention_forward", "check_images"]
 
@@ -89,7 +96,39 @@ def attention_forward(
         ``[B, H, T - num_prefix]`` (always the one-row path, :func:`_cls_heads`),
         or the full attention probabilities ``[B, H, T, T]``.
     """
-    q, k, v, gate = _qkv(attn, x)
+    q, k, v, gate = _TIMM_VIT.project(_AttnHolder(attn), x, None)
+    out, extras = _attend(
+        attn, q, k, v, bias=bias, num_prefix=num_prefix, need_keys=need_keys, need_cls=need_cls,
+        need_cls_heads=need_cls_heads, need_attn=need_attn,
+    )  # fmt: skip
+    return _TIMM_VIT.attention_output(_AttnHolder(attn), out, gate), extras
+
+
+_TIMM_VIT = TimmViT()
+
+
+class _AttnHolder:
+    """A stand-in block that holds only an attention module (for :func:`attention_forward`)."""
+
+    def __init__(self, attn: nn.Module) -> None:
+        self.attn = attn
+
+
+def _attend(
+    attn: nn.Module,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    bias: torch.Tensor | None,
+    num_prefix: int,
+    need_keys: bool = False,
+    need_cls: bool = False,
+    need_cls_heads: bool = False,
+    need_attn: bool = False,
+) -> tuple[torch.Tensor, AttentionExtras]:
+    """The attention heads ``[B, H, T, d]`` of ``q``, ``k``, ``v`` (fused unless the map is needed) and the
+    extras asked for; ``attn`` gives the scale, dropout and whether the module uses the fused kernel."""
     mask = None if bias is None else bias[:, None, None, :].to(q.dtype)
     extras = AttentionExtras(keys=k if need_keys else None)
     if need_cls_heads:
@@ -107,16 +146,7 @@ def attention_forward(
         )
         if need_cls:
             extras.cls_attn = _cls_row(attn, q, k, mask, num_prefix)
-    return _attention_output(attn, out, gate), extras
-
-
-def _qkv(attn: nn.Module, x: torch.Tensor):
-    """Queries, keys, values ``[B, H, T, d]`` (after q/k norm) and the output gate of a timm Attention."""
-    B, T, _ = x.shape
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    return attn.q_norm(q), attn.k_norm(k), v, gate
+    return out, extras
 
 
 def _probs(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -142,18 +172,6 @@ def _cls_heads(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, mask: torch.Te
     return row[:, :, 0, num_prefix:]
 
 
-def _attention_output(attn: nn.Module, out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-    """Heads ``[B, H, T, d]`` -> tokens ``[B, T, C]`` through the module's norm, gate and projection."""
-    B, _, T, _ = out.shape
-    out = out.transpose(1, 2).reshape(B, T, attn_dim(attn))
-    norm = getattr(attn, "norm", None)  # scale-norm (timm >= 1.0.16)
-    if norm is not None:
-        out = norm(out)
-    if gate is not None:
-        out = out * gate
-    return attn.proj_drop(attn.proj(out))
-
-
 # --------------------------------------------------------------------------------------------------
 # patch state and the patched block
 
@@ -165,9 +183,14 @@ class PatchState:
     method: Method
     schedule: Schedule
     info: ModelInfo
+    backbone: Backbone = field(default_factory=TimmViT)
+    #: options of the positions that follow the tokens (``merge_position``)
+    position_options: dict = field(default_factory=dict)
     hook: Any = None
+    model_ref: Any = None  # weakref to the patched model (no module cycle)
     # per forward
     size: torch.Tensor | None = None
+    positions: TokenPositions | None = None  # of the current tokens (rotary families), None: unreduced / none
     n_patches: int = 0
     grid: tuple[int, int] | None = None  # patch grid of the images of the current call (input hook)
     # (block, [B, n]): attention received by each patch token in that block, for the next reducing block
@@ -185,8 +208,11 @@ class PatchState:
             self.checked.add(self.n_patches)
 
 
-def _patched_block_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+def _patched_block_forward(
+    self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False, rope: Any = None
+):
     st: PatchState = self._tokvis_state
+    bb = st.backbone
     if attn_mask is not None or is_causal:
         raise TokvisError(
             "token reduction changes the sequence length, so attention masks / causal attention cannot be "
@@ -196,6 +222,7 @@ def _patched_block_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None
     p = st.info.num_prefix_tokens
     if layer == 0:  # every forward enters at block 0: reset the per-forward state
         st.begin(x)
+        st.positions = bb.start_positions(st.model_ref(), st.position_options, rope, x, st.grid)
     method = st.method
     n_in = x.shape[1] - p
     target = st.schedule.capped_target(
@@ -206,30 +233,33 @@ def _patched_block_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None
         x, _ = _decide_and_apply(self, st, ctx)
         target = None
     bias = st.size.log() if method.proportional_attention and st.size is not None else None
-    h = self.norm1(x)
+    attn = bb.attention(self)
+    h = bb.norm1(self, x)
+    q, k, v, gate = bb.project(self, h, st.positions, rope)
     if target is not None and method.stage == "in_attention":
-        q, k, v, gate = _qkv(self.attn, h)
         mask = None if bias is None else bias[:, None, None, :].to(q.dtype)
         # the explicit [B, H, T, T] map only for a method that uses it (MCTF); the class-token rows are one
         # query row each, and the reduced attention itself stays fused (Method.reduced_attention)
-        probs = _probs(self.attn, q, k, mask) if "attn" in method.needs else None
+        probs = _probs(attn, q, k, mask) if "attn" in method.needs else None
         cls_attn = None
         if "cls_attn" in method.needs:
-            cls_attn = probs[:, :, 0, p:].mean(1) if probs is not None else _cls_row(self.attn, q, k, mask, p)
+            cls_attn = probs[:, :, 0, p:].mean(1) if probs is not None else _cls_row(attn, q, k, mask, p)
         ctx = _context(
             st, layer, x, target, stage="in_attention", keys=k, queries=q, values=v, attn=probs, cls_attn=cls_attn,
-            cls_attn_heads=_cls_heads(self.attn, q, k, mask, p) if "cls_attn_heads" in method.needs else None,
-            project=lambda t: _qkv(self.attn, self.norm1(t))[:3],
+            cls_attn_heads=_cls_heads(attn, q, k, mask, p) if "cls_attn_heads" in method.needs else None,
+            project=lambda t: bb.project(self, bb.norm1(self, t), st.positions, rope)[:3],
         )  # fmt: skip
         x, decision = _decide_and_apply(self, st, ctx)
-        out = method.reduced_attention(ctx, decision, scale=self.attn.scale, bias=bias)
-        x = x + self.drop_path1(self.ls1(_attention_output(self.attn, out, gate)))
+        out = method.reduced_attention(ctx, decision, scale=attn.scale, bias=bias)
+        x = x + bb.attention_residual(self, bb.attention_output(self, out, gate))
     else:
         needs = method.needs if target is not None else ()
         hand_on = "prev_attn_received" in method.needs and st.schedule.stage(layer + 1) is not None
-        out, extras = attention_forward(
-            self.attn,
-            h,
+        out, extras = _attend(
+            attn,
+            q,
+            k,
+            v,
             bias=bias,
             num_prefix=p,
             need_keys="keys" in needs,
@@ -237,7 +267,7 @@ def _patched_block_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None
             need_cls_heads="cls_attn_heads" in needs,
             need_attn="attn" in needs or hand_on,
         )
-        x = x + self.drop_path1(self.ls1(out))
+        x = x + bb.attention_residual(self, bb.attention_output(self, out, gate))
         if target is not None and method.stage == "after_attn":
             ctx = _context(
                 st, layer, x, target, keys=extras.keys, cls_attn=extras.cls_attn,
@@ -246,7 +276,7 @@ def _patched_block_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None
             x, _ = _decide_and_apply(self, st, ctx)
         if hand_on:
             st.attn_received = (layer, _attn_received(extras.attn, p))
-    x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+    x = x + bb.mlp_residual(self, x)
     if target is not None and method.stage == "after_block":  # on the block's output (MCTF without one-step-ahead)
         ctx = _context(
             st, layer, x, target, stage="after_block", keys=extras.keys, cls_attn=extras.cls_attn,
@@ -309,6 +339,8 @@ def _decide_and_apply(block: nn.Module, st: PatchState, ctx: ReductionContext) -
         _check_decision(decision, ctx.layer, ctx.x.shape[0], ctx.n_in, st.method)
         report(block, decision)
         x, st.size = apply_decision(ctx.x, ctx.size, decision, num_prefix=ctx.num_prefix)
+        if st.positions is not None:
+            st.positions = st.positions.follow(decision)
     return x, decision
 
 
@@ -359,6 +391,7 @@ def patch(
     keep_rate: float | None = None,
     r: int | Sequence[int] | None = None,
     locations: Sequence[int] | None = None,
+    merge_position: str = "destination",
     **options,
 ) -> nn.Module:
     """Patch ``model`` in place with a token reduction method and return it.
@@ -375,6 +408,13 @@ def patch(
         Tokens removed at each block (ToMe convention), or one entry per block.
     locations : list of int, optional
         Blocks where reductions happen.
+    merge_position : {"destination", "mean"}
+        Models with rotary position embeddings (timm ``Eva``: DINOv3, EVA-02, RoPE ViTs): the
+        position a merged token is rotated with, the position of its destination token (the
+        default: every token stays on the grid the model was trained on) or the mean of its
+        sources' coordinates weighted as the tokens are (the analogue of what merging does to an
+        absolute position embedding).  Pruned tokens always keep their own position.  Models with
+        absolute position embeddings have no positions to follow: the option does not change them.
     **options
         Method options (when ``method`` is a name).
 
@@ -385,7 +425,9 @@ def patch(
     ------
     UnsupportedModelError, ScheduleError, UnknownMethodError, MethodOptionError
     """
-    info = model_info(model)
+    backbone = backbone_for(model)
+    info = backbone.describe(model)
+    check_choice("merge_position", merge_position, MERGE_POSITIONS, error=MethodOptionError)
     if isinstance(method, str):
         method_obj = create_method(method, **options)
     elif isinstance(method, Method):
@@ -408,8 +450,12 @@ def patch(
     if is_patched(model):
         unpatch(model)
     method_obj.to(next(model.parameters()).device)
-    state = PatchState(method=method_obj, schedule=schedule, info=info)
-    for i, blk in enumerate(model.blocks):
+    state = PatchState(
+        method=method_obj, schedule=schedule, info=info, backbone=backbone,
+        position_options={"merge_position": merge_position}, model_ref=weakref.ref(model),
+    )  # fmt: skip
+    backbone.check_positions(model, state.position_options)
+    for i, blk in enumerate(backbone.blocks(model)):
         blk.__class__ = _patched_class(type(blk))
         blk._tokvis_index = i
         blk._tokvis_state = state
@@ -430,7 +476,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     state: PatchState | None = getattr(model, "_tokvis", None)
     if state is None:
         return model
-    for blk in model.blocks:
+    for blk in state.backbone.blocks(model):
         orig = getattr(type(blk), "_tokvis_original_class", None)
         if orig is not None:
             blk.__class__ = orig

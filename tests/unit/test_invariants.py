@@ -24,14 +24,14 @@ from tests.invariants import (
     method_for,
     schedule_id,
 )
-from tests.models import FLAVOURS, make_images, make_model
+from tests.models import EVA_FLAVOURS, FLAVOURS, make_images, make_model
 from tokvis.errors import UnsupportedModelError
 from tokvis.methods import get_method_class, register_method
 from tokvis.methods.base import Method
 
 METHODS = tokvis.list_methods()  # the registry, not the matrix: a method without entry fails here too
 IDS = [f"{m}-{schedule_id(kw)}" for m, kw in MATRIX_SCHEDULES]
-NO_REDUCTION_FLAVOURS = list(FLAVOURS)
+NO_REDUCTION_FLAVOURS = list(FLAVOURS) + list(EVA_FLAVOURS)  # every supported family
 
 
 # -- the guard ---------------------------------------------------------------------------------
@@ -74,7 +74,7 @@ def test_matrix_entry_states_the_methods_facts(name):
 @pytest.mark.parametrize("flavour", NO_REDUCTION_FLAVOURS)
 @pytest.mark.parametrize("name", METHODS)
 def test_no_reduction_equals_unpatched(name, flavour):
-    if flavour == "avgpool" and case_for(name).needs_class_token:
+    if flavour in ("avgpool", "eva_rope_reg_gap", "eva02_gap") and case_for(name).needs_class_token:
         model = make_model(flavour)
         with pytest.raises(UnsupportedModelError, match="no class token"):
             tokvis.patch(model, method_for(name)[0], keep_rate=1.0)

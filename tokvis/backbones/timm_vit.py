@@ -1,0 +1,48 @@
+"""Adapter of timm's ``VisionTransformer`` (ViT, DeiT, DeiT-III, DINOv2, CLIP, SigLIP, ...)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from tokvis.backbones.base import Backbone, check_timm_blocks, timm_model_info
+from tokvis.errors import UnsupportedModelError
+
+
+class TimmViT(Backbone):
+    """timm ``VisionTransformer`` with its standard pre-norm ``Block`` and ``Attention``.
+
+    The block's own layers run in timm's order: ``norm1``, ``attn.qkv``, ``attn.q_norm`` /
+    ``k_norm``, ``attn.norm`` (scale-norm), ``attn.gate``, ``attn.proj``, ``ls1``, ``drop_path1``,
+    ``norm2``, ``mlp``, ``ls2``, ``drop_path2``.  Positions are absolute (added before block 0),
+    so there are none to follow.
+    """
+
+    family = "timm-vit"
+
+    def accepts(self, model: nn.Module) -> bool:
+        from tokvis.model import timm_classes
+
+        return isinstance(model, timm_classes()[0])
+
+    def describe(self, model: nn.Module):
+        from tokvis.model import timm_classes
+
+        _, Block, Attention = timm_classes()
+        blocks = getattr(model, "blocks", None)
+        if not isinstance(blocks, nn.Sequential):
+            raise UnsupportedModelError("the model has no nn.Sequential of blocks (model.blocks)")
+        check_timm_blocks(
+            blocks, Block, (Attention,),
+            "tokvis supports timm's standard pre-norm Block only (not ResPostBlock, ParallelScalingBlock, ...)",
+            "tokvis supports timm's standard Attention (qk-norm, scale-norm and gating included), not rotary / "
+            "differential / other variants",
+        )  # fmt: skip
+        return timm_model_info(model)
+
+    def project(self, block, h, positions, rope=None):
+        attn = block.attn
+        B, T, _ = h.shape
+        gate = attn.gate(h).sigmoid() if getattr(attn, "gate", None) is not None else None
+        qkv = attn.qkv(h).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        return attn.q_norm(q), attn.k_norm(k), v, gate
