@@ -254,7 +254,7 @@ def _patched_block_forward(
         x = x + bb.attention_residual(self, bb.attention_output(self, out, gate))
     else:
         needs = method.needs if target is not None else ()
-        hand_on = "prev_attn_received" in method.needs and st.schedule.stage(layer + 1) is not None
+        hand_on = "prev_attn_received" in method.needs and _next_reduces(st, layer, x.shape[1] - p)
         out, extras = _attend(
             attn,
             q,
@@ -296,6 +296,17 @@ def _attn_received(probs: torch.Tensor, num_prefix: int) -> torch.Tensor:
     """Attention received by each patch token ``[B, n]``: the map ``[B, H, T, T]`` summed over heads and queries
     (float32 for fp16 / bf16 maps), for the need ``"prev_attn_received"`` of the next block's method."""
     return probs.to(decision_dtype(probs.dtype)).sum((1, 2))[:, num_prefix:]
+
+
+def _next_reduces(st: PatchState, layer: int, n: int) -> bool:
+    """Block ``layer + 1`` will remove tokens from the ``n`` patch tokens this block outputs (a block whose budget
+    keeps them all leaves this block's fused attention alone: ``keep_rate=1.0`` stays bit for bit unpatched)."""
+    if layer + 1 >= st.info.depth:
+        return False
+    target = st.schedule.capped_target(
+        layer + 1, n, st.n_patches, st.method.max_removal, removals=keep_rate_removals(st.method)
+    )
+    return target is not None and target < n
 
 
 def _prev_received(st: PatchState, layer: int) -> torch.Tensor | None:

@@ -249,7 +249,8 @@ def test_method_spec_strings():
 
     name, options = parse_method_spec("sinkhorn:eps=0.1,iters=5")
     assert (name, options) == ("sinkhorn", {"eps": 0.1, "iters": 5})
-    assert create_method(name, **options).options() == {"eps": 0.1, "iters": 5, "seed": 0}
+    expect = {"eps": 0.1, "iters": 5, "seed": 0, "output": "study", "placement": "before_block"}
+    assert create_method(name, **options).options() == expect
     assert parse_method_spec("vomix:residual=drop,soft=true") == ("vomix", {"residual": "drop", "soft": True})
     assert parse_method_spec("tome") == ("tome", {})
     with pytest.raises(MethodOptionError, match="KEY=VALUE"):

@@ -216,12 +216,13 @@ class KMedoids(Method):
         return score
 
     def decide(self, ctx: ReductionContext) -> LayerDecision:
-        score = self._start_score(ctx)
         x = ctx.x[:, ctx.num_prefix :]
         B, n, _ = x.shape
-        if ctx.target >= n:
+        if ctx.target >= n:  # nothing to reduce (the block before computed nothing for it)
             ar = torch.arange(n, device=x.device).expand(B, n).clone()
+            score = ctx.cls_attn if self.init == "cls_attn" else None
             return LayerDecision(ctx.layer, "merge", ar, torch.ones_like(ar, dtype=torch.bool), n_out=n, score=score)
+        score = self._start_score(ctx)
         K = ctx.target
         init = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :K]
         dist = pairwise_distance(x.detach(), self.metric)
