@@ -6,7 +6,8 @@ row of :data:`ROWS` (a method and its options) and each keep rate (0.7 and 0.5 a
 locations), the fidelity -- the mean cosine similarity of the pooled feature to the unreduced
 model's -- on ``zoo.create("dinov2_small_offline")`` (real DINOv2 ViT-S/14 weights) and foolbox's 20
 ImageNet photos, with the patch tokens left after the last reducing block (mean over the images) and
-the GFLOPs per image.  Learned methods need fitted parameters and are not in the rows.
+the GFLOPs per image.  Learned methods need fitted parameters and are not in the rows (their options are measured by
+benchmarks/fidelity_study.py against the study's code).
 
 Run: python benchmarks/study_variants.py [--rates 0.7 0.5] [--threads 2]
 Prints a markdown table.  Extend :data:`ROWS` with further ``(method, options, what)`` rows.
@@ -34,6 +35,10 @@ ROWS: list[tuple[str, dict, str]] = [
     ("ats", {"sampling": "sorted"}, "earlier tokvis: sorted inverse CDF, fitting images keep all"),
     ("tome", {}, "study default: per-stage removals capped at half"),
     ("tome", {"budget": "exact"}, "earlier tokvis: exact budget by repeated matching"),
+    ("kmedoids", {}, "study default: block input, start from attention received, weight x total distance"),
+    ("kmedoids", {"init": "cls_attn", "update": "within_cluster"}, "earlier tokvis: after attention, CLS start"),
+    ("dpcknn", {}, "study default (--equal_weight): block input, average merge"),
+    ("dpcknn", {"placement": "after_attn"}, "earlier tokvis: after the attention"),
 ]
 
 
