@@ -119,6 +119,21 @@ def _qkv(attn: nn.Module, x: torch.Tensor):
     return attn.q_norm(q), attn.k_norm(k), v, gate
 
 
+def _qkv_rows(attn: nn.Module, x: torch.Tensor, first: int, last: int) -> tuple[torch.Tensor, ...]:
+    """Parts ``first .. last - 1`` of ``(q, k, v)``, each ``[B, H, T, d]`` (before q/k norm), computed with
+    only the rows of ``attn.qkv`` that give them (the whole projection, sliced, when ``qkv`` is not a plain
+    ``nn.Linear``)."""
+    B, T, _ = x.shape
+    C = attn_dim(attn)
+    lin = attn.qkv
+    if type(lin) is nn.Linear:
+        bias = None if lin.bias is None else lin.bias[first * C : last * C]
+        out = F.linear(x, lin.weight[first * C : last * C], bias)
+    else:
+        out = lin(x)[..., first * C : last * C]
+    return out.reshape(B, T, last - first, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+
 def _probs(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     logits = (q * attn.scale) @ k.transpose(-2, -1)
     if mask is not None:
@@ -202,7 +217,11 @@ def _patched_block_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None
     bias = st.size.log() if method.proportional_attention and st.size is not None else None
     h = self.norm1(x)
     if target is not None and method.stage == "in_attention":
-        q, k, v, gate = _qkv(self.attn, h)
+        if method.input_values:
+            q, k, v, gate = _qkv(self.attn, h)
+        else:  # the values of the reduced tokens only (ctx.project_values): q and k of the input
+            q, k = _qkv_rows(self.attn, h, 0, 2)
+            q, k, v, gate = self.attn.q_norm(q), self.attn.k_norm(k), None, None  # gated: refused by check_model
         mask = None if bias is None else bias[:, None, None, :].to(q.dtype)
         # the explicit [B, H, T, T] map only for a method that uses it (MCTF); the class-token rows are one
         # query row each, and the reduced attention itself stays fused (Method.reduced_attention)
@@ -213,7 +232,7 @@ def _patched_block_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None
         ctx = _context(
             st, layer, x, target, stage="in_attention", keys=k, queries=q, values=v, attn=probs, cls_attn=cls_attn,
             cls_attn_heads=_cls_heads(self.attn, q, k, mask, p) if "cls_attn_heads" in method.needs else None,
-            project=lambda t: _qkv(self.attn, self.norm1(t))[:3],
+            project_values=lambda t: _qkv_rows(self.attn, self.norm1(t), 2, 3)[0],
         )  # fmt: skip
         x, decision = _decide_and_apply(self, st, ctx)
         out = method.reduced_attention(ctx, decision, scale=self.attn.scale, bias=bias)

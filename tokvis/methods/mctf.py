@@ -305,6 +305,7 @@ class MCTF(Method):
     ) -> None:
         self.one_step_ahead = bool(check_choice("one_step_ahead", one_step_ahead, (True, False), error=_E))
         self.stage = "in_attention" if self.one_step_ahead else "after_block"
+        self.input_values = False  # one-step-ahead: only the fused tokens' values are projected
         self.metric = check_choice("metric", metric, ("tokens", "keys"), error=_E)
         self.needs = frozenset({"attn"} | ({"keys"} if self.metric == "keys" else set()))
         super().__init__()
@@ -459,11 +460,11 @@ class MCTF(Method):
         ``[B, H, T', d]``.
         """
         A, p = ctx.attn, ctx.num_prefix
-        assert A is not None and ctx.values is not None and ctx.project is not None
+        assert A is not None and ctx.project_values is not None
         if decision.n_out == decision.n_in and bool(
             (decision.dst == torch.arange(decision.n_in, device=A.device)).all()
         ):
-            return A @ ctx.values
+            return A @ ctx.project_values(ctx.x)
         B, H, T, _ = A.shape
         n, n_out = decision.n_in, decision.n_out
         dst = decision.dst
@@ -478,5 +479,4 @@ class MCTF(Method):
         rows = merge_mean(rows, dst, n_out, w).reshape(B, n_out, H, Tn).transpose(1, 2)
         A_hat = torch.cat([A1[:, :, :p], rows], dim=2)  # [B, H, T', T']
         x_hat, _ = apply_decision(ctx.x, ctx.size, decision, num_prefix=p)
-        _, _, v_hat = ctx.project(x_hat)
-        return A_hat @ v_hat
+        return A_hat @ ctx.project_values(x_hat)
