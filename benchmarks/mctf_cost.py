@@ -3,7 +3,7 @@
 Run::
 
     python benchmarks/mctf_cost.py --mctf-repo path/to/mlvlab/MCTF [--models deit_tiny_patch16_224 ...]
-        [--batch 8] [--repeats 5] [--threads 1] [--no-timing]
+        [--batch 8] [--repeats 5] [--threads 1] [--no-timing | --no-flops]
 
 FLOPs: both models counted with ``torch.utils.flop_counter.FlopCounterMode`` (:func:`tokvis.bench.count_flops`,
 the same call on both), printed as GMACs per image (multiply-adds, the papers' "GFLOPs"), with the operators
@@ -92,6 +92,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch threads for the timing (default 1)")
     p.add_argument("--no-timing", action="store_true", help="FLOPs only")
+    p.add_argument("--no-flops", action="store_true", help="timing only")
     p.add_argument("--timing-model", default="deit_small_patch16_224")
     args = p.parse_args()
 
@@ -99,7 +100,8 @@ def main() -> None:
 
     if official_for(args.mctf_repo, 16, {}) is None:
         raise SystemExit(2)
-    flops_table(args.mctf_repo, args.models, args.batch)
+    if not args.no_flops:
+        flops_table(args.mctf_repo, args.models, args.batch)
     if args.no_timing:
         return
     import timm
