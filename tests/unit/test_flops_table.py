@@ -61,3 +61,21 @@ def test_cli_unknown_row_is_one_line_exit_2(capsys):
     assert main(["flops", "--rows", "DeiT-Z"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "DeiT-Z" in err[0]
+
+
+def test_bench_flops_prints_the_same_table(capsys, monkeypatch):
+    import tokvis.bench
+
+    real = tokvis.bench.flops_table
+    asked = []
+
+    def one_row(labels=None, **kw):  # the whole table is the slow test's; the command path is what is tested here
+        asked.append(labels)
+        return real(["DeiT-T"], **kw)
+
+    monkeypatch.setattr(tokvis.bench, "flops_table", one_row)
+    assert main(["bench", "--flops"]) == 0
+    out = capsys.readouterr().out
+    assert asked == [None]  # every row asked for
+    assert out.splitlines()[0].split()[:3] == ["setting", "tokvis", "GMACs"]
+    assert "1 of 1 published figures reproduced" in out
