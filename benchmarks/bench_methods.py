@@ -1,4 +1,4 @@
-"""Every registered method on the real backbone: images/s, GFLOPs, speed-up per FLOPs reduction, fidelity.
+"""Every registered method on the real backbone: images/s, GMACs, speed-up per FLOPs reduction, fidelity.
 
 Run: python benchmarks/bench_methods.py [--batch-size 16] [--repeats 3] [--keep-rates 0.7 0.5] [--methods ...]
 Prints one table; fidelity is the mean cosine similarity of the final features to the unreduced

@@ -116,50 +116,30 @@ def run_tome(repo: str, seeds: list[int]) -> None:
 
 
 def run_mctf(repo: str, seeds: list[int]) -> None:
-    sys.path.insert(0, repo)
-    try:
-        from models.deit import VisionTransformer as OfficialDeiT  # the authors' DeiT
-    except Exception as e:  # noqa: BLE001 - any import failure means: skip, saying why
-        print(f"MCTF: skipped, cannot import the official code from {repo}: {e}")
-        return
     import timm
 
     import tokvis
+    from tokvis.bench import official_mctf
 
     blocks_1_11 = list(range(1, 12))
     # label, r, one_step_ahead, bidirection, activate_layer (official), tokvis options
     cases = [
-        ("paper default (r=16, blocks 1-11)", 16, 1, 1, blocks_1_11, {}),
-        ("one-step-ahead off", 16, 0, 1, blocks_1_11, {"one_step_ahead": False}),
-        ("bidirection off", 16, 1, 0, blocks_1_11, {"bidirectional": False}),
-        ("MCTF-Fast (r=0.35, blocks 3, 6, 9)", 0.35, 1, 1, [3, 6, 9], {}),
+        ("paper default (r=16, blocks 1-11)", 16, True, True, blocks_1_11, {}),
+        ("one-step-ahead off", 16, False, True, blocks_1_11, {"one_step_ahead": False}),
+        ("bidirection off", 16, True, False, blocks_1_11, {"bidirectional": False}),
+        ("MCTF-Fast (r=0.35, blocks 3, 6, 9)", 0.35, True, True, [3, 6, 9], {}),
     ]
+    if official_mctf(repo, 16) is None:
+        return
     print("== MCTF (mlvlab/MCTF, models/deit.py + utils/mctf.py) ==")
     for seed in seeds:
         for label, r, osa, bidir, layers, options in cases:
             torch.manual_seed(seed)
             model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
             x = torch.randn(2, 3, 224, 224)
-            # mctf_type as in run/eval_deit_s_mctf*.sh, with trace_source on:
-            # [r, r_teacher, trace_source, prop_attn, one_step_ahead, tau_sim, tau_info, tau_size, bidirection,
-            #  pooling_type, -]
-            official = OfficialDeiT(
-                patch_size=16,
-                embed_dim=384,
-                depth=12,
-                num_heads=6,
-                qkv_bias=True,
-                norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6),
-                use_mctf=True,
-                mctf_type=[r, 0, 1, 1, osa, 1, 20, 40, bidir, 1, 0],
-                task_type=[1, 0, 0, 0],
-                activate_layer=layers,
-            )
-            missing, _ = official.load_state_dict(model.state_dict(), strict=False)
-            if missing:
-                print(f"MCTF: skipped, the official DeiT does not take timm's weights (missing {missing})")
-                return
-            official.eval()
+            # the authors' DeiT set up as run/eval_deit_s_mctf*.sh, with trace_source on
+            prepare = official_mctf(repo, r, one_step_ahead=osa, bidirectional=bidir, layers=layers, trace_source=True)
+            official = prepare(model)
             labels: list[torch.Tensor | None] = []
             _record_sources(official.blocks, labels, lambda m=official: m.info["student_source"], 1)
             ours = tokvis.patch(copy.deepcopy(model), "mctf", r=r, **options)

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from tokvis.errors import TokvisError
+
 
 @contextlib.contextmanager
 def _explicit_attention(model: nn.Module) -> Iterator[None]:
@@ -45,6 +47,165 @@ def count_flops(model: nn.Module, images: torch.Tensor) -> float:
     with _explicit_attention(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(images)
     return float(counter.get_total_flops())
+
+
+def count_gmacs(model: nn.Module, images: torch.Tensor) -> float:
+    """GMACs (10^9 multiply-adds) per image of one forward pass over ``images``: :func:`count_flops` / 2 / batch.
+
+    The unit of the papers' "GFLOPs" (fvcore and the like count a multiply-add as one operation).
+    """
+    return count_flops(model, images) / 2 / images.shape[0] / 1e9
+
+
+# --------------------------------------------------------------------------------------------------
+# published FLOPs, reproduced (tokvis flops; tokvis bench --flops)
+
+#: relative difference to a published figure within which a row agrees
+FLOPS_TOLERANCE = 0.02
+
+
+@dataclass
+class FlopsRow:
+    label: str
+    model: str
+    setting: str  # the tokvis.patch call, e.g. "tome r=13"; "unreduced"
+    gmacs: float  # tokvis, per image
+    published: float | None  # GMACs per image, as published; None: the source gives no figure
+    source: str
+    rel_diff: float | None  # (gmacs - published) / published
+    agrees: bool | None  # within FLOPS_TOLERANCE, or within the rounding of the published figure
+    note: str = ""
+
+
+def published_flops() -> dict:
+    """The bundled published figures (``tokvis/assets/published_flops.json``): ``sources``, ``rows``, notes."""
+    import importlib.resources
+    import json
+
+    return json.loads((importlib.resources.files("tokvis") / "assets" / "published_flops.json").read_text("utf-8"))
+
+
+def flops_table(
+    labels: Sequence[str] | None = None, *, progress: Callable[[FlopsRow], None] | None = None
+) -> list[FlopsRow]:
+    """tokvis's GMACs per 224x224 image beside every published figure of :func:`published_flops`.
+
+    Models are timm architectures with random weights (no download); each published setting is applied with
+    :func:`tokvis.patch` and counted by :func:`count_gmacs` on one random image.  A row agrees when it is within
+    :data:`FLOPS_TOLERANCE` of the figure, or within the rounding of a figure published to one decimal (the
+    row's note says which).
+
+    Parameters
+    ----------
+    labels : sequence of str, optional
+        Only the rows with these labels (default: all).
+    progress : callable, optional
+        Called with each row as it is computed.
+    """
+    import warnings
+
+    import timm
+
+    from tokvis import patch
+
+    data = published_flops()
+    rows = data["rows"]
+    if labels is not None:
+        unknown = sorted(set(labels) - {r["label"] for r in rows})
+        if unknown:
+            raise TokvisError(f"no published FLOPs row {unknown}; known: {[r['label'] for r in rows]}")
+        rows = [r for r in rows if r["label"] in set(labels)]
+    out, models = [], {}
+    for r in rows:
+        if r["model"] not in models:
+            torch.manual_seed(0)
+            models[r["model"]] = timm.create_model(r["model"], pretrained=False).eval()
+        model = models[r["model"]]
+        size = model.patch_embed.img_size
+        images = torch.randn(1, 3, *size)
+        decision = 0.0
+        if r["method"] is None:
+            gmacs, setting = count_gmacs(model, images), "unreduced"
+        else:
+            m = copy.deepcopy(model)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # learned methods: unfitted weights (their FLOPs do not depend on them)
+                patch(m, r["method"], **r["setting"])
+                with _decision_gmacs(m) as spent:
+                    gmacs = count_gmacs(m, images)
+                decision = spent[0] / images.shape[0]
+            setting = " ".join([r["method"], *(f"{k}={v}" for k, v in r["setting"].items())])
+        pub = r["gmacs"]
+        rel = agrees = None
+        note = ""
+        compared = gmacs
+        if r.get("published_excludes"):  # the source counts the backbone only
+            compared = gmacs - decision
+            note = f"the figure leaves out {r['published_excludes']} ({decision:.3f} GMACs): compared without them, "
+            note += f"{compared:.3f}"
+        if pub is None:
+            note = "no published figure: " + data["sources"][r["source"]].split(": ")[-1]
+        else:
+            rel = (compared - pub) / pub
+            rounding = 0.5 * 10 ** -r["digits"]
+            agrees = abs(rel) <= FLOPS_TOLERANCE or abs(compared - pub) <= rounding + 1e-9
+            if agrees and abs(rel) > FLOPS_TOLERANCE:
+                note += "; " if note else ""
+                note += f"published to {r['digits']} decimal(s): {compared:.3f} rounds to {pub:.{r['digits']}f}"
+            elif not agrees:
+                note += "; " if note else ""
+                note += "DIFFERS from the published figure"
+        row = FlopsRow(r["label"], r["model"], setting, gmacs, pub, r["source"], rel, agrees, note)
+        out.append(row)
+        if progress:
+            progress(row)
+    return out
+
+
+@contextlib.contextmanager
+def _decision_gmacs(model: nn.Module) -> Iterator[list[float]]:
+    """GMACs spent in the patched method's decisions (score predictors, similarities) while the context is open,
+    summed over the batch: ``[total]``, filled in place (a second flop counter inside the outer one)."""
+    method = model._tokvis.method
+    spent = [0.0]
+    decide = method.decide
+
+    def counted(ctx):
+        with FlopCounterMode(display=False) as counter:
+            out = decide(ctx)
+        spent[0] += counter.get_total_flops() / 2 / 1e9
+        return out
+
+    method.decide = counted
+    try:
+        yield spent
+    finally:
+        del method.decide  # the instance attribute: back to the class's method
+
+
+def format_flops_row(row: FlopsRow, *, header: bool = False) -> str:
+    """One fixed-width line of the FLOPs table (with the header line above it when ``header``)."""
+    line = (
+        f"{row.label:<40} {row.gmacs:>12.3f} "
+        + (
+            f"{row.published:>15.2f} {100 * row.rel_diff:>+8.1f}%"
+            if row.published is not None
+            else f"{'-':>15} {'-':>9}"
+        )
+        + f"  {row.source:<17} {row.note}"
+    )
+    if not header:
+        return line
+    head = f"{'setting':<40} {'tokvis GMACs':>12} {'published GMACs':>15} {'rel diff':>9}  {'source':<17} note"
+    return head + "\n" + line
+
+
+def format_flops_sources(rows: Sequence[FlopsRow]) -> str:
+    """The citations of the sources the rows use, and the notes that hold for the whole table."""
+    data = published_flops()
+    used = list(dict.fromkeys(r.source for r in rows))
+    lines = [f"  {key}: {data['sources'][key]}" for key in used]
+    return "\n".join(["sources:", *lines, data["study_note"]])
 
 
 def time_forward(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) -> list[float]:
@@ -74,7 +235,7 @@ SPREAD_WARNING = 1.3
 class BenchRow:
     config: str
     images_per_s: float  # median over the timed rounds
-    gflops_per_image: float
+    gmacs_per_image: float  # 10^9 multiply-adds per image (the papers' "GFLOPs"; torch's FLOPs / 2)
     flops_ratio: float  # FLOPs of the unpatched model / FLOPs of this one
     speedup: float  # throughput / unpatched throughput (medians)
     speedup_per_flops: float  # speedup / flops_ratio
@@ -200,7 +361,7 @@ def benchmark(
             BenchRow(
                 config=label,
                 images_per_s=ips,
-                gflops_per_image=flops[i] / B / 1e9,
+                gmacs_per_image=flops[i] / 2 / B / 1e9,
                 flops_ratio=fr,
                 speedup=ips / base_ips,
                 speedup_per_flops=(ips / base_ips) / fr,
@@ -278,7 +439,7 @@ _COLUMNS = [  # (field, header, width, format)
     ("images_per_s", "images_per_s", 12, ".2f"),
     ("images_per_s_min", "min", 9, ".2f"),
     ("images_per_s_max", "max", 9, ".2f"),
-    ("gflops_per_image", "gflops_per_image", 16, ".2f"),
+    ("gmacs_per_image", "gmacs_per_image", 15, ".3f"),
     ("flops_ratio", "flops_ratio", 11, ".2f"),
     ("speedup", "speedup", 8, ".2f"),
     ("speedup_per_flops", "speedup_per_flops", 17, ".2f"),
@@ -381,24 +542,96 @@ def gpu_configs(
     return configs
 
 
+def _import_official(repo: str | os.PathLike | None, module: str, name: str):
+    """``module`` imported from the checkout ``repo`` (put first on ``sys.path``), or ``None`` when no checkout
+    is given or the import fails (the reason printed: the official row is skipped)."""
+    if not repo:
+        return None
+    import importlib
+    import sys
+
+    if str(repo) not in sys.path:
+        sys.path.insert(0, str(repo))
+    try:
+        return importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001  (any import failure: the row is skipped, with the reason)
+        print(f"official {name} skipped: cannot import {module} from {repo}: {type(e).__name__}: {e}")
+        return None
+
+
 def official_tome(repo: str | os.PathLike | None, r: int) -> Callable[[nn.Module], nn.Module] | None:
     """A configuration preparer for the official ToMe (``tome.patch.timm``) from a checkout, or ``None``
     (with the reason printed) when it is not given or not importable."""
-    if not repo:
-        return None
-    import sys
-
-    sys.path.insert(0, str(repo))
-    try:
-        import tome  # noqa: F401  (facebookresearch/ToMe)
-    except Exception as e:  # noqa: BLE001  (any import failure: the column is skipped, with the reason)
-        print(f"official ToMe skipped: cannot import tome from {repo}: {type(e).__name__}: {e}")
+    tome = _import_official(repo, "tome", "ToMe")  # facebookresearch/ToMe
+    if tome is None:
         return None
 
     def prepare(model: nn.Module) -> nn.Module:
         tome.patch.timm(model)
         model.r = r
         return model
+
+    return prepare
+
+
+def official_mctf(
+    repo: str | os.PathLike | None,
+    r: float,
+    *,
+    one_step_ahead: bool = True,
+    bidirectional: bool = True,
+    layers: Sequence[int] | None = None,
+    trace_source: bool = False,
+) -> Callable[[nn.Module], nn.Module] | None:
+    """A configuration preparer for the official MCTF from a checkout of mlvlab/MCTF, or ``None`` (with the
+    reason printed) when it is not given or not importable.
+
+    The preparer builds the authors' DeiT (``models/deit.py``) with the timm DeiT's shape and weights, set up
+    as their evaluation scripts (``run/eval_deit_*_mctf*.sh``: ``mctf_type [r, 0, trace_source, 1,
+    one_step_ahead, 1, 20, 40, bidirection, 1, 0]``).
+
+    Parameters
+    ----------
+    repo : path or None
+        Checkout of mlvlab/MCTF.
+    r : int or float
+        Tokens fused per reducing block, or a fraction ``0 < r < 1`` of them.
+    one_step_ahead, bidirectional : bool
+        The scripts' one-step-ahead and bidirection switches.
+    layers : sequence of int, optional
+        ``activate_layer``: reducing blocks (default: 1..depth-1 for a count, the quarter points for a fraction).
+    trace_source : bool
+        Keep the official source matrix (``model.info["student_source"]``; off in the evaluation scripts).
+    """
+    deit = _import_official(repo, "models.deit", "MCTF")  # mlvlab/MCTF: the authors' DeiT
+    if deit is None:
+        return None
+    OfficialDeiT = deit.VisionTransformer  # noqa: N806
+
+    def prepare(model: nn.Module) -> nn.Module:
+        from tokvis.model import model_info
+        from tokvis.schedule import default_locations
+
+        info = model_info(model)
+        where = layers
+        if where is None:
+            where = default_locations(info.depth) if isinstance(r, float) and r < 1 else range(1, info.depth)
+        official = OfficialDeiT(
+            patch_size=model.patch_embed.patch_size[0],
+            embed_dim=model.embed_dim,
+            depth=info.depth,
+            num_heads=model.blocks[0].attn.num_heads,
+            qkv_bias=model.blocks[0].attn.qkv.bias is not None,
+            norm_layer=lambda d: nn.LayerNorm(d, eps=model.norm.eps),
+            use_mctf=True,
+            mctf_type=[r, 0, int(trace_source), 1, int(one_step_ahead), 1, 20, 40, int(bidirectional), 1, 0],
+            task_type=[1, 0, 0, 0],
+            activate_layer=list(where),
+        )
+        missing, _ = official.load_state_dict(model.state_dict(), strict=False)
+        if missing:
+            raise TokvisError(f"the official MCTF DeiT does not take this model's weights (missing {missing})")
+        return official.to(next(model.parameters()).device).eval()
 
     return prepare
 

@@ -159,6 +159,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from tokvis import data, zoo
     from tokvis.bench import FOUNDATION_CONFIGS, benchmark, summarize_targets
 
+    if args.flops:  # the table of `tokvis flops`
+        from tokvis.commands.flops import cmd_flops
+
+        return cmd_flops(argparse.Namespace(rows=None))
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -216,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--save-traces", action="store_true", help="also save the traces next to the figures")
     d.set_defaults(func=cmd_demo)
 
-    b = sub.add_parser("bench", help="images/s, FLOPs and recording overhead (prints figures)")
+    b = sub.add_parser("bench", help="images/s, GMACs and recording overhead (prints figures)")
     b.add_argument("--model", default=DEFAULT_MODEL)
     b.add_argument("--no-pretrained", action="store_true", help="random weights (timm names: no download)")
     b.add_argument("--batch-size", type=pos, default=16, help="images per forward (default 16; >= 1)")
@@ -231,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", nargs="+", type=_arg(_method), default=None, help="the method table for these methods")
     b.add_argument("--compile", action="store_true", help="torch.compile every configuration")
     b.add_argument("--tome-repo", default=None, help="checkout of facebookresearch/ToMe: adds the official ToMe row")
+    b.add_argument(
+        "--flops", action="store_true", help="only the published-FLOPs table (as `tokvis flops`): GMACs, no timing"
+    )
     b.set_defaults(func=cmd_bench)
 
     m = sub.add_parser("methods", help="list the registered reduction methods")

@@ -235,8 +235,13 @@ def _patched_block_forward(
     bias = st.size.log() if method.proportional_attention and st.size is not None else None
     attn = bb.attention(self)
     h = bb.norm1(self, x)
-    q, k, v, gate = bb.project(self, h, st.positions, rope)
-    if target is not None and method.stage == "in_attention":
+    in_attention = target is not None and method.stage == "in_attention"
+    if in_attention and not method.input_values:
+        # the values of the reduced tokens only (ctx.project_values): q and k of the input
+        (q, k), v, gate = bb.project_parts(self, h, st.positions, rope, "qk"), None, None  # gated: refused
+    else:
+        q, k, v, gate = bb.project(self, h, st.positions, rope)
+    if in_attention:
         mask = None if bias is None else bias[:, None, None, :].to(q.dtype)
         # the explicit [B, H, T, T] map only for a method that uses it (MCTF); the class-token rows are one
         # query row each, and the reduced attention itself stays fused (Method.reduced_attention)
@@ -247,7 +252,7 @@ def _patched_block_forward(
         ctx = _context(
             st, layer, x, target, stage="in_attention", keys=k, queries=q, values=v, attn=probs, cls_attn=cls_attn,
             cls_attn_heads=_cls_heads(attn, q, k, mask, p) if "cls_attn_heads" in method.needs else None,
-            project=lambda t: bb.project(self, bb.norm1(self, t), st.positions, rope)[:3],
+            project_values=lambda t: bb.project_parts(self, bb.norm1(self, t), None, None, "v"),
         )  # fmt: skip
         x, decision = _decide_and_apply(self, st, ctx)
         out = method.reduced_attention(ctx, decision, scale=attn.scale, bias=bias)

@@ -108,6 +108,12 @@ def test_benchmark_patched_tiny_model_rows():
     assert rows[1].flops_ratio > 1.0 and rows[2].flops_ratio > 1.0
     assert all(r.recorded_images_per_s > 0 for r in rows[1:])
     assert not hasattr(model, "_tokvis")  # left unpatched
+    # gmacs_per_image counts multiply-adds (the papers' "GFLOPs"), not torch's 2 FLOPs per multiply-add:
+    # patch embedding, per block qkv + proj + MLP (4 C^2 + 2 C h per token) and the two T^2 C attention products
+    C, h, T, n = model.embed_dim, model.blocks[0].mlp.fc1.out_features, 65, 64
+    patch = n * C * 3 * 8 * 8
+    blocks = len(model.blocks) * (T * (4 * C * C + 2 * C * h) + 2 * T * T * C)
+    assert rows[0].gmacs_per_image == pytest.approx((patch + blocks + C * 10) / 1e9, rel=1e-9)
 
 
 @pytest.mark.slow  # compiling takes about a minute on the CPU

@@ -94,6 +94,18 @@ class Backbone:
         """
         raise NotImplementedError  # pragma: no cover - abstract
 
+    def project_parts(
+        self, block: nn.Module, h: torch.Tensor, positions: TokenPositions | None, rope: Any, parts: str
+    ) -> Any:
+        """Some of :meth:`project`'s outputs: ``parts="qk"`` -> ``(q, k)``, ``parts="v"`` -> ``v``.
+
+        For a method that projects only what it uses (MCTF's one-step-ahead attention: queries and
+        keys of the block's input, values of the fused tokens alone).  The default computes every
+        projection and picks; an adapter that can run only the rows it needs overrides it.
+        """
+        q, k, v, _ = self.project(block, h, positions, rope)
+        return (q, k) if parts == "qk" else v
+
     def attention_output(self, block: nn.Module, heads: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         """Heads ``[B, H, T, d]`` -> tokens ``[B, T, C]`` through the attention's norm, gate and projection."""
         attn = self.attention(block)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import nn
 
 from tokvis.backbones.base import Backbone, check_timm_blocks, timm_model_info
@@ -46,3 +47,21 @@ class TimmViT(Backbone):
         qkv = attn.qkv(h).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         return attn.q_norm(q), attn.k_norm(k), v, gate
+
+    def project_parts(self, block, h, positions, rope, parts):
+        """Only the rows of ``attn.qkv`` that give ``parts`` (the whole projection, sliced, when ``qkv`` is not
+        a plain ``nn.Linear``); q and k after their norms."""
+        from tokvis.model import attn_dim
+
+        attn = block.attn
+        first, last = (0, 2) if parts == "qk" else (2, 3)
+        B, T, _ = h.shape
+        C = attn_dim(attn)
+        lin = attn.qkv
+        if type(lin) is nn.Linear:
+            bias = None if lin.bias is None else lin.bias[first * C : last * C]
+            out = F.linear(h, lin.weight[first * C : last * C], bias)
+        else:
+            out = lin(h)[..., first * C : last * C]
+        out = out.reshape(B, T, last - first, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return (attn.q_norm(out[0]), attn.k_norm(out[1])) if parts == "qk" else out[0]

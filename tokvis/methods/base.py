@@ -77,12 +77,12 @@ class ReductionContext:
         For ``stage="before_block"`` these are the tokens of ``x``.  ``None`` at block 0.
     queries, values : Tensor [B, H, T, d] or None
         Attention queries (after ``q_norm``) and values; given to methods of stage
-        ``"in_attention"`` only.
-    project : callable or None
-        ``project(tokens [B, T', C]) -> (q, k, v)`` each ``[B, H, T', d]``: the block's
-        own ``norm1`` and attention projections (``qkv``, ``q_norm``, ``k_norm``) applied
-        to any token sequence, e.g. the reduced one (MCTF's one-step-ahead attention
-        needs the values of the fused tokens).  Stage ``"in_attention"`` only.
+        ``"in_attention"`` only, ``values`` only to those whose ``input_values`` is true.
+    project_values : callable or None
+        ``project_values(tokens [B, T', C]) -> v [B, H, T', d]``: the block's own ``norm1``
+        and the value rows of its ``qkv`` projection applied to any token sequence, e.g. the
+        reduced one (MCTF's one-step-ahead attention needs the values of the fused tokens
+        only).  Stage ``"in_attention"`` only.
     stage : str
         Where in the block the decision is taken (see :class:`Method`).
     grid_size : tuple of int (h, w) or None
@@ -111,7 +111,7 @@ class ReductionContext:
     queries: torch.Tensor | None = None
     values: torch.Tensor | None = None
     stage: str = "after_attn"
-    project: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+    project_values: Callable[[torch.Tensor], torch.Tensor] | None = None
     grid_size: tuple[int, int] | None = None
     compute_dtype: torch.dtype | None = None
 
@@ -177,6 +177,11 @@ class Method(nn.Module):
     stage: ClassVar[str] = "after_attn"
     #: the patched attention adds log(size) to the attention logits (ToMe's proportional attention)
     proportional_attention: bool = False
+    #: stage ``"in_attention"``: the block projects the values of its input tokens (``ctx.values``).  False
+    #: for a method whose :meth:`reduced_attention` needs only the values of the reduced tokens
+    #: (``ctx.project_values``): the block then computes only the queries and keys of its input (MCTF's
+    #: one-step-ahead attention, as the authors' block does)
+    input_values: bool = True
 
     def __init__(self) -> None:
         super().__init__()

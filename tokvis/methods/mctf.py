@@ -12,6 +12,7 @@ from tokvis.methods.ops import (
     ORDERS,
     apply_decision,
     compose,
+    decision_dtype,
     merge_mean,
     sub_into,
 )
@@ -179,12 +180,6 @@ def bidirectional_matching(
     return dst, keep, score
 
 
-def _group_sum(values: torch.Tensor, dst: torch.Tensor, n_out: int) -> torch.Tensor:
-    """Sum of ``values [B, n, c]`` per output slot ``dst [B, n]`` (every token has a slot)."""
-    B, n, c = values.shape
-    return values.new_zeros(B, n_out, c).scatter_add_(1, dst[..., None].expand(B, n, c), values)
-
-
 @register_method("mctf")
 class MCTF(Method):
     """Multi-Criteria Token Fusion (Lee et al., CVPR 2024).
@@ -305,6 +300,7 @@ class MCTF(Method):
     ) -> None:
         self.one_step_ahead = bool(check_choice("one_step_ahead", one_step_ahead, (True, False), error=_E))
         self.stage = "in_attention" if self.one_step_ahead else "after_block"
+        self.input_values = False  # one-step-ahead: only the fused tokens' values are projected
         self.metric = check_choice("metric", metric, ("tokens", "keys"), error=_E)
         self.needs = frozenset({"attn"} | ({"keys"} if self.metric == "keys" else set()))
         super().__init__()
@@ -459,24 +455,29 @@ class MCTF(Method):
         ``[B, H, T', d]``.
         """
         A, p = ctx.attn, ctx.num_prefix
-        assert A is not None and ctx.values is not None and ctx.project is not None
+        assert A is not None and ctx.project_values is not None
         if decision.n_out == decision.n_in and bool(
             (decision.dst == torch.arange(decision.n_in, device=A.device)).all()
         ):
-            return A @ ctx.values
+            return A @ ctx.project_values(ctx.x)
         B, H, T, _ = A.shape
         n, n_out = decision.n_in, decision.n_out
-        dst = decision.dst
-        # key columns: sum per group
-        cols = A[..., p:].permute(0, 3, 1, 2).reshape(B, n, H * T)
-        cols = _group_sum(cols, dst, n_out).reshape(B, n_out, H, T).permute(0, 2, 3, 1)
-        A1 = torch.cat([A[..., :p], cols], dim=-1)  # [B, H, T, T']
-        # query rows: pooled with the decision's weights
-        Tn = p + n_out
-        rows = A1[:, :, p:].permute(0, 2, 1, 3).reshape(B, n, H * Tn)
-        w = decision.weight.to(A.dtype) if decision.weight is not None else torch.ones_like(rows[..., 0])
-        rows = merge_mean(rows, dst, n_out, w).reshape(B, n_out, H, Tn).transpose(1, 2)
-        A_hat = torch.cat([A1[:, :, :p], rows], dim=2)  # [B, H, T', T']
+        dst, Tn = decision.dst, p + n_out
+        # key columns: summed per group, along the last (contiguous) dim of the map; rows still sum to 1
+        A1 = A.new_empty(B, H, T, Tn)  # [B, H, T, T']
+        A1[..., :p] = A[..., :p]
+        A1[..., p:].zero_().view(B, H * T, n_out).scatter_add_(
+            2, dst[:, None, :].expand(B, H * T, n), A[..., p:].reshape(B, H * T, n)
+        )
+        # query rows: the weighted mean per group (float32 sums for fp16 / bf16 maps, as merge_mean)
+        acc = decision_dtype(A.dtype)
+        w = decision.weight.to(acc) if decision.weight is not None else A.new_ones(B, n, dtype=acc)
+        num = A1.new_zeros(B, H, n_out, Tn, dtype=acc).scatter_add_(
+            2, dst[:, None, :, None].expand(B, H, n, Tn), A1[:, :, p:] * w[:, None, :, None]
+        )
+        den = w.new_zeros(B, n_out).scatter_add_(1, dst, w).clamp_min(torch.finfo(acc).tiny)
+        A_hat = A.new_empty(B, H, Tn, Tn)  # [B, H, T', T']
+        A_hat[:, :, :p] = A1[:, :, :p]
+        A_hat[:, :, p:] = num / den[:, None, :, None]
         x_hat, _ = apply_decision(ctx.x, ctx.size, decision, num_prefix=p)
-        _, _, v_hat = ctx.project(x_hat)
-        return A_hat @ v_hat
+        return A_hat @ ctx.project_values(x_hat)

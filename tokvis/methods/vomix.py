@@ -179,8 +179,9 @@ class VoMix(Method):
 
     Measured (``benchmarks/vomix_defaults.py``): cosine similarity of the pooled
     feature to the unreduced model's, DINOv2 ViT-S/14 (``dinov2_small_offline``,
-    12.25 GFLOPs unreduced), 26 photos (6 bundled + 20 foolbox ImageNet), mean
-    over images; GFLOPs per image by ``tokvis.bench.count_flops``.  "ToMe @ same
+    12.25 GFLOPs = 6.12 GMACs unreduced), 26 photos (6 bundled + 20 foolbox ImageNet),
+    mean over images; GFLOPs per image by ``tokvis.bench.count_flops``, which counts
+    a multiply-add as 2 FLOPs (twice the GMACs that papers call "GFLOPs").  "ToMe @ same
     GF": ToMe's fidelity interpolated at VoMix's FLOPs from ToMe runs over a
     range of ``r`` / ``keep_rate``.  VoMix reduces inside a block's attention, so
     at the same schedule it costs fewer FLOPs than ToMe (8.34 vs 9.06 GF at

@@ -1,0 +1,47 @@
+"""``tokvis flops``: tokvis's GMACs beside every published FLOPs figure of a setting tokvis implements.
+
+::
+
+    tokvis flops                      # every row of tokvis/assets/published_flops.json
+    tokvis flops --rows "DeiT-S" "EViT DeiT-S keep 0.5"
+
+(``tokvis bench --flops`` prints the same table.)  Architectures only: timm models with random weights, no
+download.  The papers' "GFLOPs" are GMACs (10^9 multiply-adds); so is every figure printed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "flops",
+        help="tokvis's GMACs per image beside the published figures (papers' 'GFLOPs' are GMACs), offline",
+        description="For each published setting (tokvis/assets/published_flops.json): tokvis's GMACs per 224x224 "
+        "image (torch.utils.flop_counter, multiply-adds), the published figure, its source and the relative "
+        "difference.  Exit code 1 when a row differs from its figure by more than 2 %% (beyond its rounding).",
+    )
+    p.add_argument("--rows", nargs="+", default=None, metavar="LABEL", help="only these rows (default: all)")
+    p.set_defaults(func=cmd_flops)
+
+
+def cmd_flops(args: argparse.Namespace) -> int:
+    """Print the table row by row, then the sources; 1 when a row disagrees with its published figure."""
+    from tokvis.bench import FLOPS_TOLERANCE, flops_table, format_flops_row, format_flops_sources
+
+    first = [True]
+
+    def show(row) -> None:
+        print(format_flops_row(row, header=first[0]), flush=True)
+        first[0] = False
+
+    rows = flops_table(args.rows, progress=show)
+    print(format_flops_sources(rows))
+    bad = [r.label for r in rows if r.agrees is False]
+    checked = sum(r.agrees is not None for r in rows)
+    print(
+        f"{checked - len(bad)} of {checked} published figures reproduced within {FLOPS_TOLERANCE:.0%} "
+        f"(or their rounding)" + (f"; differing: {bad}" if bad else "")
+    )
+    return 1 if bad else 0
