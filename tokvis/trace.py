@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from tokvis.errors import TraceFileError, TraceMismatchError
+from tokvis.errors import BlockIndexError, TraceFileError, TraceMismatchError
 from tokvis.fileio import atomic_write
 
 KINDS = ("prune", "merge", "fuse", "soft")
@@ -409,10 +409,20 @@ class Trace:
 
 
 def check_block_index(layer: int, depth: int) -> int:
-    """``layer`` as an int in ``[-1, depth - 1]`` (-1 = before the first block), else IndexError."""
-    layer = int(layer)
+    """``layer`` as an int in ``[-1, depth - 1]`` (-1 = before the first block), else BlockIndexError."""
+    import operator
+
+    from tokvis.errors import ArgumentTypeError
+
+    try:
+        if isinstance(layer, bool):
+            raise TypeError
+        layer = operator.index(layer)
+    except TypeError:
+        want = f"a block index (an integer in [-1, {depth - 1}])"
+        raise ArgumentTypeError(f"layer must be {want}: got {layer!r}") from None
     if not -1 <= layer < depth:
-        raise IndexError(f"layer must be in [-1, {depth - 1}] (block index): got {layer}")
+        raise BlockIndexError(f"layer must be in [-1, {depth - 1}] (block index): got {layer}")
     return layer
 
 

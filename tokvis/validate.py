@@ -70,9 +70,25 @@ def check_float(
     return float(value)
 
 
+def did_you_mean(value: Any, choices: Iterable[Any]) -> str:
+    """`` (did you mean 'x'?)`` when a choice is close to ``value`` (difflib), else ``""``."""
+    import difflib
+
+    if not isinstance(value, str):
+        return ""
+    names = [str(c) for c in choices]
+    close = difflib.get_close_matches(value, names, n=1) or difflib.get_close_matches(value.lower(), names, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def check_choice(name: str, value: Any, choices: Iterable[Any], *, error: type = ValueError) -> Any:
-    """``value`` if it is one of ``choices``."""
+    """``value`` if it is one of ``choices`` (the message suggests the nearest one)."""
     choices = list(choices)
-    if value not in choices:
-        raise error(f"{name} must be one of {', '.join(map(repr, choices))}: got {value!r}")
+    try:
+        ok = value in choices
+    except TypeError:  # an unhashable or uncomparable value is not a choice
+        ok = False
+    if not ok:
+        hint = did_you_mean(value, choices)
+        raise error(f"{name} must be one of {', '.join(map(repr, choices))}: got {value!r}{hint}")
     return value
