@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokvis.errors import TokvisError
+from tokvis.errors import ArgumentTypeError, TokvisError
 from tokvis.methods.base import Method, ReductionContext
 from tokvis.methods.ops import apply_decision, decision_dtype
 from tokvis.methods.registry import create_method
@@ -362,10 +362,15 @@ def patch(
         method_obj = create_method(method, **options)
     elif isinstance(method, Method):
         if options:
-            raise TypeError(f"options {sorted(options)} are given to a method object; set them on the object")
+            raise ArgumentTypeError(
+                f"options {sorted(options)} are given with a method object ({method.name!r}); set them when creating "
+                f"it (tokvis.create_method({method.name!r}, ...)), or pass the name {method.name!r} with the options"
+            )
         method_obj = method
     else:
-        raise TypeError(f"method must be a registered name or a tokvis Method: got {type(method).__name__}")
+        raise ArgumentTypeError(
+            f"method must be a registered name (tokvis.list_methods()) or a tokvis Method: got {method!r}"
+        )
     if locations is None:  # a method may follow its reference code's default locations (MCTF)
         locations = method_obj.default_locations(info.depth, keep_rate=keep_rate, r=r)
     schedule = make_schedule(info.depth, keep_rate=keep_rate, r=r, locations=locations)

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from tokvis.errors import BlockIndexError, TraceFileError, TraceMismatchError
+from tokvis.errors import ArgumentValueError, BlockIndexError, TraceFileError, TraceMismatchError
 from tokvis.fileio import atomic_write
 
 KINDS = ("prune", "merge", "fuse", "soft")
@@ -84,28 +84,30 @@ class LayerDecision:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}: got {self.kind!r}")
+            raise ArgumentValueError(f"kind must be one of {KINDS}: got {self.kind!r}")
         if self.dst.dim() != 2:
-            raise ValueError(f"dst must be 2-D [B, n_in]: shape is {tuple(self.dst.shape)}")
+            raise ArgumentValueError(f"dst must be 2-D [B, n_in]: shape is {tuple(self.dst.shape)}")
         if self.dst.dtype != torch.int64:
-            raise ValueError(f"dst must be int64: dtype is {self.dst.dtype}")
+            raise ArgumentValueError(f"dst must be int64: dtype is {self.dst.dtype}")
         if self.keep.shape != self.dst.shape or self.keep.dtype != torch.bool:
-            raise ValueError(
+            raise ArgumentValueError(
                 f"keep must be a bool tensor shaped like dst {tuple(self.dst.shape)}: "
                 f"got {self.keep.dtype} {tuple(self.keep.shape)}"
             )
         for name in ("weight", "score", "size_scale"):
             t = getattr(self, name)
             if t is not None and t.shape != self.dst.shape:
-                raise ValueError(f"{name} must be shaped like dst {tuple(self.dst.shape)}: got {tuple(t.shape)}")
+                raise ArgumentValueError(
+                    f"{name} must be shaped like dst {tuple(self.dst.shape)}: got {tuple(t.shape)}"
+                )
         if self.soft is not None:
             expect = (self.dst.shape[0], int(self.n_out), self.dst.shape[1])
             if tuple(self.soft.shape) != expect:
-                raise ValueError(f"soft must have shape {expect}: got {tuple(self.soft.shape)}")
+                raise ArgumentValueError(f"soft must have shape {expect}: got {tuple(self.soft.shape)}")
         elif self.kind == "soft":
-            raise ValueError("a decision of kind 'soft' needs the soft assignment matrix")
+            raise ArgumentValueError("a decision of kind 'soft' needs the soft assignment matrix")
         if self.soft_kept_own and self.soft is None:
-            raise ValueError("soft_kept_own describes a soft assignment matrix: the decision has none")
+            raise ArgumentValueError("soft_kept_own describes a soft assignment matrix: the decision has none")
 
     @property
     def batch_size(self) -> int:

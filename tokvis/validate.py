@@ -1,7 +1,7 @@
 """One set of argument checks, used by the library, the methods and the command line.
 
 Each check returns the value (converted where that is safe) or raises ``error`` (a
-:class:`~tokvis.errors.TokvisError` subclass, ``ValueError`` by default) with a message that
+:class:`~tokvis.errors.TokvisError` subclass, :class:`~tokvis.errors.ArgumentValueError` by default) with a message that
 names the argument, what was expected and what was given.  Booleans are never accepted as
 numbers (``True`` is an ``int`` in Python, never what a user meant by a count).  No torch here:
 :mod:`tokvis.analysis` uses these too.
@@ -13,6 +13,8 @@ import math
 import numbers
 from typing import Any, Iterable
 
+from tokvis.errors import ArgumentValueError
+
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -23,7 +25,7 @@ def _is_number(value: Any) -> bool:
 
 
 def check_int(
-    name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None, error: type = ValueError
+    name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None, error: type = ArgumentValueError
 ) -> int:
     """``value`` as an ``int`` in ``[minimum, maximum]`` (either bound optional)."""
     ok = _is_int(value)
@@ -52,7 +54,7 @@ def check_float(
     high: float = math.inf,
     low_open: bool = False,
     high_open: bool = False,
-    error: type = ValueError,
+    error: type = ArgumentValueError,
 ) -> float:
     """``value`` as a finite ``float`` in the interval from ``low`` to ``high``.
 
@@ -81,7 +83,7 @@ def did_you_mean(value: Any, choices: Iterable[Any]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def check_choice(name: str, value: Any, choices: Iterable[Any], *, error: type = ValueError) -> Any:
+def check_choice(name: str, value: Any, choices: Iterable[Any], *, error: type = ArgumentValueError) -> Any:
     """``value`` if it is one of ``choices`` (the message suggests the nearest one)."""
     choices = list(choices)
     try:

@@ -27,7 +27,7 @@ import numpy as np
 from scipy import stats
 
 from tokvis.analysis.correlation import _pearson_rows, _statistic_rows
-from tokvis.errors import TraceMismatchError
+from tokvis.errors import ArgumentValueError, TraceMismatchError
 from tokvis.validate import check_int
 
 __all__ = ["importance_agreement", "rank_correlation", "top_k_mask"]
@@ -42,9 +42,11 @@ def _scores(x, name: str) -> np.ndarray:
     if arr.ndim == 1:
         arr = arr[None]
     if arr.ndim != 2 or arr.shape[1] == 0:
-        raise ValueError(f"{name} must be [num_images, num_patches] (or one image [num_patches]): got {arr.shape}")
+        raise ArgumentValueError(
+            f"{name} must be [num_images, num_patches] (or one image [num_patches]): got {arr.shape}"
+        )
     if not np.isfinite(arr).all():
-        raise ValueError(f"{name} has NaN or infinite values: give finite scores")
+        raise ArgumentValueError(f"{name} has NaN or infinite values: give finite scores")
     return arr
 
 

@@ -372,7 +372,7 @@ def _check_sweep_types(path: Path, cfg: dict) -> None:
         if not isinstance(value, list) or not value:
             raise RunConfigError(f"{path}: {key!r} must be a non-empty list")
         if not all(isinstance(v, str) and v for v in value):
-            raise RunConfigError(f"{path}: {key!r} must be a list of names (strings): got {value!r}")
+            raise RunConfigError(f"{path}: {key} must be a list of names (strings): got {value!r}")
     for key in ("out", "device"):
         if key in cfg and (not isinstance(cfg[key], str) or not cfg[key]):
             bad(key, "a string (a folder)" if key == "out" else "a string: cpu, cuda or auto")
