@@ -418,17 +418,9 @@ def read_accuracy_csv(path: str | os.PathLike):
     out = acc[(acc < 0) | (acc > 100)]
     if len(out):
         raise DataError(
-            f"{path}: accuracy {out.iloc[0]!r} (row {out.index[0] + 2}) is out of range: give fractions in [0, 1] "
-            "or percentages in [0, 100]"
+            f"{path}: accuracy {float(out.iloc[0]):g} (row {out.index[0] + 2}) is out of range: give fractions in "
+            "[0, 1] or percentages in [0, 100] (kept as given)"
         )
-    if (acc > 1).any():  # percentages: the table's accuracies are fractions
-        warnings.warn(
-            f"{path}: accuracies read as percentages (largest {acc.max():g} > 1) and divided by 100; give "
-            "fractions in [0, 1] to avoid this",
-            UserWarning,
-            stacklevel=2,
-        )
-        acc = acc / 100.0
     df = df.assign(accuracy=acc)
     seen: set[tuple] = set()
     for _, row in df.iterrows():

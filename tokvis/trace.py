@@ -23,6 +23,7 @@ import torch
 
 from tokvis.errors import ArgumentValueError, BlockIndexError, TraceFileError, TraceMismatchError
 from tokvis.fileio import atomic_write
+from tokvis.validate import check_path
 
 KINDS = ("prune", "merge", "fuse", "soft")
 TRACE_FORMAT = "tokvis-trace"
@@ -488,6 +489,7 @@ def load_trace(path: str | os.PathLike) -> Trace:
     TraceFileError
         If the file is missing, truncated, corrupt or not a tokvis trace.
     """
+    check_path("path", path)
     from safetensors import safe_open
 
     path = Path(path)

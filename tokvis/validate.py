@@ -94,3 +94,95 @@ def check_choice(name: str, value: Any, choices: Iterable[Any], *, error: type =
         hint = did_you_mean(value, choices)
         raise error(f"{name} must be one of {', '.join(map(repr, choices))}: got {value!r}{hint}")
     return value
+
+
+def _what(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}" if len(text) <= 60 else type(value).__name__
+
+
+def check_trace(name: str, value: Any) -> Any:
+    """``value`` if it is a :class:`~tokvis.trace.Trace` or a loaded run (``meta``, ``labels``, ``kept``)."""
+    import os
+
+    from tokvis.errors import ArgumentTypeError
+
+    if isinstance(value, (str, os.PathLike)):
+        raise ArgumentTypeError(
+            f"{name} is a path ({value!s}): open it first with tokvis.load_run (a run store) or tokvis.load_trace "
+            "(a trace file)"
+        )
+    if not all(hasattr(value, a) for a in ("meta", "labels", "kept")):
+        raise ArgumentTypeError(f"{name} must be a Trace or a loaded run (tokvis.load_run): got {_what(value)}")
+    return value
+
+
+def check_traces(name: str, value: Any) -> list:
+    """``value`` as a list of traces / loaded runs (:func:`check_trace` for each)."""
+    import os
+
+    from tokvis.errors import ArgumentTypeError
+
+    if hasattr(value, "meta") and hasattr(value, "labels"):
+        raise ArgumentTypeError(f"{name} must be a list of Traces or runs: got one; pass [trace_a, trace_b, ...]")
+    if value is None or isinstance(value, (str, bytes, os.PathLike, dict)) or not hasattr(value, "__iter__"):
+        raise ArgumentTypeError(f"{name} must be a list of Traces or loaded runs: got {_what(value)}")
+    items = list(value)
+    for i, t in enumerate(items):
+        check_trace(f"{name}[{i}]", t)
+    return items
+
+
+def check_path(name: str, value: Any) -> Any:
+    """``value`` if it is a non-empty path (str or os.PathLike)."""
+    import os
+
+    from tokvis.errors import ArgumentTypeError
+
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise ArgumentTypeError(f"{name} must be a file path (str or pathlib.Path): got {_what(value)}")
+    return value
+
+
+def as_array(name: str, value: Any, *, dtype: Any = float) -> Any:
+    """``value`` as a numpy array of ``dtype`` (tensors are detached and moved to the CPU); typed errors."""
+    import numpy as np
+
+    from tokvis.errors import ArgumentTypeError
+
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().float().numpy() if dtype is float else value.detach().cpu().numpy()
+    if value is None or isinstance(value, (str, bytes, dict)):
+        raise ArgumentTypeError(f"{name} must be an array of numbers: got {_what(value)}")
+    try:
+        return np.asarray(value, dtype=dtype)
+    except (TypeError, ValueError) as e:
+        raise ArgumentTypeError(f"{name} must be an array of numbers: got {_what(value)} ({e})") from None
+
+
+def check_names(name: str, value: Any) -> tuple:
+    """``value`` (one name or an iterable of names) as a tuple of strings."""
+    from tokvis.errors import ArgumentTypeError
+
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (bytes, dict)) or not hasattr(value, "__iter__"):
+        raise ArgumentTypeError(f"{name} must be a name or a list of names: got {_what(value)}")
+    items = tuple(value)
+    bad = [v for v in items if not isinstance(v, str)]
+    if bad:
+        raise ArgumentTypeError(f"{name} must be a name or a list of names: got {_what(bad[0])} in it")
+    return items
+
+
+def check_seed(name: str, value: Any) -> Any:
+    """``value`` if it can seed numpy's random generator: ``None``, an int >= 0, or a ``numpy.random.Generator``."""
+    import numpy as np
+
+    from tokvis.errors import ArgumentTypeError
+
+    if value is None or isinstance(value, (np.random.Generator, np.random.SeedSequence)):
+        return value
+    if not _is_int(value) or value < 0:
+        raise ArgumentTypeError(f"{name} must be an integer >= 0 (or None): got {_what(value)}")
+    return value

@@ -140,15 +140,14 @@ def test_accuracy_csv_range_and_nan(tmp_path, capsys, small_run, value, match):
         assert "fractions in [0, 1] or percentages in [0, 100]" in line
 
 
-def test_accuracy_csv_percentages_are_said_and_scaled(tmp_path, small_run):
+def test_accuracy_csv_percentages_and_fractions_are_kept_as_given(tmp_path, small_run):
     from tokvis.evaluate import read_accuracy_csv
 
     (run_dir,) = small_run.iterdir()
     acc = tmp_path / "acc.csv"
-    acc.write_text(f"run,accuracy\n{run_dir.name},72.5\n")
-    with pytest.warns(UserWarning, match="percentages"):
-        df = read_accuracy_csv(acc)
-    assert df["accuracy"].iloc[0] == pytest.approx(0.725)
+    for value in (72.5, 0.725, 0, 100):
+        acc.write_text(f"run,accuracy\n{run_dir.name},{value}\n")
+        assert read_accuracy_csv(acc)["accuracy"].iloc[0] == value
 
 
 @pytest.mark.parametrize("column, value", [("fidelity", 5.0), ("fidelity", -3.0), ("agreement", 1.5)])

@@ -30,7 +30,7 @@ def test_compare_layers_as_a_string_is_refused_not_iterated():
 
 
 def test_compare_of_a_pruning_and_a_merging_method_raises_instead_of_an_empty_frame():
-    with pytest.raises(TraceMismatchError, match="pruning pattern with a merging one"):
+    with pytest.raises(TraceMismatchError, match="mixes a pruning and a merging pattern"):
         compare(list(_prune_and_merge()), by="method")
 
 

@@ -77,7 +77,7 @@ from tokvis.errors import (
     BlockIndexError,
     TraceMismatchError,
 )
-from tokvis.validate import check_choice, check_int, did_you_mean
+from tokvis.validate import check_choice, check_int, check_names, check_trace, did_you_mean
 
 __all__ = [
     "BY",
@@ -163,6 +163,7 @@ def pattern_family(trace, layer: int) -> str:
     ``merge``/``soft`` -> ``"merge"``); before the first decision, the family of the first one.
     A trace without decisions is ``"prune"`` (every patch is kept).
     """
+    check_trace("trace", trace)
     kinds = trace.kinds  # {layer: kind}: tokvis.Trace and lazily read run stores (tokvis.load_run) both have it
     if not kinds:
         return "prune"
@@ -175,7 +176,7 @@ def _metric_list(metric, convention: str = "standard") -> tuple[str, ...] | None
     """Requested pattern metrics as tokvis names (study names are accepted under the study convention)."""
     if metric is None:
         return None
-    names = (metric,) if isinstance(metric, str) else tuple(metric)
+    names = check_names("metric", metric)
     if not names:
         raise ArgumentValueError("metric must name at least one metric")
     if convention == "study":
@@ -454,8 +455,8 @@ def compare(
                 )
     if not chunks and pairs and requested is None and skipped_mixed:
         raise TraceMismatchError(
-            f"compare(by={by!r}): every compared block pairs a pruning pattern with a merging one "
-            f"({skipped_mixed} pair-blocks), and no pattern metric applies to both: compare methods of one family "
+            f"compare(by={by!r}): every compared pair mixes a pruning and a merging pattern ({skipped_mixed} "
+            "pair-blocks), and no pattern metric applies to both: compare methods of one family "
             "(pruning: topk, evit, ats ...; merging: tome, kmedoids ...), or compare global maps with compare_maps"
         )
     if not chunks:
@@ -609,8 +610,8 @@ def compare_maps(trace_a, trace_b, *, metrics=None, maps=MAPS, layer=None, conve
     study = convention == "study"
     if metrics is None:
         metrics = tuple(STUDY_MAP_METRICS) if study else MAP_METRICS
-    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
-    maps = (maps,) if isinstance(maps, str) else tuple(maps)
+    metrics = check_names("metrics", metrics)
+    maps = check_names("maps", maps)
     from_study = {v: k for k, v in STUDY_MAP_METRICS.items()} if study else {}
     metrics = tuple(dict.fromkeys(from_study.get(m, m) for m in metrics))
     for m in metrics:

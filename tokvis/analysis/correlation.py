@@ -22,7 +22,7 @@ import numpy as np
 from scipy import stats
 
 from tokvis.errors import ArgumentValueError, TraceMismatchError
-from tokvis.validate import check_choice, check_float, check_int
+from tokvis.validate import check_choice, check_float, check_int, check_seed
 
 __all__ = ["METHODS", "correlate", "correlation_table"]
 
@@ -82,7 +82,7 @@ def _statistic_rows(a: np.ndarray, b: np.ndarray, method: str) -> np.ndarray:
 
 def _bootstrap(x: np.ndarray, y: np.ndarray, method: str, n_boot: int, seed) -> np.ndarray:
     """Coefficients of ``n_boot`` resamples of the pairs (with replacement), NaN where undefined."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check_seed("seed", seed))
     n = x.size
     out = np.empty(n_boot)
     if method == "kendall" and n > _KENDALL_PAIRWISE_MAX_N:

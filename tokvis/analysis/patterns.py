@@ -69,7 +69,7 @@ import numpy as np
 from scipy.special import gammaln
 
 from tokvis.errors import AnalysisOptionError, ArgumentValueError, BlockIndexError, TraceMismatchError
-from tokvis.validate import check_choice, check_float
+from tokvis.validate import check_choice, check_float, check_names
 
 __all__ = [
     "CONVENTIONS",
@@ -562,7 +562,7 @@ def merge_scores(
     a, b, one = _as_pair(labels_true, labels_pred, ("labels_true", "labels_pred"), kind="labels")
     check_choice("dropped", dropped, _DROPPED_MODES)
     check_choice("average_method", average_method, _AVERAGE_METHODS)
-    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    metrics = check_names("metrics", metrics)
     for name in metrics:
         check_choice("each metric", name, MERGE_METRICS)
     check_float("beta", beta, low=0.0, high=np.inf, low_open=True, high_open=True)

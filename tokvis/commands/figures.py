@@ -296,7 +296,7 @@ def _check_ranges(table, columns, path) -> None:
         out = values[(values < lo) | (values > hi)]
         if len(out):
             raise DataError(
-                f"--metrics {path}: {c} {out.iloc[0]!r} (row {out.index[0] + 2}) is out of range: {c} lies in "
+                f"--metrics {path}: {c} {float(out.iloc[0]):g} (row {out.index[0] + 2}) is out of range: {c} lies in "
                 f"[{lo:g}, {hi:g}]; check the table (write it with tokvis evaluate)"
             )
 

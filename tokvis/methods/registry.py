@@ -35,6 +35,10 @@ def list_methods() -> list[str]:
 
 
 def get_method_class(name: str) -> type[Method]:
+    if not isinstance(name, str):
+        from tokvis.errors import ArgumentTypeError
+
+        raise ArgumentTypeError(f"a method name must be a string (tokvis.list_methods()): got {name!r}")
     try:
         return _REGISTRY[name]
     except KeyError:
