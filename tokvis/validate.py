@@ -79,7 +79,9 @@ def did_you_mean(value: Any, choices: Iterable[Any]) -> str:
     if not isinstance(value, str):
         return ""
     names = [str(c) for c in choices]
-    close = difflib.get_close_matches(value, names, n=1) or difflib.get_close_matches(value.lower(), names, n=1)
+    close = difflib.get_close_matches(value, names, n=1, cutoff=0.7) or difflib.get_close_matches(
+        value.lower(), names, n=1, cutoff=0.7
+    )
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -186,3 +188,33 @@ def check_seed(name: str, value: Any) -> Any:
     if not _is_int(value) or value < 0:
         raise ArgumentTypeError(f"{name} must be an integer >= 0 (or None): got {_what(value)}")
     return value
+
+
+def check_out_file(flag: str, path: Any, *, error: type = ArgumentValueError) -> Any:
+    """Raise ``error`` unless a file can be written at ``path``: not a folder, and its folder (or the nearest
+    existing one above it) accepts a new file.  Checked before work whose result would be lost."""
+    import os
+    from pathlib import Path
+
+    from tokvis.fileio import temp_path
+
+    out = Path(path)
+    if out.is_dir():
+        raise error(f"{flag} {path} is an existing folder: give a file name (e.g. {out / 'out.safetensors'})")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise error(f"{flag} {path}: {parent} is a file, not a folder")
+    probe = temp_path(parent / out.name)
+    try:
+        with open(probe, "wb"):
+            pass
+    except OSError as e:
+        raise error(f"{flag} {path}: cannot write in {parent} ({e.strerror or e}); give a writable location") from None
+    finally:
+        try:
+            os.unlink(probe)
+        except OSError:
+            pass
+    return path

@@ -215,6 +215,12 @@ class RunSpec:
         return "__".join(re.sub(r"[^A-Za-z0-9._-]+", "-", p) for p in parts)
 
 
+def _tokvis_version() -> str:
+    import tokvis
+
+    return tokvis.__version__
+
+
 def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -451,6 +457,11 @@ def check_manifest(m: dict[str, Any], path: Path) -> dict[str, Any]:
     their index, and that ``complete`` says what the entries say.
     """
     version = m.get("version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > max(READABLE_VERSIONS):
+        raise StoreError(
+            f"{path}: run store version {version} was written by a newer tokvis (this tokvis {_tokvis_version()} "
+            f"reads versions {', '.join(map(str, READABLE_VERSIONS))}); upgrade tokvis to read it"
+        )
     if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise StoreError(
             f"{path}: run store version {version!r} is not supported (this tokvis reads "

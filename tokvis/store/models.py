@@ -73,14 +73,33 @@ def create_backbone(name: str, *, pretrained: bool = True, model_kwargs: dict | 
 
     from tokvis import zoo
 
+    _check_model_kwargs(dict(model_kwargs or {}))
     torch.manual_seed(int(seed))
     try:
         return zoo.create(name, pretrained=bool(pretrained), **dict(model_kwargs or {}))
     except TypeError as e:
         raise RunConfigError(
             f"model {name!r} does not accept the model keyword arguments {json.dumps(model_kwargs)} "
-            f"({e}); check their names (--model-kwargs / model_kwargs), e.g. img_size"
+            f"({e}); check their names and types (--model-kwargs / model_kwargs), e.g. img_size is a number: 64"
         ) from e
+
+
+#: model keyword arguments that are counts (an int >= 1); img_size may also be [h, w]
+_COUNT_KWARGS = ("depth", "img_size", "patch_size", "embed_dim", "num_heads", "num_classes", "in_chans")
+
+
+def _check_model_kwargs(kwargs: dict) -> None:
+    """The usual ViT keyword arguments have their type and range before timm sees them."""
+    from tokvis.validate import check_int
+
+    for key in _COUNT_KWARGS:
+        if key not in kwargs:
+            continue
+        value = kwargs[key]
+        values = value if key == "img_size" and isinstance(value, list) and len(value) == 2 else [value]
+        minimum = 0 if key == "num_classes" else 1
+        for v in values:
+            check_int(f"model keyword argument {key} (--model-kwargs)", v, minimum=minimum, error=RunConfigError)
 
 
 def _same_schedule(a, b) -> bool:
