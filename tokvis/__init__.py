@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from tokvis import errors
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 # public name -> module defining it
 _EXPORTS = {

@@ -193,11 +193,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_methods(args: argparse.Namespace) -> int:
     import tokvis
     from tokvis.methods import get_method_class
+    from tokvis.methods.registry import describe_options
 
     for name in tokvis.list_methods():
         cls = get_method_class(name)
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        print(f"{name:<12} {cls.kind:<6} {doc}")
+        options = describe_options(name).replace("its options (defaults): ", "options: ").replace("it has ", "")
+        print(f"{name:<12} {cls.kind:<6} {doc.rstrip('.')}; {options}")
     return 0
 
 

@@ -52,6 +52,18 @@ class ImageValueError(ImageSizeError):
     """Input images hold NaN or infinite pixel values (a kind of :class:`ImageSizeError`: a bad image)."""
 
 
+class ArgumentTypeError(TokvisError, TypeError):
+    """An argument of a public function has the wrong type (a string where a list is meant, ...)."""
+
+
+class ArgumentValueError(TokvisError, ValueError):
+    """An argument of a public function has a value out of its range, or not one of its choices."""
+
+
+class BlockIndexError(TokvisError, IndexError):
+    """A block (layer) index outside the model's blocks."""
+
+
 class AnalysisOptionError(TokvisError, ValueError):
     """An analysis option is not one tokvis knows (e.g. ``convention=``) or does not apply to the inputs."""
 

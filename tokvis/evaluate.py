@@ -38,7 +38,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from tokvis.errors import DataError
+from tokvis.errors import ArgumentValueError, DataError
 from tokvis.store import RunConfigError, RunSpec, amp_context, build_model, load_runs_in, patch_for, run_spec
 from tokvis.validate import check_int
 
@@ -54,6 +54,8 @@ COLUMNS = ("run", "backbone", "method", "keep_rate", "r", "dataset", "n_images",
 #: Number of classes of foolbox's labelled sample sets (their labels index these classes).
 _FOOLBOX_CLASSES = {"imagenet": 1000, "cifar10": 10, "cifar100": 100, "mnist": 10, "fashionmnist": 10}
 _ID_COLUMNS = ("backbone", "method", "dataset")
+#: The range of each measure (fidelity is a cosine; the others are fractions); a table outside them is wrong.
+MEASURE_RANGES = {m: (0.0, 1.0) for m in MEASURES} | {"fidelity": (-1.0, 1.0)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,10 +86,10 @@ def knn_predict(features: np.ndarray, labels: Sequence[int], *, k: int = 5, chun
     y = np.asarray(labels, dtype=np.int64)
     n = len(f)
     if f.ndim != 2 or len(y) != n:
-        raise ValueError(f"features must be [n, D] with one label per row: got {f.shape} and {len(y)} labels")
+        raise ArgumentValueError(f"features must be [n, D] with one label per row: got {f.shape} and {len(y)} labels")
     k = check_int("k", k, minimum=1)
     if n < 2:
-        raise ValueError("k-NN needs at least 2 images")
+        raise ArgumentValueError("k-NN needs at least 2 images")
     k = min(k, n - 1)
     f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
     out = np.empty(n, dtype=np.int64)
@@ -343,7 +345,17 @@ def _measures(run, model, dataset, base, red, labels, *, k: int) -> dict[str, An
         ka, kb = knn_predict(a, labels, k=k), knn_predict(b, labels, k=k)
         row["knn_top1"], row["knn_top1_unreduced"] = float((kb == labels).mean()), float((ka == labels).mean())
         row["knn_agreement"] = float((ka == kb).mean())
-        have.append(f"knn(k={k})")
+        used = min(k, len(labels) - 1)  # leave-one-out: at most the other images are neighbours
+        if used < k:
+            have.append(f"knn(k={used}: --k {k} is more than the {len(labels) - 1} other images)")
+            warnings.warn(
+                f"{run.path.name}: k={k} neighbours asked for, but the run has {len(labels)} images; the k-NN "
+                f"measures used k={used} (the 'measure' column says so)",
+                UserWarning,
+                stacklevel=3,
+            )
+        else:
+            have.append(f"knn(k={k})")
     if red["labels"]:
         same = np.ones(len(b), dtype=bool)
         for lay, got in red["labels"].items():
@@ -400,6 +412,15 @@ def read_accuracy_csv(path: str | os.PathLike):
     bad = df["accuracy"][acc.isna() & df["accuracy"].notna()]
     if len(bad):
         raise DataError(f"{path}: accuracy must be a number: got {bad.iloc[0]!r} (row {bad.index[0] + 2})")
+    if acc.isna().any():
+        row = int(np.flatnonzero(acc.isna().to_numpy())[0])
+        raise DataError(f"{path}: accuracy is empty or NaN in row {row + 2}; give a number for every row (or drop it)")
+    out = acc[(acc < 0) | (acc > 100)]
+    if len(out):
+        raise DataError(
+            f"{path}: accuracy {float(out.iloc[0]):g} (row {out.index[0] + 2}) is out of range: give fractions in "
+            "[0, 1] or percentages in [0, 100] (kept as given)"
+        )
     df = df.assign(accuracy=acc)
     seen: set[tuple] = set()
     for _, row in df.iterrows():

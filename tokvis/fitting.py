@@ -24,6 +24,7 @@ from torch import nn
 
 from tokvis.errors import MethodOptionError, TokvisError, WeightsError
 from tokvis.fileio import sha256_file
+from tokvis.identity import backbone_identity, canonical_safetensors, content_sha256
 
 __all__ = [
     "fit", "fit_to_file", "distillation_loss", "augmented_images", "save_method", "load_method",
@@ -31,7 +32,8 @@ __all__ = [
 ]  # fmt: skip
 
 METHOD_FORMAT = "tokvis-method"
-METHOD_VERSION = 1
+METHOD_VERSION = 2  # 2: content_sha256 (checked on load) and the backbone in fit_info
+READABLE_METHOD_VERSIONS = ("1", "2")
 LOSSES = ("cosine", "mse")
 
 
@@ -288,6 +290,7 @@ def fit(
         "loss": loss,
         "num_images": int(len(images)),
         "epoch_losses": history,
+        "backbone": backbone_identity(model),
     }
     return method
 
@@ -413,9 +416,17 @@ def save_method(method, path: str | os.PathLike) -> Path:
     """Save a learned method's parameters and options to one safetensors file.
 
     The header metadata holds JSON: format, version, method name, options (to
-    rebuild it with :func:`tokvis.create_method`) and ``fit_info`` (the schedule
-    it was fitted for, when fitted with :func:`fit`).  Written to a temporary
+    rebuild it with :func:`tokvis.create_method`), ``fit_info`` (the schedule and
+    backbone it was fitted for, when fitted with :func:`fit`) and ``content_sha256``
+    (:func:`tokvis.identity.content_sha256` of the tensors and the rest of the
+    metadata: checked on load, and the file's identity in a run).  The header's keys
+    are sorted, so the same content is the same bytes.  Written to a temporary
     file and renamed (:func:`tokvis.fileio.atomic_write`: the user's umask).
+
+    Parameters
+    ----------
+    method : LearnedMethod
+    path : str or PathLike
 
     Returns
     -------
@@ -427,15 +438,38 @@ def save_method(method, path: str | os.PathLike) -> Path:
 
     method = _learned(method)
     path = Path(path)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in sorted(method.state_dict().items())}
     meta = {
         "format": METHOD_FORMAT,
         "version": str(METHOD_VERSION),
         "method": method.name,
-        "options": json.dumps(method.options()),
-        "fit_info": json.dumps(getattr(method, "fit_info", None)),
+        "options": json.dumps(method.options(), sort_keys=True),
+        "fit_info": json.dumps(getattr(method, "fit_info", None), sort_keys=True),
     }
-    return atomic_write(path, save(tensors, metadata=meta))
+    meta["content_sha256"] = content_sha256(tensors, meta)
+    return atomic_write(path, canonical_safetensors(save(tensors, metadata=meta)))
+
+
+def _read_method_file(path: Path) -> tuple[str, dict[str, Any], dict[str, Any] | None, dict, str]:
+    """``(name, options, fit_info, tensors, content SHA-256)`` of a method file, its checksum checked."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    name, options, info = _read_method_header(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for corrupt data
+        raise WeightsError(f"{path} is not a readable safetensors file: {e}") from e
+    stored = meta.pop("content_sha256", None)
+    digest = content_sha256(tensors, meta)
+    if meta.get("version") != "1" and stored != digest:
+        raise WeightsError(
+            f"{path} is damaged: its content checksum does not match (stored {str(stored)[:12]}..., the tensors and "
+            f"metadata give {digest[:12]}...); fit it again (`tokvis fit`) or restore the file"
+        )
+    return name, options, info, tensors, digest
 
 
 def _read_method_header(path: Path) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
@@ -451,8 +485,11 @@ def _read_method_header(path: Path) -> tuple[str, dict[str, Any], dict[str, Any]
         raise WeightsError(f"{path} is not a readable safetensors file: {e}") from e
     if meta.get("format") != METHOD_FORMAT:
         raise WeightsError(f"{path} is not a tokvis method file (format {meta.get('format')!r})")
-    if meta.get("version") != str(METHOD_VERSION):
-        raise WeightsError(f"{path} has method-file version {meta.get('version')}; this tokvis reads {METHOD_VERSION}")
+    if meta.get("version") not in READABLE_METHOD_VERSIONS:
+        raise WeightsError(
+            f"{path} has method-file version {meta.get('version')}; this tokvis reads versions "
+            f"{', '.join(READABLE_METHOD_VERSIONS)} (a newer tokvis wrote it? upgrade tokvis)"
+        )
     try:
         options = json.loads(meta["options"])
         info = json.loads(meta.get("fit_info", "null"))
@@ -471,22 +508,20 @@ def load_method(path: str | os.PathLike):
     (``LearnedMethod.former_options``: e.g. SiT's ``placement="after_attn"``), so that it
     decides as it was fitted to.
 
+    Parameters
+    ----------
+    path : str or PathLike
+
     Raises
     ------
     WeightsError
-        Missing file, not a tokvis method file, unknown version, or tensors that
-        do not fit the method.
+        Missing file, not a tokvis method file, unknown version, a content checksum that
+        does not match (a damaged file), or tensors that do not fit the method.
     """
-    from safetensors.torch import load_file
-
     from tokvis.methods import create_method
 
     path = Path(path)
-    name, options, info = _read_method_header(path)
-    try:
-        tensors = load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for corrupt data
-        raise WeightsError(f"{path} is not a readable safetensors file: {e}") from e
+    name, options, info, tensors, _ = _read_method_file(path)
     from tokvis.methods import get_method_class
 
     try:  # a file saved before an option existed was fitted with the former behaviour: load it as that
@@ -504,7 +539,7 @@ def load_method(path: str | os.PathLike):
     return method
 
 
-#: SHA-256 (hex) of a file's bytes: the identity of a fitted-method file in a run's configuration
+#: SHA-256 (hex) of a file's bytes (a fitted file's identity in runs recorded before content checksums)
 file_sha256 = sha256_file
 
 
@@ -515,16 +550,19 @@ def method_file_info(path: str | os.PathLike) -> dict[str, Any]:
     -------
     dict
         ``method`` (name), ``options`` (dict), ``fit_info`` (dict or ``None``: the schedule
-        ``keep_rate`` / ``r`` / ``locations`` it was fitted for) and ``sha256`` (of the file's bytes).
+        ``keep_rate`` / ``r`` / ``locations`` and the ``backbone`` it was fitted for), ``sha256`` (of the
+        file's content, :func:`tokvis.identity.content_sha256`: its identity in a run) and ``file_sha256``
+        (of its bytes).
 
     Raises
     ------
     WeightsError
-        Missing file, not a readable safetensors file, not a tokvis method file, unknown version.
+        Missing file, not a readable safetensors file, not a tokvis method file, unknown version, a
+        damaged file (content checksum).
     """
     path = Path(path)
-    name, options, info = _read_method_header(path)
-    return {"method": name, "options": options, "fit_info": info, "sha256": sha256_file(path)}
+    name, options, info, _, digest = _read_method_file(path)
+    return {"method": name, "options": options, "fit_info": info, "sha256": digest, "file_sha256": sha256_file(path)}
 
 
 def fit_summary(method) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from torch import nn
 
 from tokvis.backbones import Backbone, TokenPositions, backbone_for
 from tokvis.backbones.timm_vit import TimmViT
-from tokvis.errors import MethodOptionError, TokvisError
+from tokvis.errors import ArgumentTypeError, MethodOptionError, TokvisError
 from tokvis.methods.base import Method, ReductionContext
 from tokvis.methods.ops import apply_decision, decision_dtype
 from tokvis.methods.registry import create_method
@@ -448,10 +448,15 @@ def patch(
         method_obj = create_method(method, **options)
     elif isinstance(method, Method):
         if options:
-            raise TypeError(f"options {sorted(options)} are given to a method object; set them on the object")
+            raise ArgumentTypeError(
+                f"options {sorted(options)} are given with a method object ({method.name!r}); set them when creating "
+                f"it (tokvis.create_method({method.name!r}, ...)), or pass the name {method.name!r} with the options"
+            )
         method_obj = method
     else:
-        raise TypeError(f"method must be a registered name or a tokvis Method: got {type(method).__name__}")
+        raise ArgumentTypeError(
+            f"method must be a registered name (tokvis.list_methods()) or a tokvis Method: got {method!r}"
+        )
     if locations is None:  # a method may follow its reference code's default locations (MCTF)
         locations = method_obj.default_locations(info.depth, keep_rate=keep_rate, r=r)
     schedule = make_schedule(info.depth, keep_rate=keep_rate, r=r, locations=locations)

@@ -43,6 +43,27 @@ def report(module: nn.Module, decision: LayerDecision) -> None:
         rec._add(decision)
 
 
+def _unique_ids(image_ids) -> list:
+    """``image_ids`` as a list, refused when an id repeats: images are paired by id (compare, stores)."""
+    from collections import Counter
+
+    from tokvis.errors import ArgumentTypeError
+
+    if isinstance(image_ids, (str, bytes)) or not hasattr(image_ids, "__iter__"):
+        raise ArgumentTypeError(f"image_ids must be a sequence of ids, one per image: got {image_ids!r}")
+    ids = list(image_ids)
+    try:
+        dup = [k for k, n in Counter(ids).items() if n > 1]
+    except TypeError as e:
+        raise ArgumentTypeError(f"image_ids must be hashable ids (str or int): {e}") from None
+    if dup:
+        raise TraceMismatchError(
+            f"image_ids holds {len(dup)} id(s) more than once (e.g. {dup[0]!r}); each image needs its own id, "
+            "since traces and runs pair images by id"
+        )
+    return ids
+
+
 class Recorder:
     """Collects decisions while open; see :func:`record`."""
 
@@ -58,7 +79,7 @@ class Recorder:
         self.info = model_info(model)
         self.dataset = dataset
         self.store_scores = store_scores
-        self._given_ids = list(image_ids) if image_ids is not None else None
+        self._given_ids = _unique_ids(image_ids) if image_ids is not None else None
         self._batches: list[Trace] = []
         self._pending: list[tuple] = []  # forwards whose decisions are on their way to the host
         self._images = 0

@@ -21,8 +21,9 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from tokvis.errors import TraceFileError, TraceMismatchError
+from tokvis.errors import ArgumentValueError, BlockIndexError, TraceFileError, TraceMismatchError
 from tokvis.fileio import atomic_write
+from tokvis.validate import check_path
 
 KINDS = ("prune", "merge", "fuse", "soft")
 TRACE_FORMAT = "tokvis-trace"
@@ -98,32 +99,34 @@ class LayerDecision:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}: got {self.kind!r}")
+            raise ArgumentValueError(f"kind must be one of {KINDS}: got {self.kind!r}")
         if self.dst.dim() != 2:
-            raise ValueError(f"dst must be 2-D [B, n_in]: shape is {tuple(self.dst.shape)}")
+            raise ArgumentValueError(f"dst must be 2-D [B, n_in]: shape is {tuple(self.dst.shape)}")
         if self.dst.dtype != torch.int64:
-            raise ValueError(f"dst must be int64: dtype is {self.dst.dtype}")
+            raise ArgumentValueError(f"dst must be int64: dtype is {self.dst.dtype}")
         if self.keep.shape != self.dst.shape or self.keep.dtype != torch.bool:
-            raise ValueError(
+            raise ArgumentValueError(
                 f"keep must be a bool tensor shaped like dst {tuple(self.dst.shape)}: "
                 f"got {self.keep.dtype} {tuple(self.keep.shape)}"
             )
         for name in ("weight", "score", "size_scale"):
             t = getattr(self, name)
             if t is not None and t.shape != self.dst.shape:
-                raise ValueError(f"{name} must be shaped like dst {tuple(self.dst.shape)}: got {tuple(t.shape)}")
+                raise ArgumentValueError(
+                    f"{name} must be shaped like dst {tuple(self.dst.shape)}: got {tuple(t.shape)}"
+                )
         if self.soft is not None:
             expect = (self.dst.shape[0], int(self.n_out), self.dst.shape[1])
             if tuple(self.soft.shape) != expect:
-                raise ValueError(f"soft must have shape {expect}: got {tuple(self.soft.shape)}")
+                raise ArgumentValueError(f"soft must have shape {expect}: got {tuple(self.soft.shape)}")
         elif self.kind == "soft":
-            raise ValueError("a decision of kind 'soft' needs the soft assignment matrix")
+            raise ArgumentValueError("a decision of kind 'soft' needs the soft assignment matrix")
         if self.soft_kept_own and self.soft is None:
-            raise ValueError("soft_kept_own describes a soft assignment matrix: the decision has none")
+            raise ArgumentValueError("soft_kept_own describes a soft assignment matrix: the decision has none")
         if self.weighted_sum and self.soft is not None:
-            raise ValueError("weighted_sum describes a hard assignment (dst and weight): the decision is soft")
+            raise ArgumentValueError("weighted_sum describes a hard assignment (dst and weight): the decision is soft")
         if self.mix is not None and (self.soft is None or tuple(self.mix.shape[:2]) != tuple(self.dst.shape)):
-            raise ValueError(
+            raise ArgumentValueError(
                 f"mix must be the [B, n_in, C] tokens a soft assignment mixes (B, n_in = {tuple(self.dst.shape)}): "
                 f"got {tuple(self.mix.shape)}" + ("" if self.soft is not None else " without a soft assignment")
             )
@@ -433,10 +436,20 @@ class Trace:
 
 
 def check_block_index(layer: int, depth: int) -> int:
-    """``layer`` as an int in ``[-1, depth - 1]`` (-1 = before the first block), else IndexError."""
-    layer = int(layer)
+    """``layer`` as an int in ``[-1, depth - 1]`` (-1 = before the first block), else BlockIndexError."""
+    import operator
+
+    from tokvis.errors import ArgumentTypeError
+
+    try:
+        if isinstance(layer, bool):
+            raise TypeError
+        layer = operator.index(layer)
+    except TypeError:
+        want = f"a block index (an integer in [-1, {depth - 1}])"
+        raise ArgumentTypeError(f"layer must be {want}: got {layer!r}") from None
     if not -1 <= layer < depth:
-        raise IndexError(f"layer must be in [-1, {depth - 1}] (block index): got {layer}")
+        raise BlockIndexError(f"layer must be in [-1, {depth - 1}] (block index): got {layer}")
     return layer
 
 
@@ -502,6 +515,7 @@ def load_trace(path: str | os.PathLike) -> Trace:
     TraceFileError
         If the file is missing, truncated, corrupt or not a tokvis trace.
     """
+    check_path("path", path)
     from safetensors import safe_open
 
     path = Path(path)

@@ -730,6 +730,13 @@ def _read_checkpoint(path: Path, weights_only: bool) -> Any:
             return load_file(str(path))
         except Exception as err:
             raise WeightsError(f"Could not read the checkpoint file {path}: {err}") from err
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # a zip archive, or a (legacy) pickle
+        raise WeightsError(
+            f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle; a text file?): "
+            "give a .pth / .pt / .safetensors file of the model's weights, or a timm model name"
+        )
     try:
         return torch.load(str(path), map_location="cpu", weights_only=weights_only)
     except Exception as err:  # zip errors, unpickling errors, EOF on truncated files

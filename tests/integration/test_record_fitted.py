@@ -76,7 +76,7 @@ def test_record_fitted_equals_the_loaded_method_in_python(tmp_path, fits, capsys
     (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
     assert "__sit__keep0.5__" in run_dir.name  # method and keep rate from the file
     run = load_run(run_dir)
-    assert run.config["fitted_sha256"] == fitting.file_sha256(fits["a"])
+    assert run.config["fitted_sha256"] == fitting.method_file_info(fits["a"])["sha256"]
     assert run.config["locations"] == [1, 2]  # the fit's locations
     assert run.config["method_options"] == fitting.method_file_info(fits["a"])["options"]
     expected = _python_labels(fits["a"], run)
@@ -92,7 +92,9 @@ def test_another_fit_is_another_run_refused_in_the_same_folder(tmp_path, fits, c
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
-    assert load_run(run_dir).config["fitted_sha256"] == fitting.file_sha256(fits["a"])  # the first run is intact
+    assert (
+        load_run(run_dir).config["fitted_sha256"] == fitting.method_file_info(fits["a"])["sha256"]
+    )  # the first run is intact
 
 
 def test_config_hash_includes_the_fit_and_unfitted_runs_keep_theirs(fits):
@@ -187,12 +189,12 @@ def test_sweep_fitted_table_fills_keep_rate_and_records(tmp_path, fits, capsys):
     f = _sweep(tmp_path, f'keep_rates = [0.5, 0.7]\n[fitted]\nsit = "{fits_dir}/sit_keep{{keep_rate}}.safetensors"\n')
     specs, _ = load_sweep(f)
     sit = {s.keep_rate: s for s in specs if s.method == "sit"}
-    assert sit[0.5].fitted_sha256 == fitting.file_sha256(fits["a"])
-    assert sit[0.7].fitted_sha256 == fitting.file_sha256(fits["k7"])
+    assert sit[0.5].fitted_sha256 == fitting.method_file_info(fits["a"])["sha256"]
+    assert sit[0.7].fitted_sha256 == fitting.method_file_info(fits["k7"])["sha256"]
     assert all(s.fitted is None for s in specs if s.method == "topk")
     assert main(["sweep", str(f), "--no-progress"]) == 0
     runs = {load_run(p).config.get("fitted_sha256") for p in (tmp_path / "runs").iterdir()}
-    assert {fitting.file_sha256(fits["a"]), fitting.file_sha256(fits["k7"]), None} == runs
+    assert {fitting.method_file_info(fits["a"])["sha256"], fitting.method_file_info(fits["k7"])["sha256"], None} == runs
 
 
 def test_sweep_fitted_relative_to_the_toml(tmp_path, fits):
@@ -256,7 +258,9 @@ def test_sweep_fit_table_fits_missing_files_like_tokvis_fit_then_records(tmp_pat
     fitted = {k: tmp_path / "fits" / f"sit_keep{k}.safetensors" for k in ("0.5", "0.7")}
     runs = [load_run(p) for p in (tmp_path / "runs").iterdir()]
     assert len(runs) == 4
-    assert {r.config.get("fitted_sha256") for r in runs} == {None} | {fitting.file_sha256(p) for p in fitted.values()}
+    assert {r.config.get("fitted_sha256") for r in runs} == {None} | {
+        fitting.method_file_info(p)["sha256"] for p in fitted.values()
+    }
     # the second path: tokvis fit with the same settings gives the same parameters and schedule
     cli = tmp_path / "cli.safetensors"
     args = [*TINY, "--method", "sit", "--keep-rate", "0.5", "--locations", "1", "2", "--images", "4"]

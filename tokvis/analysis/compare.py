@@ -70,7 +70,14 @@ import numpy as np
 from tokvis.analysis import maps as _maps
 from tokvis.analysis import patterns as _patterns
 from tokvis.analysis.patterns import check_convention
-from tokvis.errors import AnalysisOptionError, TraceMismatchError
+from tokvis.errors import (
+    AnalysisOptionError,
+    ArgumentTypeError,
+    ArgumentValueError,
+    BlockIndexError,
+    TraceMismatchError,
+)
+from tokvis.validate import check_choice, check_int, check_names, check_trace, did_you_mean
 
 __all__ = [
     "BY",
@@ -156,6 +163,7 @@ def pattern_family(trace, layer: int) -> str:
     ``merge``/``soft`` -> ``"merge"``); before the first decision, the family of the first one.
     A trace without decisions is ``"prune"`` (every patch is kept).
     """
+    check_trace("trace", trace)
     kinds = trace.kinds  # {layer: kind}: tokvis.Trace and lazily read run stores (tokvis.load_run) both have it
     if not kinds:
         return "prune"
@@ -168,9 +176,9 @@ def _metric_list(metric, convention: str = "standard") -> tuple[str, ...] | None
     """Requested pattern metrics as tokvis names (study names are accepted under the study convention)."""
     if metric is None:
         return None
-    names = (metric,) if isinstance(metric, str) else tuple(metric)
+    names = check_names("metric", metric)
     if not names:
-        raise ValueError("metric must name at least one metric")
+        raise ArgumentValueError("metric must name at least one metric")
     if convention == "study":
         from_study = {v: k for k, v in STUDY_PATTERN_METRICS.items()} | {"nmi": "v_measure"}
         out = []
@@ -186,10 +194,7 @@ def _metric_list(metric, convention: str = "standard") -> tuple[str, ...] | None
                 out.append(std)
         return tuple(out)
     for name in names:
-        if name not in PRUNE_METRICS + MERGE_METRICS:
-            raise ValueError(
-                f"metric must be one of {', '.join(map(repr, PRUNE_METRICS + MERGE_METRICS))}: got {name!r}"
-            )
+        check_choice("metric", name, PRUNE_METRICS + MERGE_METRICS)
     return names
 
 
@@ -213,6 +218,14 @@ def _align(a, b, ia: int, ib: int) -> np.ndarray | None:
             "(use compare_maps on global maps of the same grid, or record at the same input size)"
         )
     ids_a, ids_b = list(a.image_ids), list(b.image_ids)
+    for t, i, ids in ((a, ia, ids_a), (b, ib, ids_b)):
+        if len(set(ids)) != len(ids):
+            seen: set = set()
+            dup = next(k for k in ids if k in seen or seen.add(k))
+            raise TraceMismatchError(
+                f"{_describe(t, i)} holds image id {dup!r} more than once: images are paired by id, so each id must "
+                "be unique (record each image once, or select unique ones with Trace.select)"
+            )
     if ids_a == ids_b:
         return None
     missing_b = [i for i in ids_a if i not in set(ids_b)]
@@ -239,7 +252,7 @@ def _layers_for(a, b, ia: int, ib: int, layers) -> list[int]:
         return list(a.layers)
     out = []
     for layer in layers:
-        layer = int(layer)
+        layer = check_int("layers entry", layer)
         for t, i in ((a, ia), (b, ib)):
             if not 0 <= layer < t.meta.depth:
                 raise TraceMismatchError(f"layer {layer} is not a block of {_describe(t, i)} (depth {t.meta.depth})")
@@ -392,14 +405,11 @@ def compare(
     import pandas as pd
 
     check_convention(convention)
-    if by not in BY:
-        raise ValueError(f"by must be one of {', '.join(map(repr, BY))}: got {by!r}")
-    if dropped not in ("exclude", "group"):
-        raise ValueError(f"dropped must be 'exclude' or 'group': got {dropped!r}")
-    traces = list(traces)
-    for i, t in enumerate(traces):
-        if not (hasattr(t, "meta") and hasattr(t, "labels") and hasattr(t, "kept")):
-            raise TypeError(f"traces[{i}] is not a Trace: got {type(t).__name__}")
+    check_choice("by", by, BY)
+    check_choice("dropped", dropped, ("exclude", "group"))
+    if layers is not None and (isinstance(layers, (str, bytes)) or not isinstance(layers, (list, tuple, range))):
+        raise ArgumentTypeError(f"layers must be a list of block indices, e.g. layers=[12]: got {layers!r}")
+    traces = _check_traces(traces)
     requested = _metric_list(metric, convention)
     defaults = _DEFAULT_METRICS if convention == "standard" else _STUDY_DEFAULT_METRICS
     varying = _VARYING[by]
@@ -443,6 +453,12 @@ def compare(
                         "value": values[name],
                     }  # fmt: skip
                 )
+    if not chunks and pairs and requested is None and skipped_mixed:
+        raise TraceMismatchError(
+            f"compare(by={by!r}): every compared pair mixes a pruning and a merging pattern ({skipped_mixed} "
+            "pair-blocks), and no pattern metric applies to both: compare methods of one family "
+            "(pruning: topk, evit, ats ...; merging: tome, kmedoids ...), or compare global maps with compare_maps"
+        )
     if not chunks:
         if requested is not None and pairs:
             raise TraceMismatchError(
@@ -492,6 +508,23 @@ def _pair_values(a, b, order, layer: int, family: str, names, dropped: str, conv
 # --------------------------------------------------------------------------------------------
 
 
+def _check_traces(traces) -> list:
+    """``traces`` as a list of Trace-like objects (a Trace, a loaded run); typed errors otherwise."""
+    import os
+
+    if traces is None or isinstance(traces, (str, bytes, os.PathLike)) or not hasattr(traces, "__iter__"):
+        raise ArgumentTypeError(f"traces must be a list of Traces or loaded runs: got {traces!r}")
+    if hasattr(traces, "meta") and hasattr(traces, "labels"):
+        raise ArgumentTypeError("traces must be a list of Traces: got one Trace; pass [trace_a, trace_b]")
+    traces = list(traces)
+    for i, t in enumerate(traces):
+        if isinstance(t, (str, os.PathLike)):
+            raise ArgumentTypeError(f"traces[{i}] is a path ({t!s}): open run stores with tokvis.load_run(path) first")
+        if not (hasattr(t, "meta") and hasattr(t, "labels") and hasattr(t, "kept")):
+            raise ArgumentTypeError(f"traces[{i}] is not a Trace: got {type(t).__name__}")
+    return traces
+
+
 def global_maps(trace, *, layer: int | None = None) -> dict[str, np.ndarray]:
     """Global spatial maps of a trace over its images.
 
@@ -508,8 +541,15 @@ def global_maps(trace, *, layer: int | None = None) -> dict[str, np.ndarray]:
         ``"depth"`` (mean token depth, :func:`tokvis.analysis.maps.depth_map`), ``"keep_frequency"``
         and ``"merge_size"``, each float64 ``[h, w]``.
     """
+    if isinstance(trace, (list, tuple)) or not (hasattr(trace, "meta") and hasattr(trace, "kept")):
+        what = "a list: pass one trace (or run), not a list" if isinstance(trace, (list, tuple)) else repr(trace)
+        raise ArgumentTypeError(f"trace must be a Trace or a loaded run: got {what}")
     if layer is None:
         layer = trace.layers[-1] if len(trace.layers) else -1
+    else:
+        depth = trace.meta.depth
+        layer = check_int("layer", layer, error=ArgumentTypeError)
+        check_int("layer", layer, minimum=-1, maximum=depth - 1, error=BlockIndexError)
     grid = tuple(trace.grid_size)
     return {
         "depth": _maps.depth_map(_np(trace.depth()), grid_size=grid),
@@ -566,20 +606,25 @@ def compare_maps(trace_a, trace_b, *, metrics=None, maps=MAPS, layer=None, conve
     import pandas as pd
 
     check_convention(convention)
+    _check_traces([trace_a, trace_b])
     study = convention == "study"
     if metrics is None:
         metrics = tuple(STUDY_MAP_METRICS) if study else MAP_METRICS
-    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
-    maps = (maps,) if isinstance(maps, str) else tuple(maps)
+    metrics = check_names("metrics", metrics)
+    maps = check_names("maps", maps)
     from_study = {v: k for k, v in STUDY_MAP_METRICS.items()} if study else {}
     metrics = tuple(dict.fromkeys(from_study.get(m, m) for m in metrics))
     for m in metrics:
         if m not in MAP_METRICS:
             names = MAP_METRICS + (tuple(STUDY_MAP_METRICS.values()) if study else ())
-            raise ValueError(f"metrics must be among {', '.join(map(repr, names))}: got {m!r}")
+            hint = ""
+            if not study and m in STUDY_MAP_METRICS.values():
+                hint = " (a name of the study: pass convention='study' to use it)"
+            raise ArgumentValueError(
+                f"metrics must be among {', '.join(map(repr, names))}: got {m!r}{hint or did_you_mean(m, names)}"
+            )
     for m in maps:
-        if m not in MAPS:
-            raise ValueError(f"maps must be among {', '.join(map(repr, MAPS))}: got {m!r}")
+        check_choice("maps", m, MAPS)
     if tuple(trace_a.grid_size) != tuple(trace_b.grid_size):
         raise TraceMismatchError(
             f"trace A has a {tuple(trace_a.grid_size)} patch grid but trace B has {tuple(trace_b.grid_size)}: "

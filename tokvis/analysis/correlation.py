@@ -21,8 +21,8 @@ import warnings
 import numpy as np
 from scipy import stats
 
-from tokvis.errors import TraceMismatchError
-from tokvis.validate import check_choice, check_float, check_int
+from tokvis.errors import ArgumentValueError, TraceMismatchError
+from tokvis.validate import check_choice, check_float, check_int, check_seed
 
 __all__ = ["METHODS", "correlate", "correlation_table"]
 
@@ -36,12 +36,12 @@ _KENDALL_PAIRWISE_MAX_N = 400  # above this, bootstrap Kendall calls scipy per r
 def _vector(v, name: str) -> np.ndarray:
     arr = np.asarray(v)
     if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-D: shape is {arr.shape}")
+        raise ArgumentValueError(f"{name} must be 1-D: shape is {arr.shape}")
     if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.number):
         try:
             arr = arr.astype(np.float64)
         except (TypeError, ValueError):
-            raise ValueError(f"{name} must be numeric: dtype is {arr.dtype}") from None
+            raise ArgumentValueError(f"{name} must be numeric: dtype is {arr.dtype}") from None
     return arr.astype(np.float64)
 
 
@@ -82,7 +82,7 @@ def _statistic_rows(a: np.ndarray, b: np.ndarray, method: str) -> np.ndarray:
 
 def _bootstrap(x: np.ndarray, y: np.ndarray, method: str, n_boot: int, seed) -> np.ndarray:
     """Coefficients of ``n_boot`` resamples of the pairs (with replacement), NaN where undefined."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check_seed("seed", seed))
     n = x.size
     out = np.empty(n_boot)
     if method == "kendall" and n > _KENDALL_PAIRWISE_MAX_N:
@@ -195,22 +195,24 @@ def correlation_table(
     import pandas as pd
 
     if not isinstance(df, pd.DataFrame):
-        raise ValueError(f"df must be a pandas DataFrame: got {type(df).__name__}")
+        raise ArgumentValueError(f"df must be a pandas DataFrame: got {type(df).__name__}")
     ys = [y] if isinstance(y, str) else list(y)
     methods = [method] if isinstance(method, str) else list(method)
     keys = [] if by is None else ([by] if isinstance(by, str) else list(by))
     if not ys:
-        raise ValueError("y must name at least one column")
+        raise ArgumentValueError("y must name at least one column")
     if not methods:
-        raise ValueError("method must name at least one correlation method")
+        raise ArgumentValueError("method must name at least one correlation method")
     for m in methods:
         check_choice("method", m, METHODS)
     reserved = [k for k in keys if k in _TABLE_COLUMNS]
     if reserved:
-        raise ValueError(f"by columns {reserved} clash with the output columns {_TABLE_COLUMNS}; rename them first")
+        raise ArgumentValueError(
+            f"by columns {reserved} clash with the output columns {_TABLE_COLUMNS}; rename them first"
+        )
     missing = [c for c in [x, *ys, *keys] if c not in df.columns]
     if missing:
-        raise ValueError(f"columns not in df: {missing}; available: {list(df.columns)}")
+        raise ArgumentValueError(f"columns not in df: {missing}; available: {list(df.columns)}")
 
     groups = [((), df)] if not keys else df.groupby(keys, sort=True, dropna=False)
     rows = []

@@ -48,7 +48,7 @@ import warnings
 import numpy as np
 
 from tokvis.analysis.patterns import check_convention
-from tokvis.errors import TraceMismatchError
+from tokvis.errors import ArgumentValueError, TraceMismatchError
 from tokvis.validate import check_float, check_int
 
 __all__ = [
@@ -73,14 +73,14 @@ STUDY_FEATURE_METRICS = ("CKA", "mean_cca_corr", "mean_sq_cca_corr", "PWCCA", "P
 def _features(x, name: str) -> np.ndarray:
     arr = np.asarray(x)
     if arr.ndim != 2:
-        raise ValueError(f"{name} must be 2-D [num_images, num_features]: shape is {arr.shape}")
+        raise ArgumentValueError(f"{name} must be 2-D [num_images, num_features]: shape is {arr.shape}")
     if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.number):
-        raise ValueError(f"{name} must be numeric: dtype is {arr.dtype}")
+        raise ArgumentValueError(f"{name} must be numeric: dtype is {arr.dtype}")
     if np.issubdtype(arr.dtype, np.complexfloating):
-        raise ValueError(f"{name} must be real: dtype is {arr.dtype}")
+        raise ArgumentValueError(f"{name} must be real: dtype is {arr.dtype}")
     arr = arr.astype(np.float64)
     if not np.isfinite(arr).all():
-        raise ValueError(f"{name} must be finite (no NaN or inf)")
+        raise ArgumentValueError(f"{name} must be finite (no NaN or inf)")
     return arr
 
 
@@ -90,7 +90,7 @@ def _pair(x, y) -> tuple[np.ndarray, np.ndarray]:
     if a.shape[0] != b.shape[0]:
         raise TraceMismatchError(f"X and Y must hold the same images (rows): X has {a.shape[0]}, Y has {b.shape[0]}")
     if a.shape[0] < 2:
-        raise ValueError(f"need at least 2 images to compare features: got {a.shape[0]}")
+        raise ArgumentValueError(f"need at least 2 images to compare features: got {a.shape[0]}")
     # constant over the images, tested before centring (the centred values of a constant column
     # can be rounding noise instead of exact zeros)
     const = (bool(np.all(a.max(axis=0) == a.min(axis=0))), bool(np.all(b.max(axis=0) == b.min(axis=0))))

@@ -27,8 +27,8 @@ import numpy as np
 from scipy import stats
 
 from tokvis.analysis.correlation import _pearson_rows, _statistic_rows
-from tokvis.errors import TraceMismatchError
-from tokvis.validate import check_int
+from tokvis.errors import ArgumentValueError, TraceMismatchError
+from tokvis.validate import as_array, check_int, check_seed
 
 __all__ = ["importance_agreement", "rank_correlation", "top_k_mask"]
 
@@ -36,15 +36,15 @@ _CHUNK = 2**22  # permuted entries held at once by the random-method draws
 
 
 def _scores(x, name: str) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    arr = np.asarray(x, dtype=np.float64)
+    arr = as_array(name, x)
     if arr.ndim == 1:
         arr = arr[None]
     if arr.ndim != 2 or arr.shape[1] == 0:
-        raise ValueError(f"{name} must be [num_images, num_patches] (or one image [num_patches]): got {arr.shape}")
+        raise ArgumentValueError(
+            f"{name} must be [num_images, num_patches] (or one image [num_patches]): got {arr.shape}"
+        )
     if not np.isfinite(arr).all():
-        raise ValueError(f"{name} has NaN or infinite values: give finite scores")
+        raise ArgumentValueError(f"{name} has NaN or infinite values: give finite scores")
     return arr
 
 
@@ -107,7 +107,7 @@ def importance_agreement(scores, reference, *, k: int, n_random: int = 1000, see
     ra, rb = stats.rankdata(a, axis=1), stats.rankdata(b, axis=1)  # average ranks, as scipy's spearmanr
     N, n = a.shape
     out = {"k": int(k), "n_random": int(n_random), "iou": _iou_rows(ma, mb, k), "spearman": _pearson_rows(ra, rb)}
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check_seed("seed", seed))
     draws = {"iou": [], "spearman": []}
     step = max(1, _CHUNK // (N * n))
     for start in range(0, n_random, step):

@@ -54,7 +54,7 @@ import numpy as np
 from scipy import optimize, sparse, special, stats
 
 from tokvis.analysis.patterns import _as_batch, _dense_rows, check_convention
-from tokvis.errors import TraceMismatchError
+from tokvis.errors import ArgumentTypeError, ArgumentValueError, TraceMismatchError
 from tokvis.validate import check_float
 
 __all__ = [
@@ -80,9 +80,9 @@ def _check_grid(grid_size, num_patches: int) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in grid_size)
     except (TypeError, ValueError):
-        raise ValueError(f"grid_size must be a pair (h, w) of positive integers: got {grid_size!r}") from None
+        raise ArgumentValueError(f"grid_size must be a pair (h, w) of positive integers: got {grid_size!r}") from None
     if h <= 0 or w <= 0:
-        raise ValueError(f"grid_size must be a pair (h, w) of positive integers: got {grid_size!r}")
+        raise ArgumentValueError(f"grid_size must be a pair (h, w) of positive integers: got {grid_size!r}")
     if h * w != num_patches:
         raise TraceMismatchError(
             f"grid_size {(h, w)} has {h * w} patches but the input has {num_patches} patches per image"
@@ -93,20 +93,20 @@ def _check_grid(grid_size, num_patches: int) -> tuple[int, int]:
 def _values_2d(x, name: str) -> np.ndarray:
     arr = np.asarray(x)
     if arr.ndim not in (1, 2):
-        raise ValueError(
+        raise ArgumentValueError(
             f"{name} must be 2-D [num_images, num_patches] (or 1-D [num_patches] for one image): shape is {arr.shape}"
         )
     if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.number):
-        raise ValueError(f"{name} must be numeric: dtype is {arr.dtype}")
+        raise ArgumentValueError(f"{name} must be numeric: dtype is {arr.dtype}")
     arr = arr.astype(np.float64, copy=False)
     if not np.isfinite(arr).all():
-        raise ValueError(f"{name} must be finite (no NaN or inf)")
+        raise ArgumentValueError(f"{name} must be finite (no NaN or inf)")
     return arr[None, :] if arr.ndim == 1 else arr
 
 
 def _need_images(arr: np.ndarray, name: str) -> None:
     if arr.shape[0] == 0:
-        raise ValueError(f"{name} holds no images: a map needs at least one")
+        raise ArgumentValueError(f"{name} holds no images: a map needs at least one")
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,21 +212,21 @@ def _map_pair(p, q) -> tuple[np.ndarray, np.ndarray]:
     a, b = np.asarray(p), np.asarray(q)
     for arr, name in ((a, "p"), (b, "q")):
         if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.number):
-            raise ValueError(f"{name} must be a numeric map: dtype is {arr.dtype}")
+            raise ArgumentValueError(f"{name} must be a numeric map: dtype is {arr.dtype}")
     if a.shape != b.shape:
         raise TraceMismatchError(f"p and q must be maps of the same shape: {a.shape} vs {b.shape}")
     if a.size == 0:
-        raise ValueError("p and q are empty maps")
+        raise ArgumentValueError("p and q are empty maps")
     a = a.astype(np.float64).ravel()
     b = b.astype(np.float64).ravel()
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
-        raise ValueError("p and q must be finite (no NaN or inf)")
+        raise ArgumentValueError("p and q must be finite (no NaN or inf)")
     return a, b
 
 
 def _distribution(x: np.ndarray, name: str) -> np.ndarray:
     if (x < 0).any():
-        raise ValueError(f"{name} must be non-negative to be read as a distribution: min is {x.min()}")
+        raise ArgumentValueError(f"{name} must be non-negative to be read as a distribution: min is {x.min()}")
     total = x.sum()
     if total == 0:
         return np.full(x.shape, 1.0 / x.size)  # no mass anywhere: no spatial preference -> uniform
@@ -357,7 +357,7 @@ def sim(p, q, *, min_max: bool = True) -> float:
         In [0, 1], symmetric; 1 iff the normalised maps are equal, 0 iff their supports are disjoint.
     """
     if not isinstance(min_max, (bool, np.bool_)):
-        raise TypeError(f"min_max must be True or False: got {min_max!r}")
+        raise ArgumentTypeError(f"min_max must be True or False: got {min_max!r}")
     if min_max:
         a, b = _map_pair(p, q)
         a, b = _min_max(a), _min_max(b)
@@ -392,7 +392,7 @@ def emd(p, q, *, grid_size=None) -> float:
     a, b = _distributions(p, q)
     if grid_size is None:
         if len(shape) != 2:
-            raise ValueError(f"grid_size is required unless the maps are 2-D [h, w]: shape is {shape}")
+            raise ArgumentValueError(f"grid_size is required unless the maps are 2-D [h, w]: shape is {shape}")
         grid_size = shape
     _, w = _check_grid(grid_size, a.size)
     rows, cols = np.divmod(np.arange(a.size), w)

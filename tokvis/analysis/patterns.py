@@ -68,8 +68,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import gammaln
 
-from tokvis.errors import AnalysisOptionError, TraceMismatchError
-from tokvis.validate import check_choice, check_float
+from tokvis.errors import AnalysisOptionError, ArgumentValueError, BlockIndexError, TraceMismatchError
+from tokvis.validate import check_choice, check_float, check_names
 
 __all__ = [
     "CONVENTIONS",
@@ -120,20 +120,20 @@ def _as_batch(x, name: str, *, kind: str) -> np.ndarray:
     """Validate a pattern array: 2-D [num_images, num_patches], or 1-D for one image."""
     arr = np.asarray(x)
     if arr.ndim not in (1, 2):
-        raise ValueError(
+        raise ArgumentValueError(
             f"{name} must be 2-D [num_images, num_patches] (or 1-D [num_patches] for one image): shape is {arr.shape}"
         )
     if kind == "labels":
         if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(f"{name} must hold integer labels (negative = dropped): dtype is {arr.dtype}")
+            raise ArgumentValueError(f"{name} must hold integer labels (negative = dropped): dtype is {arr.dtype}")
         if arr.dtype == np.uint64 and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
-            raise ValueError(f"{name} holds labels beyond the int64 range")
+            raise ArgumentValueError(f"{name} holds labels beyond the int64 range")
     else:  # kept masks
         if arr.dtype != np.bool_:
             if not np.issubdtype(arr.dtype, np.integer):
-                raise ValueError(f"{name} must be boolean (or 0/1 integers): dtype is {arr.dtype}")
+                raise ArgumentValueError(f"{name} must be boolean (or 0/1 integers): dtype is {arr.dtype}")
             if arr.size and (arr.min() < 0 or arr.max() > 1):
-                raise ValueError(f"{name} must be boolean (or 0/1 integers): values outside {{0, 1}}")
+                raise ArgumentValueError(f"{name} must be boolean (or 0/1 integers): values outside {{0, 1}}")
             arr = arr.astype(np.bool_)
     return arr
 
@@ -562,7 +562,7 @@ def merge_scores(
     a, b, one = _as_pair(labels_true, labels_pred, ("labels_true", "labels_pred"), kind="labels")
     check_choice("dropped", dropped, _DROPPED_MODES)
     check_choice("average_method", average_method, _AVERAGE_METHODS)
-    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    metrics = check_names("metrics", metrics)
     for name in metrics:
         check_choice("each metric", name, MERGE_METRICS)
     check_float("beta", beta, low=0.0, high=np.inf, low_open=True, high_open=True)
@@ -692,7 +692,7 @@ class Contingency:
         Rows and columns follow the sorted label values, as scikit-learn's ``contingency_matrix``.
         """
         if not 0 <= image < self.num_images:
-            raise IndexError(f"image must be in [0, {self.num_images}): got {image}")
+            raise BlockIndexError(f"image must be in [0, {self.num_images}): got {image}")
         lo, hi = np.searchsorted(self.image, [image, image + 1])
         lt, lp, cnt = self.label_true[lo:hi], self.label_pred[lo:hi], self.count[lo:hi]
         rows, ri = np.unique(lt, return_inverse=True)

@@ -194,6 +194,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
         runs = _backbone_labels(runs)
     groups, differ = _groups(runs, args.by)
     if not groups:
+        by_rate = {run.config.get("keep_rate") is not None for run in runs}
+        if by_rate == {True, False}:
+            raise TraceMismatchError(
+                f"no two of the {len(runs)} runs are comparable along --by {args.by}: some are scheduled by keep "
+                "rate (--keep-rate) and others by r (tokens removed per block, --r), so their reducing blocks and "
+                "token counts differ. Record the runs you compare under one schedule: all with --keep-rate, or all "
+                "with --r"
+            )
         raise TraceMismatchError(
             f"no two of the {len(runs)} runs are comparable along --by {args.by}: they also differ in "
             f"{'; '.join(differ)}. Compare along one of those fields (--by), or pass runs that agree on them"

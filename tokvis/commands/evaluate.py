@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from tokvis.errors import DataError
+from tokvis.validate import check_out_file
 
 _TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
 
@@ -25,6 +26,7 @@ def check_table_out(path: str, flag: str = "--out") -> Path:
     out = Path(path)
     if out.is_dir() or path.endswith(("/", "\\")):
         raise DataError(f"{flag} {path} is a directory: give a file name ending in .csv or .parquet")
+    check_out_file(flag, path, error=DataError)
     if out.suffix.lower() not in _TABLE_SUFFIXES:
         raise DataError(
             f"{flag} {path}: unknown table format {out.suffix or '(no extension)'!r}; end the name in .csv or .parquet"

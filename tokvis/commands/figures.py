@@ -281,6 +281,26 @@ def _fig_global_maps(runs, keep_rate, emit) -> None:
             _skip(f"global_maps (PCC matrix, {key[0]}, {key[1]})", f"needs >= 2 methods at keep rate {keep_rate:g}")
 
 
+def _check_ranges(table, columns, path) -> None:
+    """Known measures lie in their range (fidelity a cosine in [-1, 1], the others fractions); NaN is 'missing'."""
+    from tokvis.errors import DataError
+    from tokvis.evaluate import MEASURE_RANGES
+
+    for c in columns:
+        if c not in MEASURE_RANGES:
+            continue
+        lo, hi = MEASURE_RANGES[c]
+        if c == "accuracy":
+            hi = 100.0  # an external accuracy may be a percentage
+        values = table[c]
+        out = values[(values < lo) | (values > hi)]
+        if len(out):
+            raise DataError(
+                f"--metrics {path}: {c} {float(out.iloc[0]):g} (row {out.index[0] + 2}) is out of range: {c} lies in "
+                f"[{lo:g}, {hi:g}]; check the table (write it with tokvis evaluate)"
+            )
+
+
 def read_performance_table(path: Path):
     """``tokvis evaluate``'s table (or a user's CSV) in wide form, its numeric measure columns with values and
     those that are empty.
@@ -316,6 +336,7 @@ def read_performance_table(path: Path):
     ]
     # tokvis evaluate writes every measure column, empty where a measure is unavailable (no top1 without a
     # matching head), a text 'measure' note and bookkeeping columns that are no performance measure
+    _check_ranges(table, numeric, path)
     empty = [c for c in numeric if table[c].isna().all()]
     numeric = [c for c in numeric if c not in empty and c not in _NOT_MEASURES and not str(c).endswith("_unreduced")]
     return table, numeric, empty

@@ -34,6 +34,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from tokvis.errors import MethodOptionError
     from tokvis.methods import create_method, get_method_class, list_methods
     from tokvis.store.models import create_backbone
+    from tokvis.validate import check_out_file
 
     # every argument is checked before the model is loaded (argparse types check each value)
     if (args.keep_rate is None) == (args.r is None):
@@ -45,6 +46,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
             + ", ".join(m for m in list_methods() if hasattr(get_method_class(m), "mark_fitted"))
             + " (dpcknn with --option merge=learned)"
         )
+    create_method(args.method, **dict(args.option or []))  # its options, checked before the model is loaded
+    check_out_file("--out", args.out, error=MethodOptionError)  # before training, not at the rename after it
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

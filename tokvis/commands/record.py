@@ -55,7 +55,12 @@ from typing import Any
 _SWEEP_KEYS = {
     "out", "backbones", "methods", "keep_rates", "r", "datasets", "batch_size", "shard_size", "device", "amp",
     "skip_bad", "scores", "cls", "soft", "pretrained", "model_kwargs", "method_options", "locations", "limit",
-    "seed", "workers", "threads", "hash_inputs", "fitted", "fit",
+    "seed", "workers", "threads", "hash_inputs", "fitted", "fit", "fitted_other_backbone",
+}  # fmt: skip
+#: the sweep's boolean keys and their defaults (TOML has booleans: "false" is not false)
+_SWEEP_BOOLS = {
+    "skip_bad": False, "scores": True, "cls": False, "soft": False, "pretrained": True, "hash_inputs": False,
+    "fitted_other_backbone": False,
 }  # fmt: skip
 #: the sweep's [fit] table: settings of ``tokvis fit`` for a missing fitted file, and their defaults
 _FIT_KEYS = {"images": 256, "held_out": 32, "epochs": 3, "lr": None, "batch_size": 16}
@@ -96,6 +101,10 @@ def register(subparsers) -> None:
         help="a fitted learned method (tokvis fit --out FILE): its method, options and parameters; the default "
         "schedule is the one it was fitted for",
     )  # fmt: skip
+    r.add_argument(
+        "--fitted-other-backbone", action="store_true",
+        help="use the --fitted file on a backbone other than the one it was fitted on (otherwise an error)",
+    )  # fmt: skip
     r.add_argument("--keep-rate", nargs="*", type=float, default=[], help="keep rates (one run each)")
     r.add_argument("--r", nargs="*", type=int, default=[], help="tokens removed per block (one run each)")
     r.add_argument("--locations", nargs="*", type=int, default=None, help="reducing blocks (default: the method's)")
@@ -131,6 +140,11 @@ def register(subparsers) -> None:
         "2 nothing found or a bad argument.",
     )
     v.add_argument("paths", nargs="+", help="run directories or folders holding them")
+    v.add_argument(
+        "--hash-inputs", action="store_true",
+        help="also check the input files: by content where recorded with --hash-inputs (a change that kept size "
+        "and modification time), else by size and modification time",
+    )  # fmt: skip
     v.set_defaults(func=cmd_verify)
 
 
@@ -139,6 +153,8 @@ def _specs(args) -> list:
 
     if args.fitted is not None:
         return _fitted_specs(args)
+    if args.fitted_other_backbone:
+        raise RunConfigError("--fitted-other-backbone goes with --fitted FILE; give the fitted file, or drop it")
     if not args.method:
         raise RunConfigError("give --method (one or more registered methods) or --fitted FILE (a fitted method)")
     if not args.keep_rate and not args.r:
@@ -198,7 +214,7 @@ def _fitted_specs(args) -> list:
             args.fitted, method=method, keep_rate=sched.get("keep_rate"), r=sched.get("r"),
             locations=args.locations, method_options=args.method_options,
         )  # fmt: skip
-        specs.append(RunSpec(**sched, **fields, **_common(args)))
+        specs.append(RunSpec(**sched, **fields, fitted_other_backbone=args.fitted_other_backbone, **_common(args)))
     return specs
 
 
@@ -257,10 +273,9 @@ def _load_sweep(path: str | Path, *, plan_fits: bool = False) -> tuple[list, dic
         raise RunConfigError(f"{path} is not valid TOML: {e}") from e
     unknown = sorted(set(cfg) - _SWEEP_KEYS)
     if unknown:
-        raise RunConfigError(f"{path}: unknown keys {unknown}; known: {sorted(_SWEEP_KEYS)}")
-    for key in ("backbones", "methods", "datasets"):
-        if not isinstance(cfg.get(key), list) or not cfg[key]:
-            raise RunConfigError(f"{path}: {key!r} must be a non-empty list")
+        raise RunConfigError(f"{path}: unknown keys {unknown}{_did_you_mean(unknown[0], _SWEEP_KEYS)}; known: "
+                             f"{sorted(_SWEEP_KEYS)}")  # fmt: skip
+    _check_sweep_types(path, cfg)
     keep_rates, rs = _as_list(cfg.get("keep_rates", [])), _as_list(cfg.get("r", []))
     if not keep_rates and not rs:
         raise RunConfigError(f"{path}: give keep_rates and/or r")
@@ -304,11 +319,12 @@ def _load_sweep(path: str | Path, *, plan_fits: bool = False) -> tuple[list, dic
             for method in cfg["methods"]:
                 common = dict(
                     backbone=backbone, dataset=str(dataset), method=method,
-                    pretrained=bool(cfg.get("pretrained", True)), model_kwargs=cfg.get("model_kwargs", {}),
+                    pretrained=cfg.get("pretrained", True), model_kwargs=cfg.get("model_kwargs", {}),
                     seed=cfg.get("seed", 0), locations=cfg.get("locations"),
                     method_options=dict(method_options.get(method, {})), limit=cfg.get("limit"),
-                    shard_size=cfg.get("shard_size", 256), scores=bool(cfg.get("scores", True)),
-                    cls=bool(cfg.get("cls", False)), soft=bool(cfg.get("soft", False)), amp=cfg.get("amp", False),
+                    shard_size=cfg.get("shard_size", 256), scores=cfg.get("scores", True),
+                    cls=cfg.get("cls", False), soft=cfg.get("soft", False), amp=cfg.get("amp", False),
+                    fitted_other_backbone=cfg.get("fitted_other_backbone", False),
                 )  # fmt: skip
                 scheds = [dict(keep_rate=k) for k in keep_rates] + [dict(r=v) for v in rs]
                 for sched in scheds:
@@ -325,10 +341,50 @@ def _load_sweep(path: str | Path, *, plan_fits: bool = False) -> tuple[list, dic
         out = path.parent / out
     opts = dict(
         out=out, batch_size=cfg.get("batch_size", 32), device=str(cfg.get("device", "auto")),
-        skip_bad=bool(cfg.get("skip_bad", False)), workers=cfg.get("workers", 0), threads=cfg.get("threads", 0),
-        hash_inputs=bool(cfg.get("hash_inputs", False)),
+        skip_bad=cfg.get("skip_bad", False), workers=cfg.get("workers", 0), threads=cfg.get("threads", 0),
+        hash_inputs=cfg.get("hash_inputs", False),
     )  # fmt: skip
     return specs, opts, list(jobs.values())
+
+
+def _did_you_mean(name: str, known) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(str(name), sorted(map(str, known)), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_sweep_types(path: Path, cfg: dict) -> None:
+    """Every typed key of a sweep file has its type (TOML has booleans, numbers, strings, tables)."""
+    from tokvis.store import RunConfigError
+
+    def bad(key, want):
+        value = cfg[key]
+        quoted = value in ("true", "false", "True", "False")
+        hint = f" (write {key} = {value.lower()}, without quotes)" if quoted else ""
+        raise RunConfigError(f"{path}: {key} must be {want}: got {value!r} ({type(value).__name__}){hint}")
+
+    for key in _SWEEP_BOOLS:
+        if key in cfg and not isinstance(cfg[key], bool):
+            bad(key, "true or false (a TOML boolean)")
+    for key in ("backbones", "methods", "datasets"):
+        value = cfg.get(key)
+        if not isinstance(value, list) or not value:
+            raise RunConfigError(f"{path}: {key!r} must be a non-empty list")
+        if not all(isinstance(v, str) and v for v in value):
+            raise RunConfigError(f"{path}: {key} must be a list of names (strings): got {value!r}")
+    for key in ("out", "device"):
+        if key in cfg and (not isinstance(cfg[key], str) or not cfg[key]):
+            bad(key, "a string (a folder)" if key == "out" else "a string: cpu, cuda or auto")
+    if "amp" in cfg and cfg["amp"] not in (False, True, "fp16", "bf16"):
+        bad("amp", 'false, "fp16" or "bf16"')
+    if "model_kwargs" in cfg and not isinstance(cfg["model_kwargs"], dict):
+        bad("model_kwargs", "a table of keyword arguments: model_kwargs = {img_size = 64}")
+    locs = cfg.get("locations", [])
+    if not (isinstance(locs, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in locs)):
+        bad("locations", "a list of block indices (integers)")
+    if "limit" in cfg and (isinstance(cfg["limit"], bool) or not isinstance(cfg["limit"], int) or cfg["limit"] < 1):
+        bad("limit", "an integer >= 1")
 
 
 def _fit_settings(path: Path, cfg: dict) -> dict | None:
@@ -499,7 +555,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     reports = []
     for p in args.paths:
         try:
-            found = verify_tree(p)
+            found = verify_tree(p, hash_inputs=args.hash_inputs)
         except StoreError as e:
             print(f"tokvis verify: error: {e}", file=sys.stderr)
             return 2
@@ -515,6 +571,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"    problem: {msg}")
         for msg in rep.notes:
             print(f"    note: {msg}")
-    counts = {s: sum(r.status == s for r in reports) for s in ("complete", "incomplete", "corrupt")}
-    print(f"{counts['complete']} complete, {counts['incomplete']} incomplete, {counts['corrupt']} corrupt")
+    counts = {s: sum(r.status == s for r in reports) for s in ("complete", "incomplete", "corrupt", "stale")}
+    print(
+        f"{counts['complete']} complete, {counts['incomplete']} incomplete, {counts['corrupt']} corrupt"
+        + (f", {counts['stale']} stale (inputs changed)" if args.hash_inputs else "")
+    )
     return 0 if counts["complete"] == len(reports) else 1

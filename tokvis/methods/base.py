@@ -164,9 +164,14 @@ class Method(nn.Module):
         ``"after_block"`` (MCTF without one-step-ahead attention)
             on the block's output, after the MLP; the context holds the output
             tokens and what ``needs`` asked of the block's attention.
+    decisions_version : int
+        Bumped whenever a change to the method changes the decisions it takes on the same
+        inputs; part of a run's identity (:func:`tokvis.identity.code_identity`), so a run
+        store recorded by other code is reported as such and never resumed.
     """
 
     name: ClassVar[str] = ""
+    decisions_version: ClassVar[int] = 1
     kind: ClassVar[str] = "prune"
     needs: ClassVar[frozenset[str]] = frozenset()
     requires_class_token: ClassVar[bool] = False

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import json
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 from tokvis.errors import MethodOptionError, UnknownMethodError
 from tokvis.methods.base import Method
@@ -35,6 +36,10 @@ def list_methods() -> list[str]:
 
 
 def get_method_class(name: str) -> type[Method]:
+    if not isinstance(name, str):
+        from tokvis.errors import ArgumentTypeError
+
+        raise ArgumentTypeError(f"a method name must be a string (tokvis.list_methods()): got {name!r}")
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -56,10 +61,46 @@ def create_method(name: str, **options) -> Method:
         An option is unknown or out of range.
     """
     cls = get_method_class(name)
+    valid = option_defaults(cls)
+    unknown = [k for k in options if k not in valid]
+    if unknown:
+        from tokvis.validate import did_you_mean
+
+        raise MethodOptionError(
+            f"method {name!r} has no option {unknown[0]!r}{did_you_mean(unknown[0], valid)}; {describe_options(name)}"
+        )
     try:
         return cls(**options)
     except TypeError as e:
-        raise MethodOptionError(f"bad options for method {name!r}: {e}") from e
+        raise MethodOptionError(f"bad options for method {name!r} ({e}); {describe_options(name)}") from e
+
+
+def option_defaults(method: str | type[Method]) -> dict[str, Any]:
+    """The options of a method (keyword arguments of its constructor) and their defaults.
+
+    Parameters
+    ----------
+    method : str or Method class
+        A registered name or the class.
+    """
+    cls = get_method_class(method) if isinstance(method, str) else method
+    params = inspect.signature(cls.__init__).parameters.values()
+    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return {p.name: p.default for p in params if p.name != "self" and p.kind in kinds}
+
+
+def describe_options(method: str | type[Method]) -> str:
+    """``its options (defaults): k=5, merge='average'`` or ``it has no options``, for messages and listings.
+
+    Parameters
+    ----------
+    method : str or Method class
+    """
+    defaults = option_defaults(method)
+    if not defaults:
+        return "it has no options"
+    shown = ", ".join(f"{k}={v!r}" if v is not inspect.Parameter.empty else k for k, v in defaults.items())
+    return f"its options (defaults): {shown}"
 
 
 def parse_option(text: str) -> tuple[str, object]:

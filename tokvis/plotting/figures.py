@@ -34,9 +34,9 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from tokvis.errors import DataError, TraceMismatchError
-from tokvis.plotting.overlay import _as_image, merge_overlay, overlay_legend
+from tokvis.plotting.overlay import _as_image, _grid, merge_overlay, overlay_legend
 from tokvis.plotting.stats import correlation_title
-from tokvis.validate import check_choice, check_int
+from tokvis.validate import as_array, check_choice, check_int, check_trace, check_traces
 
 __all__ = [
     "METRIC_LABELS",
@@ -486,6 +486,7 @@ def method_overlays(
     -------
     Figure
     """
+    traces = check_traces("traces", traces)
     traces = list(traces)
     if not traces:
         raise DataError("traces is empty: pass one trace or run per method")
@@ -541,6 +542,7 @@ def source_weights(trace, *, layer: int | None = None, image_index: int = 0) -> 
     ndarray float64 [num_tokens, num_patches]
         Rows sum to 1 (a token with no source is a zero row).
     """
+    check_trace("trace", trace)
     lay = _last_layer(trace, layer)
     n = int(trace.num_patches)
     decisions = getattr(trace, "decisions", None)
@@ -599,7 +601,8 @@ def token_sources(
     Axes
         Two images: the dimmed photo and the contribution heatmap (transparent where 0).
     """
-    gh, gw = (int(v) for v in grid_size)
+    weights = as_array("weights", weights)
+    gh, gw = _grid(grid_size)
     w = np.asarray(weights, dtype=np.float64).reshape(-1)
     if w.size != gh * gw:
         raise TraceMismatchError(f"weights must have h*w = {gh * gw} entries: got {w.size}")
@@ -643,6 +646,7 @@ def feature_source_view(
     -------
     Figure
     """
+    check_trace("trace", trace)
     lay = _last_layer(trace, layer)
     w = source_weights(trace, layer=lay, image_index=image_index)
     if isinstance(tokens, (int, np.integer)):
@@ -701,6 +705,7 @@ def fused_token_views(
     -------
     Figure
     """
+    traces = check_traces("traces", traces)
     traces = list(traces)
     if labels is None:
         opts = [dict(getattr(t.meta, "options", None) or {}) for t in traces]

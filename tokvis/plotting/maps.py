@@ -34,8 +34,8 @@ from matplotlib.axes import Axes
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from tokvis.errors import DataError, TraceMismatchError
-from tokvis.validate import check_int
+from tokvis.errors import ArgumentTypeError, DataError, TraceMismatchError
+from tokvis.validate import as_array, check_int, check_traces
 
 __all__ = [
     "DEPTH_LABEL",
@@ -57,7 +57,7 @@ def _np(x) -> np.ndarray:
 
 
 def _map_2d(m, name: str) -> np.ndarray:
-    arr = _np(m).astype(np.float64)
+    arr = as_array(name, m)
     if arr.ndim != 2 or arr.size == 0:
         raise DataError(f"{name} must be a 2-D [h, w] map: shape is {arr.shape}")
     return arr
@@ -114,7 +114,7 @@ def split_half_reliability(
     n_splits = check_int("n_splits", n_splits, minimum=1, error=DataError)
     if hasattr(values, "depth") and not isinstance(values, np.ndarray):
         values = values.depth()
-    arr = _np(values).astype(np.float64)
+    arr = as_array("values", values)
     if arr.ndim != 2:
         raise DataError(f"values must be [num_images, num_patches]: shape is {arr.shape}")
     n = arr.shape[0]
@@ -249,6 +249,8 @@ def global_map_grid(
     Figure
         All panels share ``vmin`` / ``vmax`` (the range over all maps) and one colour bar.
     """
+    if not isinstance(maps, Mapping):
+        raise ArgumentTypeError(f"maps must be a mapping of name -> [h, w] array (a dict): got {type(maps).__name__}")
     if not maps:
         raise DataError("maps is empty: pass at least one map (name -> [h, w] array)")
     arrays = {str(k): _map_2d(v, f"maps[{k!r}]") for k, v in maps.items()}
@@ -303,6 +305,7 @@ def map_correlations(traces, *, map: str = "depth", metric: str = "pcc"):
         :func:`tokvis.analysis.compare.compare_maps` rows of every pair (``method_a``, ``method_b``,
         ..., ``map``, ``metric``, ``value``).
     """
+    traces = check_traces("traces", traces)
     import itertools
 
     import pandas as pd

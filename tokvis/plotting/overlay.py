@@ -34,8 +34,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from tokvis.errors import ImageSizeError, TraceMismatchError
-from tokvis.validate import check_choice, check_float
+from tokvis.errors import ArgumentTypeError, ImageSizeError, TraceMismatchError
+from tokvis.validate import check_choice, check_float, check_path, check_trace
 
 __all__ = ["keep_mask", "legend_handles", "merge_overlay", "overlay_legend", "save_figure", "trace_overlays"]
 
@@ -478,6 +478,7 @@ def trace_overlays(
         A requested layer was not recorded, an image index is out of range, the number of
         images does not match the trace, or ``axes`` has the wrong shape.
     """
+    check_trace("trace", trace)
     recorded = tuple(int(layer) for layer in trace.layers)
     layers = recorded if layers is None else tuple(int(layer) for layer in layers)
     missing = [layer for layer in layers if layer not in recorded]
@@ -558,6 +559,9 @@ def save_figure(fig: Figure, path: str | Path, **savefig_kwargs: Any) -> Path:
     pathlib.Path
         The path written.
     """
+    check_path("path", path)
+    if not hasattr(fig, "savefig"):
+        raise ArgumentTypeError(f"fig must be a matplotlib Figure: got {type(fig).__name__}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     kwargs = {"dpi": 150, "bbox_inches": "tight"}

@@ -10,6 +10,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
 
+from tokvis.errors import ArgumentValueError
+
 __all__ = ["correlation_plot", "correlation_title", "similarity_matrix"]
 
 #: How each coefficient is named in titles, and where its p-value comes from.
@@ -24,10 +26,10 @@ def _check_columns(data, columns) -> None:
     import pandas as pd
 
     if not isinstance(data, pd.DataFrame):
-        raise ValueError(f"data must be a pandas DataFrame: got {type(data).__name__}")
+        raise ArgumentValueError(f"data must be a pandas DataFrame: got {type(data).__name__}")
     missing = [c for c in columns if c is not None and c not in data.columns]
     if missing:
-        raise ValueError(f"columns not in data: {missing}; available: {list(data.columns)}")
+        raise ArgumentValueError(f"columns not in data: {missing}; available: {list(data.columns)}")
 
 
 def _fmt(v) -> str:
@@ -88,7 +90,7 @@ def similarity_matrix(
     """
     _check_columns(data, [x, y, value])
     if len(data) == 0:
-        raise ValueError("data has no rows to draw")
+        raise ArgumentValueError("data has no rows to draw")
     ax = plt.gca() if ax is None else ax
     cells = data.groupby([y, x], sort=True, dropna=False)[value].agg(agg)
     cats = sorted(set(data[x].tolist()) | set(data[y].tolist()), key=lambda v: (str(type(v)), v))

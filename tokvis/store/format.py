@@ -57,6 +57,7 @@ import numpy as np
 
 from tokvis.errors import TokvisError, TraceFileError
 from tokvis.fileio import atomic_write, sha256_file
+from tokvis.identity import code_identity
 from tokvis.validate import check_float, check_int
 
 RUN_FORMAT = "tokvis-run"
@@ -119,9 +120,16 @@ class RunSpec:
         ``"bf16"`` bfloat16 autocast (CUDA or CPU).
     fitted, fitted_sha256 : str, optional
         A fitted learned method's file (:func:`tokvis.fitting.save_method`, ``tokvis fit``) and the
-        SHA-256 of its bytes; both or neither.  Both are part of the configuration (and its hash), so a
-        run recorded with one fit is never resumed or mixed with another; runs without a fitted file
-        keep the configuration (and hash) they had before these fields existed.
+        SHA-256 of its content (:func:`tokvis.identity.content_sha256`: the tensors and metadata, not
+        the file's bytes); both or neither.  Both are part of the configuration (and its hash), so a
+        run recorded with one fit is never resumed or mixed with another.
+    fitted_other_backbone : bool
+        Use the fitted file on a backbone other than the one it was fitted on (name, depth, width or
+        patch grid differ); without it that is an error.  Part of the configuration when true.
+
+    The configuration (:meth:`config`) also holds ``code``: the tokvis version and the method's
+    ``decisions_version`` (:func:`tokvis.identity.code_identity`), so a store recorded by other code
+    is never resumed or completed by this one.
     """
 
     backbone: str
@@ -143,9 +151,13 @@ class RunSpec:
     amp: bool | str = False
     fitted: str | None = None
     fitted_sha256: str | None = None
+    fitted_other_backbone: bool = False
 
     def __post_init__(self) -> None:
         E = RunConfigError
+        for name in ("pretrained", "scores", "cls", "soft", "fitted_other_backbone"):
+            if not isinstance(getattr(self, name), bool):
+                raise E(f"{name} must be true or false (a boolean): got {getattr(self, name)!r}")
         if (self.fitted is None) != (self.fitted_sha256 is None):
             raise E("give both fitted (a method file) and fitted_sha256 (its SHA-256), or neither")
         if self.fitted is not None:
@@ -186,6 +198,9 @@ class RunSpec:
         d["keep_rate"] = None if self.keep_rate is None else float(self.keep_rate)
         if self.fitted is None:  # the configuration (and hash) of runs from before fitted files
             del d["fitted"], d["fitted_sha256"]
+        if not self.fitted_other_backbone:
+            del d["fitted_other_backbone"]
+        d["code"] = code_identity(self.method)
         return json.loads(json.dumps(d, sort_keys=True))
 
     def schedule_label(self) -> str:
@@ -198,6 +213,12 @@ class RunSpec:
         """``<backbone>__<method>__<keepX | rY>__<dataset>`` with unsafe characters replaced."""
         parts = [Path(self.backbone).name, self.method, self.schedule_label(), dataset_name]
         return "__".join(re.sub(r"[^A-Za-z0-9._-]+", "-", p) for p in parts)
+
+
+def _tokvis_version() -> str:
+    import tokvis
+
+    return tokvis.__version__
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -310,7 +331,7 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], header: dict[str, Any
         st_header = json.loads(probe[8 : 8 + n])
         info = {**header, "data_sha256": hashlib.sha256(data).hexdigest()}
         st_header["__metadata__"] = {"tokvis": json.dumps(info, sort_keys=True)}
-        text = json.dumps(st_header, separators=(",", ":")).encode()
+        text = json.dumps(st_header, separators=(",", ":"), sort_keys=True).encode()
         text += b" " * (-len(text) % 8)
         blob = b"".join([struct.pack("<Q", len(text)), text, data])
     atomic_write(path, blob)
@@ -436,6 +457,11 @@ def check_manifest(m: dict[str, Any], path: Path) -> dict[str, Any]:
     their index, and that ``complete`` says what the entries say.
     """
     version = m.get("version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > max(READABLE_VERSIONS):
+        raise StoreError(
+            f"{path}: run store version {version} was written by a newer tokvis (this tokvis {_tokvis_version()} "
+            f"reads versions {', '.join(map(str, READABLE_VERSIONS))}); upgrade tokvis to read it"
+        )
     if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise StoreError(
             f"{path}: run store version {version!r} is not supported (this tokvis reads "

@@ -25,6 +25,7 @@ __all__ = [
     "fitted_fields",
     "load_fitted",
     "seen_pixels",
+    "check_fitted_backbone",
 ]
 
 
@@ -79,14 +80,33 @@ def create_backbone(name: str, *, pretrained: bool = True, model_kwargs: dict | 
 
     from tokvis import zoo
 
+    _check_model_kwargs(dict(model_kwargs or {}))
     torch.manual_seed(int(seed))
     try:
         return zoo.create(name, pretrained=bool(pretrained), **dict(model_kwargs or {}))
     except TypeError as e:
         raise RunConfigError(
             f"model {name!r} does not accept the model keyword arguments {json.dumps(model_kwargs)} "
-            f"({e}); check their names (--model-kwargs / model_kwargs), e.g. img_size"
+            f"({e}); check their names and types (--model-kwargs / model_kwargs), e.g. img_size is a number: 64"
         ) from e
+
+
+#: model keyword arguments that are counts (an int >= 1); img_size may also be [h, w]
+_COUNT_KWARGS = ("depth", "img_size", "patch_size", "embed_dim", "num_heads", "num_classes", "in_chans")
+
+
+def _check_model_kwargs(kwargs: dict) -> None:
+    """The usual ViT keyword arguments have their type and range before timm sees them."""
+    from tokvis.validate import check_int
+
+    for key in _COUNT_KWARGS:
+        if key not in kwargs:
+            continue
+        value = kwargs[key]
+        values = value if key == "img_size" and isinstance(value, list) and len(value) == 2 else [value]
+        minimum = 0 if key == "num_classes" else 1
+        for v in values:
+            check_int(f"model keyword argument {key} (--model-kwargs)", v, minimum=minimum, error=RunConfigError)
 
 
 def _same_schedule(a, b) -> bool:
@@ -167,26 +187,52 @@ def fitted_fields(
 
 
 def load_fitted(spec: RunSpec):
-    """The fitted method of ``spec``, loaded after checking the file is still the one hashed into the run."""
+    """The fitted method of ``spec``, loaded after checking the file's content is still the one in the run.
+
+    The identity is the content checksum (:func:`tokvis.identity.content_sha256`); runs recorded before
+    content checksums named the SHA-256 of the file's bytes, which is accepted too.
+    """
     from tokvis.errors import WeightsError
-    from tokvis.fitting import file_sha256, load_method
+    from tokvis.fitting import file_sha256, load_method, method_file_info
 
     path = Path(str(spec.fitted))
     again = "rerun with the file it was recorded with, or record into another --out"
     if not path.is_file():
         raise RunConfigError(f"the fitted-method file {path} of this run is gone; {again}")
     try:
-        before = file_sha256(path)
+        info = method_file_info(path)
         method = load_method(path)
-        after = file_sha256(path)
+        after = method_file_info(path)["sha256"]
     except WeightsError as e:
         raise RunConfigError(f"the fitted-method file {path} of this run cannot be loaded: {e}") from e
-    if before != spec.fitted_sha256 or after != spec.fitted_sha256:
+    known = {info["sha256"], info["file_sha256"], file_sha256(path)}
+    if after != info["sha256"] or spec.fitted_sha256 not in known:
         raise RunConfigError(
-            f"the fitted-method file {path} changed (SHA-256 {after[:12]}..., the run was set up with "
+            f"the fitted-method file {path} changed (content SHA-256 {after[:12]}..., the run was set up with "
             f"{str(spec.fitted_sha256)[:12]}...); {again}"
         )
     return method
+
+
+def check_fitted_backbone(method, model, *, path: Any = None, override: bool = False) -> None:
+    """Raise unless ``model`` is the backbone the fitted ``method`` was fitted on (name, depth, width, grid).
+
+    A method fitted before files recorded their backbone is not checked.  ``override`` (``--fitted-other-backbone``)
+    allows another backbone.
+    """
+    from tokvis.identity import backbone_identity, describe_backbone
+
+    fitted = (getattr(method, "fit_info", None) or {}).get("backbone")
+    if override or not fitted:
+        return
+    here = backbone_identity(model)
+    if {k: fitted.get(k) for k in here} != here:
+        where = f"the fitted file {path}" if path is not None else "the fitted method"
+        raise RunConfigError(
+            f"{where} was fitted on {describe_backbone(fitted)}, but this run's backbone is {describe_backbone(here)}; "
+            "its parameters fit only that backbone. Fit it on this backbone (tokvis fit), or pass "
+            "--fitted-other-backbone (sweep: fitted_other_backbone = true) if you mean to use it here"
+        )
 
 
 def patch_for(model, spec) -> None:
@@ -199,6 +245,8 @@ def patch_for(model, spec) -> None:
     if spec.locations is not None:
         kw["locations"] = list(spec.locations)
     method = load_fitted(spec) if spec.fitted is not None else spec.method
+    if spec.fitted is not None:
+        check_fitted_backbone(method, model, path=spec.fitted, override=spec.fitted_other_backbone)
     tokvis.patch(model, method, keep_rate=spec.keep_rate, r=spec.r, **kw)
 
 

@@ -285,6 +285,13 @@ def load_run(path: str | os.PathLike, *, check: bool = True, allow_incomplete: b
         missing or truncated shard, manifest/shard mismatch), or an incomplete run (unless
         ``allow_incomplete``).  A corrupt shard's checksum error is raised when that shard is read.
     """
+    from tokvis.errors import ArgumentTypeError
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise ArgumentTypeError(f"path must be a run directory (str or path): got {path!r}")
+    for name, value in (("check", check), ("allow_incomplete", allow_incomplete)):
+        if not isinstance(value, bool):
+            raise ArgumentTypeError(f"{name} must be True or False: got {value!r}")
     run_dir = Path(path)
     report, manifest = inspect_run(run_dir, checksums=False)
     if report.problems or manifest is None:

@@ -18,10 +18,12 @@ from tokvis.store.format import (
     SHARD_RE,
     STORE_VERSION,
     StoreError,
+    changed_inputs,
     check_manifest,
     check_shard,
     check_unlisted_shard,
     load_manifest_json,
+    read_shard_index,
 )
 
 #: suffixes of shard files a writer set aside (damaged or recorded from changed inputs)
@@ -41,11 +43,83 @@ class RunReport:
     notes: list[str] = field(default_factory=list)
 
 
-def inspect_run(path: str | os.PathLike, *, checksums: bool = True) -> tuple[RunReport, dict[str, Any] | None]:
+def other_code(manifest: dict[str, Any]) -> str | None:
+    """A note when the run was recorded by other code than this tokvis (version or the method's
+    ``decisions_version``, :func:`tokvis.identity.code_identity`); ``None`` when it is this code's."""
+    from tokvis.errors import TokvisError
+    from tokvis.identity import code_identity, describe_code
+
+    config = manifest.get("config") or {}
+    try:
+        here = code_identity(config.get("method", ""))
+    except TokvisError:  # a method this tokvis does not know
+        here = None
+    if here is not None and config.get("code") == here:
+        return None
+    now = describe_code(here) if here is not None else f"a tokvis without method {config.get('method')!r}"
+    return (
+        f"recorded by other code ({describe_code(config.get('code'), manifest.get('versions'))}; this is {now}): "
+        "its decisions may differ from this code's. It stays readable; a rerun into it is refused (record it "
+        "again into another folder to compare)"
+    )
+
+
+def _foreign_manifest(run_dir: Path, manifest: dict[str, Any]) -> str | None:
+    """A problem when no shard file is of the manifest's configuration but all are of one other: a manifest
+    copied from another run over intact shards."""
+    runs = set()
+    for p in run_dir.iterdir():
+        if SHARD_RE.match(p.name):
+            try:
+                runs.add(read_shard_index(p)[0].get("run"))
+            except StoreError:
+                return None
+    if len(runs) != 1 or manifest["config_hash"] in runs:
+        return None
+    return (
+        f"{run_dir / MANIFEST} does not match its shards: they were recorded with configuration {runs.pop()}, the "
+        f"manifest describes {manifest['config_hash']} (copied from another run?). Rerun the record command that "
+        "made the shards: it sets this manifest aside and rebuilds it from them"
+    )
+
+
+def check_inputs(run_dir: Path, manifest: dict[str, Any], *, content: bool) -> tuple[list[str], list[str]]:
+    """(problems, notes): each input file of a folder run that changed since it was recorded.
+
+    With ``content``, files recorded with a content hash (``--hash-inputs``) are hashed again (catches a
+    change that kept size and modification time); others are checked by size and modification time.
+    """
+    from types import SimpleNamespace
+
+    ids = [i for e in manifest["shards"] for i in (e.get("inputs") or {})]
+    data = SimpleNamespace(spec=str(manifest.get("config", {}).get("dataset", "")), ids=ids)
+    problems, hashed = [], 0
+    for e in manifest["shards"]:
+        recorded = e.get("inputs") or {}
+        hashed += sum(len(v) > 2 for v in recorded.values())
+        if not content:
+            recorded = {k: v[:2] for k, v in recorded.items()}
+        problems += changed_inputs(data, {"inputs": recorded}, ids)
+    notes = []
+    if not ids:
+        notes.append("no input fingerprints (not recorded from a folder): inputs not checked")
+    elif content and hashed < len(ids):
+        notes.append(
+            f"{len(ids) - hashed} of {len(ids)} inputs were recorded without --hash-inputs: checked by size and "
+            "modification time only (record with --hash-inputs to check content)"
+        )
+    return problems, notes
+
+
+def inspect_run(
+    path: str | os.PathLike, *, checksums: bool = True, hash_inputs: bool = False
+) -> tuple[RunReport, dict[str, Any] | None]:
     """Check a run directory; returns the report and the manifest (``None`` if it is unusable).
 
     ``checksums=False`` skips hashing the shard files (sizes, headers and the manifest's own
     checksum are still checked): what :func:`tokvis.store.load_run` does when it opens a run.
+    ``hash_inputs`` also checks the run's input files (:func:`check_inputs`); a changed input makes
+    the run "stale".
     """
     run_dir = Path(path)
     rep = RunReport(run_dir, "corrupt")
@@ -60,6 +134,13 @@ def inspect_run(path: str | os.PathLike, *, checksums: bool = True) -> tuple[Run
             f"written by an older tokvis (store version {manifest['version']}): its metadata is not checksummed; "
             "record it again to get that protection"
         )
+    note = other_code(manifest)
+    if note:
+        rep.notes.append(note)
+    foreign = _foreign_manifest(run_dir, manifest) if manifest["shards"] else None
+    if foreign:
+        rep.problems.append(foreign)
+        return rep, manifest
     listed = set()
     for e in manifest["shards"]:
         listed.add(e["file"])
@@ -83,8 +164,20 @@ def inspect_run(path: str | os.PathLike, *, checksums: bool = True) -> tuple[Run
             rep.notes.append(f"{LOCK_FILE}: being recorded now, or a writer was killed ({holder}); rerun to finish")
         elif p.name.endswith(SET_ASIDE) or p.name == MANIFEST + ".damaged":
             rep.notes.append(f"{p.name}: set aside by a repair, kept for inspection (safe to remove)")
+    if manifest.get("complete") and rep.shards_done == rep.num_shards and rep.num_images == 0 and not rep.problems:
+        rep.problems.append(
+            "the run holds no image: every image was skipped as unreadable. Check the input images; move the run "
+            "away and record it again"
+        )
+    stale = []
+    if hash_inputs and not rep.problems:
+        stale, notes = check_inputs(run_dir, manifest, content=True)
+        rep.notes += notes
     if rep.problems:
         rep.status = "corrupt"
+    elif stale:
+        rep.problems += stale + ["rerun the record command to record the shards of changed inputs again"]
+        rep.status = "stale"
     elif rep.shards_done == rep.num_shards and manifest.get("complete"):
         rep.status = "complete"
     else:
@@ -92,12 +185,19 @@ def inspect_run(path: str | os.PathLike, *, checksums: bool = True) -> tuple[Run
     return rep, manifest
 
 
-def verify_run(path: str | os.PathLike) -> RunReport:
+def verify_run(path: str | os.PathLike, *, hash_inputs: bool = False) -> RunReport:
     """Check a run directory (manifest and its checksum, every shard's size, checksum and header).
 
     Changes nothing.
+
+    Parameters
+    ----------
+    path : str or PathLike
+    hash_inputs : bool
+        Also check the input files by content where they were recorded with ``--hash-inputs``
+        (status "stale" when one changed).
     """
-    return inspect_run(path)[0]
+    return inspect_run(path, hash_inputs=hash_inputs)[0]
 
 
 def find_runs(root: str | os.PathLike) -> list[Path]:
@@ -127,6 +227,13 @@ def find_runs_in(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return found
 
 
-def verify_tree(root: str | os.PathLike) -> list[RunReport]:
-    """:func:`verify_run` for every run directory at or below ``root``."""
-    return [verify_run(p) for p in find_runs(root)]
+def verify_tree(root: str | os.PathLike, *, hash_inputs: bool = False) -> list[RunReport]:
+    """:func:`verify_run` for every run directory at or below ``root``.
+
+    Parameters
+    ----------
+    root : str or PathLike
+    hash_inputs : bool
+        As :func:`verify_run`.
+    """
+    return [verify_run(p, hash_inputs=hash_inputs) for p in find_runs(root)]

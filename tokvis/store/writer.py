@@ -31,6 +31,7 @@ from typing import Any, Callable
 import numpy as np
 
 from tokvis.errors import TokvisError
+from tokvis.identity import describe_code
 from tokvis.store.format import (
     LOCK_FILE,
     MANIFEST,
@@ -249,6 +250,17 @@ def prepare(run_dir: Path, config: dict[str, Any], dataset, shard_size: int, *, 
             m = load_manifest_json(run_dir)
             if m.get("config_hash") == chash:  # another configuration's manifest is refused below, unchanged
                 m = check_manifest(m, run_dir / MANIFEST)
+            elif _shards_are_of(shard_files, chash):
+                other = m.get("config") if isinstance(m.get("config"), dict) else {}
+                diff = sorted(k for k in set(config) | set(other) if config.get(k) != other.get(k))
+                rebuild_reason, m = (
+                    (
+                        f"{run_dir / MANIFEST} does not match its shards: they were recorded with this configuration, "
+                        f"the manifest describes another run (differs in {', '.join(diff) or 'hash'}; copied from "
+                        "another run?)"
+                    ),
+                    None,
+                )
         except StoreError as e:
             rebuild_reason, m = str(e), None
     elif shard_files:
@@ -257,6 +269,13 @@ def prepare(run_dir: Path, config: dict[str, Any], dataset, shard_size: int, *, 
         old = m.get("config") if isinstance(m.get("config"), dict) else {}
         if m.get("config_hash") != chash or old != config:
             diff = sorted(k for k in set(config) | set(old) if config.get(k) != old.get(k))
+            if old.get("code") != config.get("code") and {k for k in diff if k != "code"} <= {"fitted_sha256"}:
+                raise RunConfigError(
+                    f"{run_dir} was recorded by other code ({describe_code(old.get('code'), m.get('versions'))}); "
+                    f"this is {describe_code(config.get('code'))}, whose decisions may differ. Nothing was changed; "
+                    "the old run stays readable. Record into another --out directory, or move the old run away "
+                    "to record it again with this tokvis"
+                )
             raise RunConfigError(
                 f"{run_dir} holds a run with a different configuration (differs in {', '.join(diff) or 'hash'}); "
                 "nothing was changed. Record into another --out directory, or move the old run away"
@@ -308,6 +327,17 @@ def prepare(run_dir: Path, config: dict[str, Any], dataset, shard_size: int, *, 
         write_manifest(run_dir, m)
     done = {e["index"] for e in m["shards"]}
     return Plan([k for k in range(m["num_shards"]) if k not in done], had_some, repaired)
+
+
+def _shards_are_of(shard_files: list[Path], chash: str) -> bool:
+    """Every readable shard file was recorded with configuration ``chash`` (and there is at least one)."""
+    runs = set()
+    for p in shard_files:
+        try:
+            runs.add(read_shard_index(p)[0].get("run"))
+        except StoreError:
+            continue
+    return runs == {chash}
 
 
 def adopt(run_dir: Path, m: dict[str, Any], dataset, *, log=print, repaired: list[str] | None = None) -> bool:
@@ -525,6 +555,22 @@ class _ShardRecorder:
             time.sleep(self.delay)
 
 
+def _refuse_empty(run_dir: Path, m: dict[str, Any]) -> None:
+    """Every image was skipped as unreadable: remove the (empty) shards, leave the run incomplete, raise."""
+    from tokvis.errors import DataError
+
+    skipped = [s for e in m["shards"] for s in e["skipped"]]
+    for e in m["shards"]:
+        (run_dir / e["file"]).unlink(missing_ok=True)
+    m["shards"] = []
+    write_manifest(run_dir, m)
+    first = f" (first: {skipped[0]['id']}: {skipped[0]['error']})" if skipped else ""
+    raise DataError(
+        f"{run_dir}: no readable image: all {len(skipped)} images were unreadable and skipped{first}; nothing was "
+        "recorded. Check the input images"
+    )
+
+
 _ERRORS = {cls.__name__: cls for cls in (RunConfigError, StoreError, RunLockedError)}
 
 
@@ -643,6 +689,8 @@ def record_run(
             m = load_manifest_json(run_dir)
             if adopt(run_dir, m, dataset, log=log):
                 write_manifest(run_dir, m)
+            if m["complete"] and not any(e["image_ids"] for e in m["shards"]):
+                _refuse_empty(run_dir, m)
             if not m["complete"]:
                 raise StoreError(
                     f"{run_dir}: {len(m['shards'])} of {m['num_shards']} shards after recording; rerun to finish"
