@@ -536,6 +536,15 @@ def source_weights(trace, *, layer: int | None = None, image_index: int = 0) -> 
     ``LayerDecision.weight`` when the method records one (size-weighted merges).  Without decisions
     (a run store's labels only) the hard labels are used: each token is the mean of the patches it holds.
 
+    Parameters
+    ----------
+    trace : Trace or Run
+        A recorded trace (soft decisions need a :class:`~tokvis.trace.Trace`; a run store gives hard labels).
+    layer : int, optional
+        The block after which the tokens are taken (default: the last recorded one).
+    image_index : int
+        Which image of the trace.
+
     Returns
     -------
     ndarray float64 [num_tokens, num_patches]
