@@ -117,6 +117,10 @@ def no_model(monkeypatch):
         (["fit", "--method", "sit", "--r", "4", "--held-out", "-1", "--out", "x"], "--held-out"),
         (["fit", "--method", "sit", "--r", "4", "--threads", "-1", "--out", "x"], "--threads"),
         (["fit", "--method", "tome", "--r", "4", "--out", "x"], "--method tome has no learned parameters"),
+        (["record", "--keep_rate", "0.7"], "unrecognized arguments: --keep_rate 0.7 (did you mean --keep-rate?)"),
+        (["demo", "--keep_rates", "0.7"], "unrecognized arguments: --keep_rates 0.7 (did you mean --keep-rates?)"),
+        (["fit", "--method", "sit", "--r", "4", "--out", "x", "--epohcs", "2"], "(did you mean --epochs?)"),
+        (["demo", "--zzz"], "unrecognized arguments: --zzz (see tokvis demo --help)"),
     ],
 )
 def test_bad_arguments_one_line_exit_2(args, message, capsys, no_model):

@@ -96,8 +96,11 @@ def register(subparsers) -> None:
         help="a fitted learned method (tokvis fit --out FILE): its method, options and parameters; the default "
         "schedule is the one it was fitted for",
     )  # fmt: skip
-    r.add_argument("--keep-rate", nargs="*", type=float, default=[], help="keep rates (one run each)")
-    r.add_argument("--r", nargs="*", type=int, default=[], help="tokens removed per block (one run each)")
+    r.add_argument(
+        "--keep-rate", nargs="*", type=float, default=[],
+        help="keep rates, one run each; with --r too, runs of both kinds are recorded (one schedule per run)",
+    )  # fmt: skip
+    r.add_argument("--r", nargs="*", type=int, default=[], help="tokens removed per block, one run each")
     r.add_argument("--locations", nargs="*", type=int, default=None, help="reducing blocks (default: the method's)")
     r.add_argument("--method-options", type=_json_dict, default={}, help="JSON of method options")
     r.add_argument("--data", default="samples", help="folder, samples, digits or foolbox-<kind> (default samples)")
