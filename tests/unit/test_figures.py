@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from matplotlib.collections import PathCollection
 
 import tokvis
 from tests.models import make_images, make_model
@@ -220,10 +221,14 @@ def test_method_overlays_legend_and_panels(traces):
     axes = [a for a in fig.axes if a.get_images()]
     assert len(axes) == 3
     assert [a.get_title().split("\n")[0] for a in axes] == ["topk", "evit", "tome"]
-    (legend,) = fig.legends
-    texts = [t.get_text() for t in legend.get_texts()]
-    assert any(t.startswith("dot:") for t in texts) and any("dropped" in t for t in texts)
-    assert any("real pixels" in t for t in texts)
+    assert not fig.legends  # one legend per panel, of what that panel draws
+    texts = {a.get_title().split("\n")[0]: [t.get_text() for t in a.get_legend().get_texts()] for a in axes}
+    assert not any(t.startswith("dot:") for t in texts["topk"]) and any("dropped" in t for t in texts["topk"])
+    assert any(t.startswith("dot:") for t in texts["tome"]) and not any("dropped" in t for t in texts["tome"])
+    for a in axes:  # a dot entry exactly where kept markers were drawn
+        dots = any(len(c.get_offsets()) for c in a.collections if isinstance(c, PathCollection))
+        assert any(t.startswith("dot:") for t in texts[a.get_title().split("\n")[0]]) == dots
+    assert any("real pixels" in t for t in texts["topk"])
     # the overlay drawn is merge_overlay's of that image and block
     ref_fig, ref_ax = plt.subplots()
     lay = ts[2].layers[-1]

@@ -34,7 +34,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from tokvis.errors import DataError, TraceMismatchError
-from tokvis.plotting.overlay import _as_image, merge_overlay, overlay_legend
+from tokvis.plotting.overlay import _as_image, legend_handles, merge_overlay
 from tokvis.plotting.stats import correlation_title
 from tokvis.validate import check_choice, check_int
 
@@ -458,9 +458,10 @@ def method_overlays(
     kept_pixels: bool = False,
     legend: bool = True,
     axes: Any = None,
+    ncols: int | None = None,
     **overlay_kwargs: Any,
 ) -> Figure:
-    """Figure 5: the merge / keep overlay of every method on one image, side by side, with a legend.
+    """Figure 5: the merge / keep overlay of every method on one image, in a grid, each panel with its legend.
 
     Parameters
     ----------
@@ -477,8 +478,11 @@ def method_overlays(
     kept_pixels : bool
         Tokens kept as themselves show their real pixels (:func:`tokvis.plotting.overlay.merge_overlay`).
     legend : bool
-        A figure legend saying what the dot, the flat fill, the borders and the dimming mean.
+        Under each panel, a legend of what that panel draws (the dot, the fill, the borders, the
+        dimming): a pruning method's panel has no merge entries, a merging method's no dropped patch.
     axes : sequence of Axes, optional
+    ncols : int, optional
+        Panels per row (default: up to 5).
     **overlay_kwargs
         Passed to :func:`~tokvis.plotting.overlay.merge_overlay`.
 
@@ -497,8 +501,15 @@ def method_overlays(
     if titles is not None and len(titles) != n:
         raise DataError(f"titles must have one entry per trace ({n}): got {len(titles)}")
     if axes is None:
-        fig, axes = plt.subplots(1, n, squeeze=False, figsize=(2.2 * n, 2.9), layout="constrained")
-        axes = axes[0]
+        ncols = min(5, n) if ncols is None else check_int("ncols", ncols, minimum=1, error=DataError)
+        nrows = -(-n // ncols)
+        height = 2.6 + (1.0 if legend else 0.0)
+        fig, grid_axes = plt.subplots(nrows, ncols, squeeze=False, figsize=(2.4 * ncols, height * nrows),
+                                      layout="constrained")  # fmt: skip
+        axes = list(grid_axes.flat)
+        for ax in axes[n:]:
+            ax.set_visible(False)
+        axes = axes[:n]
     else:
         axes = list(np.asarray(axes, dtype=object).flat)
         if len(axes) != n:
@@ -518,8 +529,11 @@ def method_overlays(
             sched = f"keep {m.keep_rate:g}" if m.keep_rate is not None else f"r={m.r}"
             ax.set_title(f"{_name(t)}\n{sched}, block {lay}", fontsize=9)
     if legend:
-        keys = ("dim", "dropped_color", "border_color", "mode")
-        overlay_legend(fig, kept_pixels=kept_pixels, **{k: v for k, v in overlay_kwargs.items() if k in keys})
+        keys = ("dim", "dropped_color", "border_color", "mode", "fill_alpha")
+        options = {k: v for k, v in overlay_kwargs.items() if k in keys}
+        for ax in axes:
+            handles = legend_handles(kept_pixels=kept_pixels, drawn=ax.tokvis_overlay, **options)
+            ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.02), fontsize=6, frameon=False)
     return fig
 
 
