@@ -165,7 +165,7 @@ def test_kept_pixels_shows_real_pixels_of_unmerged_tokens_only(image, labels):
 
 def test_legend_handles_describe_the_options():
     labels = [h.get_label() for h in legend_handles()]
-    assert labels[0].startswith("dot:") and any(t.startswith("tint (50% mean colour): merged region") for t in labels)
+    assert labels[0].startswith("dot:") and any(t.startswith("tint 50%: merged region") for t in labels)
     assert any(t.startswith("flat fill: merged region") for t in map(Artist.get_label, legend_handles(fill_alpha=1)))
     assert any(t == "dimmed (x0.25): dropped patch" for t in labels) and any("border" in t for t in labels)
     labels = [h.get_label() for h in legend_handles(dropped_color="red", kept_pixels=True, border_color=None, dim=0.1)]

@@ -33,6 +33,7 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.patheffects import withStroke
 
 from tokvis.errors import ImageSizeError, TraceMismatchError
 from tokvis.validate import check_choice, check_float
@@ -375,7 +376,7 @@ def legend_handles(
     fill_alpha = check_float("fill_alpha", fill_alpha, low=0.0, high=1.0)
     check_choice("mode", mode, ("mean", "image"))
     edge = "0.3"
-    fill = "flat fill" if fill_alpha == 1.0 else f"tint ({fill_alpha:.0%} mean colour)"
+    fill = "flat fill" if fill_alpha == 1.0 else f"tint {fill_alpha:.0%}"
     entries = []  # (kind, handle)
     if merged:
         dot = "white" if border_color is None else border_color
@@ -390,7 +391,7 @@ def legend_handles(
                     markersize=5,
                     markerfacecolor=to_rgb(dot),
                     markeredgecolor=edge,
-                    label="dot: the token a merged region was merged into",
+                    label="dot: merge destination (kept)",
                 ),
             )
         )
@@ -399,13 +400,26 @@ def legend_handles(
                 (
                     "fill",
                     Patch(
-                        facecolor="tab:blue", alpha=max(fill_alpha, 0.2), edgecolor=edge, label=f"{fill}: merged region"
+                        facecolor="tab:blue",
+                        alpha=max(fill_alpha, 0.2),
+                        edgecolor=edge,
+                        label=f"{fill}: merged region, mean colour",
                     ),
                 )
             )
         if border_color is not None:
             entries.append(
-                ("border", Line2D([], [], color=to_rgb(border_color), linewidth=1.5, label="line: region border"))
+                (
+                    "border",
+                    Line2D(
+                        [],
+                        [],
+                        color=to_rgb(border_color),
+                        linewidth=1.5,
+                        label="line: region border",
+                        path_effects=[withStroke(linewidth=2.5, foreground="0.35")],
+                    ),
+                )
             )
     if mode == "image" or kept_pixels or fill_alpha == 0:
         entries.append(
@@ -419,7 +433,7 @@ def legend_handles(
                     facecolor="0.6",
                     alpha=max(fill_alpha, 0.2),
                     edgecolor=edge,
-                    label=f"{fill}: token kept as is (its own patch)",
+                    label=f"{fill}: token kept as is",
                 ),
             )
         )
