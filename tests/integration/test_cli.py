@@ -163,6 +163,7 @@ def test_os_errors_are_one_line_naming_the_path_but_bugs_keep_their_traceback(mo
         cli("bench", capsys=capsys)
 
 
+@pytest.mark.filterwarnings("default::UserWarning")  # the test asserts the warning the CLI prints
 def test_warnings_are_one_line_each(monkeypatch, capsys):
     import warnings
 

@@ -140,6 +140,7 @@ def test_single_run(runs, tmp_path, capsys):
     assert "only one run found" in err
 
 
+@pytest.mark.filterwarnings("default::UserWarning")  # the test asserts the warning the CLI prints
 def test_left_out_run_is_named_with_its_folder(runs, tmp_path, capsys, monkeypatch):
     """A run name recurs across folders (runs/ and runs_opt/): the warning says which folder's run is left out."""
     _subset(tmp_path, runs, ("topk", "1"), ("topk", "0.5"))  # -> subset/
