@@ -27,6 +27,32 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # noqa: D401 - argparse's signature
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_args(self, args=None, namespace=None):  # noqa: D401 - argparse's signature
+        """argparse's ``parse_args``, but an unknown flag is reported by its sub-command with the nearest flag."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = self._command_parser(getattr(parsed, "command", None))
+            parser.error(f"unrecognized arguments: {' '.join(extras)}{parser._suggestion(extras)}")
+        return parsed
+
+    def _command_parser(self, command: str | None) -> argparse.ArgumentParser:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+                return action.choices[command]
+        return self
+
+    def _suggestion(self, extras: Sequence[str]) -> str:
+        """``" (did you mean --keep-rate?)"`` for the first unknown flag close to one of this parser's flags."""
+        import difflib
+
+        flags = [f for action in self._actions for f in action.option_strings if f.startswith("--")]
+        for word in extras:
+            if word.startswith("-"):
+                near = difflib.get_close_matches(word.split("=", 1)[0], flags, n=1, cutoff=0.6)
+                if near:
+                    return f" (did you mean {near[0]}?)"
+        return ""
+
 
 def _arg(check):
     """An argparse ``type=`` from a :mod:`tokvis.validate` style check of the parsed value."""

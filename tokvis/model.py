@@ -194,7 +194,13 @@ def _all_finite(images: torch.Tensor) -> bool:
 
 
 def is_patched(model: nn.Module) -> bool:
-    """Whether :func:`tokvis.patch` has patched ``model`` (and :func:`tokvis.unpatch` has not undone it)."""
+    """Whether :func:`tokvis.patch` has patched ``model`` (and :func:`tokvis.unpatch` has not undone it).
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any model.
+    """
     return getattr(model, "_tokvis", None) is not None
 
 

@@ -422,6 +422,7 @@ def patch(
         patch tokens (default locations: blocks at 1/4, 1/2, 3/4 of the depth).
     r : int or list of int, optional
         Tokens removed at each block (ToMe convention), or one entry per block.
+        Give ``keep_rate`` or ``r``, not both.
     locations : list of int, optional
         Blocks where reductions happen.
     merge_position : {"destination", "mean"}
@@ -434,12 +435,19 @@ def patch(
     **options
         Method options (when ``method`` is a name).
 
-    Patching an already patched model replaces its method (it never stacks).
-    ``keep_rate=1.0`` / ``r=0`` leave the outputs equal to the unpatched model's.
+    Returns
+    -------
+    model
+        The same model, patched.
 
     Raises
     ------
     UnsupportedModelError, ScheduleError, UnknownMethodError, MethodOptionError
+
+    Notes
+    -----
+    Patching an already patched model replaces its method (it never stacks).
+    ``keep_rate=1.0`` / ``r=0`` leave the outputs equal to the unpatched model's.
     """
     backbone = backbone_for(model)
     info = backbone.describe(model)
@@ -493,7 +501,13 @@ def _input_check_hook(model: nn.Module, args: tuple) -> None:
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Restore the original modules exactly (a no-op for an unpatched model)."""
+    """Restore the original modules exactly (a no-op for an unpatched model).
+
+    Parameters
+    ----------
+    model : nn.Module
+        A model patched by :func:`patch` (or an unpatched one).
+    """
     state: PatchState | None = getattr(model, "_tokvis", None)
     if state is None:
         return model

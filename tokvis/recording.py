@@ -36,6 +36,13 @@ def report(module: nn.Module, decision: LayerDecision) -> None:
     reduction (any submodule of the recorded model) and a
     :class:`~tokvis.trace.LayerDecision` whose ``dst`` indexes the patch tokens
     entering the reduction (prefix tokens excluded).
+
+    Parameters
+    ----------
+    module : nn.Module
+        The module that made the reduction (any submodule of the recorded model).
+    decision : LayerDecision
+        What it decided, over the patch tokens entering the reduction.
     """
     if not _LISTENERS:
         return
@@ -273,8 +280,14 @@ def run_with_trace(
 
     Parameters
     ----------
+    model : nn.Module
+        A timm ViT, patched (:func:`tokvis.patch`) or not (then the trace has no decisions).
     images : Tensor [B, 3, H, W]
         Preprocessed images (see :func:`tokvis.data.transform_for`).
+    image_ids : sequence, optional
+        Ids of the images, stored in the trace's metadata (default: 0, 1, ...).
+    dataset : str, optional
+        Name of the dataset, stored in the trace's metadata.
     grad : bool
         Keep autograd on (default off: runs under ``torch.no_grad()``).
     """

@@ -198,6 +198,17 @@ def make_schedule(
 ) -> Schedule:
     """Validate the user's ``keep_rate`` / ``r`` / ``locations`` and build a :class:`Schedule`.
 
+    Parameters
+    ----------
+    depth : int
+        Blocks of the model.
+    keep_rate : float in (0, 1], optional
+        Per-stage keep rate (the study's schedule).
+    r : int or list of int, optional
+        Tokens removed at each block, or one entry per block; give ``keep_rate`` or ``r``, not both.
+    locations : list of int, optional
+        Blocks that reduce (default: blocks at 1/4, 1/2 and 3/4 of the depth).
+
     Raises
     ------
     ScheduleError

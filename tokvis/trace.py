@@ -162,7 +162,31 @@ class LayerDecision:
 
 @dataclass(frozen=True)
 class TraceMeta:
-    """What a trace was recorded on.  Every field is plain JSON-serialisable data."""
+    """What a trace was recorded on.  Every field is plain JSON-serialisable data.
+
+    Attributes
+    ----------
+    grid_size : tuple of int
+        Patch grid ``(h, w)``.
+    num_prefix_tokens : int
+        Class, distillation and register tokens in front of the patches (never reduced).
+    depth : int
+        Blocks of the model.
+    backbone, method : str, optional
+        The model's name and the reduction method's registered name.
+    keep_rate : float, optional
+        The per-stage keep rate, when the schedule has one.
+    r : int or list of int, optional
+        Tokens removed per block, when the schedule is given by ``r``.
+    locations : list of int, optional
+        Blocks that reduce.
+    dataset : str, optional
+        The dataset's name.
+    image_ids : list, optional
+        One id per image, in order.
+    options : dict
+        The method's options (:meth:`tokvis.Method.options`).
+    """
 
     grid_size: tuple[int, int]
     num_prefix_tokens: int
@@ -509,6 +533,11 @@ def _concat_decisions(parts: Sequence[LayerDecision]) -> LayerDecision:
 
 def load_trace(path: str | os.PathLike) -> Trace:
     """Read a trace written by :meth:`Trace.save`.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        A file written by :meth:`Trace.save`.
 
     Raises
     ------

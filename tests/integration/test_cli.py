@@ -118,6 +118,10 @@ def no_model(monkeypatch):
         (["fit", "--method", "sit", "--r", "4", "--threads", "-1", "--out", "x"], "--threads"),
         (["fit", "--method", "tome", "--r", "4", "--out", "x"], "--method tome has no learned parameters"),
         (["fit", "--method", "dpcknn", "--r", "4", "--out", "x"], "--method dpcknn has no learned parameters"),
+        (["record", "--keep_rate", "0.7"], "unrecognized arguments: --keep_rate 0.7 (did you mean --keep-rate?)"),
+        (["demo", "--keep_rates", "0.7"], "unrecognized arguments: --keep_rates 0.7 (did you mean --keep-rates?)"),
+        (["fit", "--method", "sit", "--r", "4", "--out", "x", "--epohcs", "2"], "(did you mean --epochs?)"),
+        (["demo", "--zzz"], "unrecognized arguments: --zzz (see tokvis demo --help)"),
     ],
 )
 def test_bad_arguments_one_line_exit_2(args, message, capsys, no_model):
@@ -160,6 +164,7 @@ def test_os_errors_are_one_line_naming_the_path_but_bugs_keep_their_traceback(mo
         cli("bench", capsys=capsys)
 
 
+@pytest.mark.filterwarnings("default::UserWarning")  # the test asserts the warning the CLI prints
 def test_warnings_are_one_line_each(monkeypatch, capsys):
     import warnings
 

@@ -140,6 +140,19 @@ def test_single_run(runs, tmp_path, capsys):
     assert "only one run found" in err
 
 
+@pytest.mark.filterwarnings("default::UserWarning")  # the test asserts the warning the CLI prints
+def test_left_out_run_is_named_with_its_folder(runs, tmp_path, capsys, monkeypatch):
+    """A run name recurs across folders (runs/ and runs_opt/): the warning says which folder's run is left out."""
+    _subset(tmp_path, runs, ("topk", "1"), ("topk", "0.5"))  # -> subset/
+    second = tmp_path / "runs_opt"
+    shutil.copytree(run_dir(runs, "tome", "1"), run_dir(second, "tome", "1"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", "subset", "runs_opt", "--by", "keep_rate", "--out", "s.csv"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: left out" in err
+    assert f"runs_opt/{run_dir(second, 'tome', '1').name}" in err and "subset/" not in err
+
+
 def test_mixed_families_only(runs, tmp_path, capsys):
     sub = _subset(tmp_path, runs, ("topk", "0.5"), ("tome", "0.5"))
     err = _error(capsys, ["compare", str(sub), "--by", "method", "--out", str(tmp_path / "s.csv")])

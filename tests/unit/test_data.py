@@ -106,7 +106,8 @@ def test_missing_file_raises_data_error(tmp_path):
 def test_read_image_converts_grey_to_rgb(tmp_path):
     path = tmp_path / "grey.png"
     Image.fromarray(np.full((10, 12), 77, dtype=np.uint8)).save(path)
-    image = data.read_image(path)
+    with pytest.warns(UserWarning, match=r"is 12x10 pixels: its short side is only 10 px"):
+        image = data.read_image(path)  # tiny on purpose: the warning is part of reading it
     assert image.mode == "RGB" and image.size == (12, 10)
     assert np.asarray(image)[0, 0].tolist() == [77, 77, 77]
 

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from matplotlib.collections import PathCollection
 
 import tokvis
 from tests.models import make_images, make_model
@@ -63,26 +64,32 @@ def test_similarity_vs_keep_rate_agrees_with_the_table(traces):
     bars = _lines(ax)
     assert len(bars) == df.stage.nunique() == 3  # one line per stage
     iou = df[df.metric == "iou"]
-    for k, (stage, part) in enumerate(sorted(iou.groupby("stage"))):
+    for k, (_stage, part) in enumerate(sorted(iou.groupby("stage"))):
         line = bars[k].lines[0]
         means = part.groupby(["keep_rate_a", "keep_rate_b"]).value.mean()
         order = sorted(means.index, key=lambda p: (-p[0], -p[1]))
         np.testing.assert_allclose(line.get_ydata(), [means[p] for p in order])
-        assert bars[k].get_label() == str(stage)
+        assert bars[k].get_label() == f"block {part.layer.iloc[0]}"  # the block the stage reduces at
     # curves that coincide stay distinguishable: distinct markers, line styles and x offsets
     assert len({b.lines[0].get_marker() for b in bars}) == 3
     assert len({b.lines[0].get_linestyle() for b in bars}) == 3
     assert len({float(b.lines[0].get_xdata()[0]) for b in bars}) == 3
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["0", "1", "2"]
+    blocks = [f"block {b}" for b in sorted(set(df.layer))]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == blocks and len(blocks) == 3
+    assert ax.get_legend().get_title().get_text() == "reduction at"
+    assert not [t for t in ax.texts if "pair" in t.get_text()]  # three pairs: no one-pair note
     assert ax.get_ylabel().startswith("IoU") and "std" in ax.get_ylabel()
     assert "topk" in ax.get_title() and ax.get_xticklabels()[0].get_text() == "0.9 vs 0.7"
 
 
-def test_similarity_vs_keep_rate_merging_is_labelled_nmi_v_measure(traces):
+def test_similarity_vs_keep_rate_merging_is_labelled_v_measure(traces):
     df = compare([traces[("tome", k)] for k in (0.9, 0.5)], by="keep_rate")
     fig, ax = plt.subplots()
     F.similarity_vs_keep_rate(df, ax=ax, errorbar="se")
-    assert ax.get_ylabel().startswith("NMI (V-measure)") and "s.e.m." in ax.get_ylabel()
+    assert ax.get_ylabel().startswith("v_measure") and "s.e.m." in ax.get_ylabel()  # the table's name
+    assert "v_measure" in set(df.metric)
+    (note,) = [t.get_text() for t in ax.texts]  # one keep-rate pair: the panel says a trend needs more
+    assert note == "one keep rate pair: record more keep rates for a trend"
     v = df[(df.metric == "v_measure") & (df.stage == 0)].value.to_numpy()
     (seg,) = _lines(ax)[0].lines[2][0].get_segments()  # the error bar of stage 0: mean +- s.e.m.
     np.testing.assert_allclose(seg[:, 1], v.mean() + np.array([-1, 1]) * v.std(ddof=1) / np.sqrt(v.size))
@@ -220,10 +227,14 @@ def test_method_overlays_legend_and_panels(traces):
     axes = [a for a in fig.axes if a.get_images()]
     assert len(axes) == 3
     assert [a.get_title().split("\n")[0] for a in axes] == ["topk", "evit", "tome"]
-    (legend,) = fig.legends
-    texts = [t.get_text() for t in legend.get_texts()]
-    assert any(t.startswith("dot:") for t in texts) and any("dropped" in t for t in texts)
-    assert any("real pixels" in t for t in texts)
+    assert not fig.legends  # one legend per panel, of what that panel draws
+    texts = {a.get_title().split("\n")[0]: [t.get_text() for t in a.get_legend().get_texts()] for a in axes}
+    assert not any(t.startswith("dot:") for t in texts["topk"]) and any("dropped" in t for t in texts["topk"])
+    assert any(t.startswith("dot:") for t in texts["tome"]) and not any("dropped" in t for t in texts["tome"])
+    for a in axes:  # a dot entry exactly where kept markers were drawn
+        dots = any(len(c.get_offsets()) for c in a.collections if isinstance(c, PathCollection))
+        assert any(t.startswith("dot:") for t in texts[a.get_title().split("\n")[0]]) == dots
+    assert any("real pixels" in t for t in texts["topk"])
     # the overlay drawn is merge_overlay's of that image and block
     ref_fig, ref_ax = plt.subplots()
     lay = ts[2].layers[-1]
@@ -268,7 +279,8 @@ def test_feature_source_view_and_fused_token_views(traces):
     img = np.random.default_rng(1).random((64, 64, 3))
     fig = F.feature_source_view(traces["vomix"], img, tokens=3)
     panels = [a for a in fig.axes if len(a.get_images()) == 2]
-    assert len(panels) == 3 and "soft mixing weights" in fig._suptitle.get_text()
+    assert len(panels) == 3
+    assert "soft mixing weights of the tokens drawing on the most patches" in fig._suptitle.get_text()
     cbars = [a for a in fig.axes if a.get_ylabel() == "contribution to the token (fraction)"]
     assert len(cbars) == 1
     w = F.source_weights(traces["vomix"])

@@ -69,6 +69,8 @@ def _tokvis_import_graph() -> dict[str, set[str]]:
                 base = name.split(".")[: len(name.split(".")) - node.level + (path.name == "__init__.py")]
                 mod = ".".join(base + ([node.module] if node.module else []))
                 edges |= resolve(mod, [a.name for a in node.names])
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "tokvis":
+                edges |= resolve("tokvis", [node.attr])  # `import tokvis; tokvis.patch(...)` uses tokvis.patching
         graph[name] = {e for e in edges if e in modules and e != name}
     return graph
 
@@ -109,3 +111,58 @@ def test_library_modules_do_not_import_the_command_line():
         if not mod.startswith("tokvis.commands") and mod not in cli
     }
     assert {m: e for m, e in offenders.items() if e} == {}
+
+
+# The layers of docs/architecture.md ("Layers and imports"), lowest first. A module may import modules of its own
+# layer or of a lower one; `analysis` and `plotting` sit beside the torch stack and import only the foundation
+# (and plotting: analysis). A new top-level module gets a row here and in docs/architecture.md.
+LAYERS = {
+    "foundation": ("tokvis", "tokvis.errors", "tokvis.validate", "tokvis.fileio"),
+    "core": ("tokvis.trace", "tokvis.model", "tokvis.schedule", "tokvis.data"),
+    "methods": ("tokvis.methods",),
+    "patching": ("tokvis.recording", "tokvis.patching"),
+    "tools": ("tokvis.attention", "tokvis.bench", "tokvis.fitting", "tokvis.zoo", "tokvis.datasets", "tokvis.adapters"),
+    "runs": ("tokvis.store", "tokvis.distributed", "tokvis.evaluate"),
+    "command line": ("tokvis.commands", "tokvis.cli", "tokvis.__main__"),
+}
+SIDE_LAYERS = {"analysis": ("tokvis.analysis",), "plotting": ("tokvis.plotting",)}
+SIDE_MAY_IMPORT = {"analysis": {"foundation"}, "plotting": {"foundation", "analysis"}}
+
+
+def _layer_of(module: str) -> str:
+    for table in (LAYERS, SIDE_LAYERS):
+        for layer, prefixes in table.items():
+            if any(module == p or (p != "tokvis" and module.startswith(p + ".")) for p in prefixes):
+                return layer
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS here and to docs/architecture.md")
+
+
+def _may_import(src: str, dst: str) -> bool:
+    order = list(LAYERS)
+    if src == dst:
+        return True
+    if src in SIDE_MAY_IMPORT:
+        return dst in SIDE_MAY_IMPORT[src]
+    if dst in SIDE_LAYERS:
+        return src == "command line"  # the library never draws or analyses on its own
+    return order.index(dst) <= order.index(src)
+
+
+def test_layers_import_only_downwards():
+    """The import rule of docs/architecture.md, on the package's import graph (function-level imports count)."""
+    graph = _tokvis_import_graph()
+    assert "tokvis.patching" in graph["tokvis.fitting"]  # attribute use of the top package counts too
+    offenders = sorted(
+        f"{src} ({_layer_of(src)}) imports {dst} ({_layer_of(dst)})"
+        for src, edges in graph.items()
+        for dst in edges
+        if not _may_import(_layer_of(src), _layer_of(dst))
+    )
+    assert offenders == []
+
+
+def test_layer_rule_can_fail():
+    assert not _may_import("core", "patching")
+    assert not _may_import("analysis", "core")
+    assert not _may_import("runs", "plotting")
+    assert _may_import("plotting", "analysis") and _may_import("command line", "plotting")

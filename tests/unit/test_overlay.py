@@ -13,12 +13,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
+from matplotlib.artist import Artist
 from matplotlib.axes import Axes
 from matplotlib.collections import LineCollection, PathCollection
 from matplotlib.figure import Figure
 
 from tokvis.errors import ImageSizeError, TraceMismatchError
 from tokvis.plotting.overlay import (
+    drawn_entries,
     keep_mask,
     legend_handles,
     merge_overlay,
@@ -94,7 +96,7 @@ def test_uses_current_axes_when_ax_is_none(image, labels):
 
 def test_region_pixels_equal_mean_colour_of_region(image, labels):
     _, ax = plt.subplots()
-    merge_overlay(image, labels, grid_size=GRID, ax=ax)
+    merge_overlay(image, labels, grid_size=GRID, ax=ax, fill_alpha=1.0)
     drawn = _drawn(ax)
     # independent per-label mean with plain Python loops
     sums, counts = {}, {}
@@ -141,7 +143,7 @@ def test_mode_image_keeps_original_pixels(image, labels):
 
 def test_kept_pixels_shows_real_pixels_of_unmerged_tokens_only(image, labels):
     _, ax = plt.subplots()
-    merge_overlay(image, labels, grid_size=GRID, ax=ax, kept_pixels=True, dim=0.5)
+    merge_overlay(image, labels, grid_size=GRID, ax=ax, kept_pixels=True, dim=0.5, fill_alpha=1.0)
     drawn = _drawn(ax)
     sizes = np.bincount(labels[labels >= 0])
     for k, label in enumerate(labels):
@@ -155,7 +157,7 @@ def test_kept_pixels_shows_real_pixels_of_unmerged_tokens_only(image, labels):
             mean = np.concatenate([_patch(image, j).reshape(-1, 3) for j in members]).mean(0)
             np.testing.assert_allclose(_patch(drawn, k), np.broadcast_to(mean, (PATCH, PATCH, 3)), atol=1e-12)
     _, ax2 = plt.subplots()
-    merge_overlay(image, labels, grid_size=GRID, ax=ax2)
+    merge_overlay(image, labels, grid_size=GRID, ax=ax2, fill_alpha=1.0)
     assert (
         np.ptp(_patch(_drawn(ax2), 4).reshape(-1, 3), axis=0).max() == 0
     )  # without the option the kept patch 4 is flat
@@ -163,13 +165,14 @@ def test_kept_pixels_shows_real_pixels_of_unmerged_tokens_only(image, labels):
 
 def test_legend_handles_describe_the_options():
     labels = [h.get_label() for h in legend_handles()]
-    assert labels[0].startswith("dot:") and any(t.startswith("flat fill: merged region") for t in labels)
+    assert labels[0].startswith("dot:") and any(t.startswith("tint 50%: merged region") for t in labels)
+    assert any(t.startswith("flat fill: merged region") for t in map(Artist.get_label, legend_handles(fill_alpha=1)))
     assert any(t == "dimmed (x0.25): dropped patch" for t in labels) and any("border" in t for t in labels)
     labels = [h.get_label() for h in legend_handles(dropped_color="red", kept_pixels=True, border_color=None, dim=0.1)]
     assert "solid colour: dropped patch" in labels and "real pixels: token kept as is" in labels
     assert not any("border" in t or "dimmed" in t for t in labels)
     pruning = [h.get_label() for h in legend_handles(merged=False, mode="image")]
-    assert not any(t.startswith(("dot", "flat fill")) for t in pruning)
+    assert not any(t.startswith(("dot", "flat fill", "tint")) for t in pruning)
     with pytest.raises(ValueError, match="dim"):
         legend_handles(dim=2.0)
     fig, ax = plt.subplots()
@@ -177,9 +180,47 @@ def test_legend_handles_describe_the_options():
     assert ax.get_legend() is leg and "dimmed (x0.4): dropped patch" in [t.get_text() for t in leg.get_texts()]
 
 
+def test_translucent_fill_blends_the_region_mean_over_the_pixels(image, labels):
+    flat_ax, tint_ax, none_ax = plt.subplots(1, 3)[1]
+    merge_overlay(image, labels, grid_size=GRID, ax=flat_ax, fill_alpha=1.0)
+    merge_overlay(image, labels, grid_size=GRID, ax=tint_ax, fill_alpha=0.3)
+    merge_overlay(image, labels, grid_size=GRID, ax=none_ax, fill_alpha=0.0)
+    flat, tint, borders_only = _drawn(flat_ax), _drawn(tint_ax), _drawn(none_ax)
+    for k, label in enumerate(labels):
+        if label >= 0:
+            np.testing.assert_allclose(_patch(tint, k), 0.3 * _patch(flat, k) + 0.7 * _patch(image, k), atol=1e-12)
+            np.testing.assert_allclose(_patch(borders_only, k), _patch(image, k))  # the image itself
+    assert "fill" in tint_ax.tokvis_overlay and "fill" not in none_ax.tokvis_overlay
+    with pytest.raises(ValueError, match="fill_alpha"):
+        merge_overlay(image, labels, grid_size=GRID, fill_alpha=1.5)
+
+
+def test_legend_lists_only_what_the_panel_drew(image):
+    """Entries are checked against the artists and pixels of the panel, not against the options."""
+    pruned = np.where(np.arange(20) % 3 == 0, -1, np.arange(20))  # Top-K-like: singletons and dropped patches
+    merged = np.arange(20) // 2  # ToMe-like: pairs, nothing dropped
+    kept = np.arange(20) % 2 == 0
+    fig, (ax_p, ax_m) = plt.subplots(1, 2)
+    merge_overlay(image, pruned, kept=pruned >= 0, grid_size=GRID, ax=ax_p)
+    merge_overlay(image, merged, kept=kept, grid_size=GRID, ax=ax_m)
+    for ax in (ax_p, ax_m):
+        leg = overlay_legend(ax)
+        texts = [t.get_text() for t in leg.get_texts()]
+        has_dots = any(isinstance(c, PathCollection) and len(c.get_offsets()) for c in ax.collections)
+        has_borders = bool(_segments(ax))
+        assert any(t.startswith("dot:") for t in texts) == has_dots
+        assert any("region border" in t for t in texts) == has_borders
+        drawn = _drawn(ax)
+        dimmed = any(np.allclose(_patch(drawn, k), 0.25 * _patch(image, k)) for k in range(20))
+        assert any("dropped patch" in t for t in texts) == dimmed
+    assert ax_p.tokvis_overlay == {"border", "kept_flat", "dropped"}  # no merge dot, no merged fill
+    assert ax_m.tokvis_overlay == {"border", "dot", "fill"}  # nothing dropped
+    assert drawn_entries(fig) == ax_p.tokvis_overlay | ax_m.tokvis_overlay
+
+
 def test_borders_only_between_differing_labels(image, labels):
     _, ax = plt.subplots()
-    merge_overlay(image, labels, grid_size=GRID, ax=ax, border_color="red")
+    merge_overlay(image, labels, grid_size=GRID, ax=ax, border_color="red", fill_alpha=1.0)
     segments = _segments(ax)
     grid = labels.reshape(GRID)
 
@@ -348,7 +389,7 @@ def test_trace_overlays_grid_and_titles(trace, image):
 
 
 def test_trace_overlays_selection_list_images_no_titles(trace, image):
-    fig = trace_overlays(trace, [image, image], layers=[5], image_index=1, titles=False)
+    fig = trace_overlays(trace, [image, image], layers=[5], image_index=1, titles=False, fill_alpha=1.0)
     assert len(fig.axes) == 2
     assert [ax.get_title() for ax in fig.axes] == ["", ""]
     assert fig._suptitle is None

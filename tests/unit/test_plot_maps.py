@@ -156,3 +156,24 @@ def test_map_correlation_matrix_bad_inputs():
         map_correlation_matrix(pd.DataFrame({"a": [1]}))
     with pytest.raises(TraceMismatchError, match="both named 'topk'"):
         map_correlation_matrix(pd.DataFrame({"method_a": ["topk"], "method_b": ["topk"], "value": [1.0]}))
+
+
+def test_global_map_note_under_the_reliability():
+    """ToMe's stripes get their explanation in the panel (tokvis figures adds it for official-split ToMe runs)."""
+    from types import SimpleNamespace
+
+    from tokvis.commands.figures import _positional_note
+
+    maps = {"tome": np.tile([1.0, 2.0], (4, 2)), "topk": np.ones((4, 4))}
+    note = "fixed by position: the official split alternates columns"
+    fig = global_map_grid(maps, reliability={"tome": 1.0}, notes={"tome": note})
+    titles = [ax.get_title() for ax in fig.axes if ax.get_images()]
+    assert titles[0].splitlines() == ["tome", "split-half r = 1.00", note] and titles[1] == "topk"
+
+    def run(method, width, **options):
+        meta = SimpleNamespace(method=method, options=options)
+        return SimpleNamespace(meta=meta, grid_size=(4, width))
+
+    assert _positional_note(run("tome", 16)) == note
+    assert _positional_note(run("tome", 15)).endswith("alternates a checkerboard")
+    assert _positional_note(run("tome", 16, order="original")) is None and _positional_note(run("topk", 16)) is None

@@ -162,6 +162,13 @@ def pattern_family(trace, layer: int) -> str:
     The family of the last decision at or before ``layer`` (kinds ``prune``/``fuse`` -> ``"prune"``,
     ``merge``/``soft`` -> ``"merge"``); before the first decision, the family of the first one.
     A trace without decisions is ``"prune"`` (every patch is kept).
+
+    Parameters
+    ----------
+    trace : Trace or Run
+        A recorded trace or a run store.
+    layer : int
+        A recorded block of ``trace``.
     """
     check_trace("trace", trace)
     kinds = trace.kinds  # {layer: kind}: tokvis.Trace and lazily read run stores (tokvis.load_run) both have it

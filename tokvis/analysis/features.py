@@ -124,6 +124,8 @@ def linear_cka(X, Y, *, convention: str = "standard") -> float:
     X : array [n, d1]
     Y : array [n, d2]
         Features of the same ``n`` images.
+    convention : {"standard", "study"}
+        ``"study"``: the study's CKA distance, ``1 - CKA``.
 
     Returns
     -------
@@ -214,14 +216,34 @@ def cca_coefficients(X, Y, *, n_components: int | None = None, tol: float | None
 
 
 def mean_cca(X, Y, *, n_components: int | None = None, tol: float | None = None) -> float:
-    """Mean canonical correlation, in [0, 1], symmetric; see :func:`cca_coefficients`."""
+    """Mean canonical correlation, in [0, 1], symmetric; see :func:`cca_coefficients`.
+
+    Parameters
+    ----------
+    X, Y : float array [num_images, d_x], [num_images, d_y]
+        Features of the same images (rows), e.g. class-token features of two runs.
+    n_components : int, optional
+        Keep only the top ``n_components`` principal directions of each input first (SVCCA).
+    tol : float in [0, 1), optional
+        As in :func:`cca_coefficients`.
+    """
     rho, _, a, b = _cca(X, Y, n_components, tol)
     special = _degenerate(a, b, same=1.0, one=0.0)
     return special if special is not None else float(rho.mean())
 
 
 def mean_squared_cca(X, Y, *, n_components: int | None = None, tol: float | None = None) -> float:
-    """Mean squared canonical correlation (Yanai's GCD), in [0, 1], symmetric."""
+    """Mean squared canonical correlation (Yanai's GCD), in [0, 1], symmetric.
+
+    Parameters
+    ----------
+    X, Y : float array [num_images, d_x], [num_images, d_y]
+        Features of the same images (rows), e.g. class-token features of two runs.
+    n_components : int, optional
+        Keep only the top ``n_components`` principal directions of each input first (SVCCA).
+    tol : float in [0, 1), optional
+        As in :func:`cca_coefficients`.
+    """
     rho, _, a, b = _cca(X, Y, n_components, tol)
     special = _degenerate(a, b, same=1.0, one=0.0)
     return special if special is not None else float(np.mean(rho**2))
@@ -239,6 +261,17 @@ def pwcca(X, Y, *, n_components: int | None = None, tol: float | None = None, co
     of X's representation is reflected in Y.  Because the weights sum absolute projections over X's
     individual features, PWCCA depends on X's feature basis: it is invariant to translation and
     isotropic scaling of X and to any invertible linear map of Y, but not to rotations of X.
+
+    Parameters
+    ----------
+    X, Y : float array [num_images, d_x], [num_images, d_y]
+        Features of the same images (rows), e.g. class-token features of two runs.
+    n_components : int, optional
+        Keep only the top ``n_components`` principal directions of each input first (SVCCA).
+    tol : float in [0, 1), optional
+        As in :func:`cca_coefficients`.
+    convention : {"standard", "study"}
+        ``"study"``: the study's ``PWCCA`` distance, 1 - similarity.
     """
     if check_convention(convention) == "study":
         return float(1.0 - pwcca(X, Y, n_components=n_components, tol=tol))
@@ -266,6 +299,11 @@ def procrustes_distance(X, Y) -> float:
     (``||.||_*`` the nuclear norm, Ding et al. 2021).  In [0, 2]; symmetric; 0 iff Y equals X up to
     translation, isotropic scaling and an orthogonal transform.  A constant input is the zero matrix
     (distance 1.0 to any normalised input; two constant inputs: 0.0).
+
+    Parameters
+    ----------
+    X, Y : float array [num_images, d_x], [num_images, d_y]
+        Features of the same images (rows), e.g. class-token features of two runs.
     """
     a, b = _pair(X, Y)
     special = _degenerate(a, b, same=0.0, one=1.0)

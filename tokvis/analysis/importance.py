@@ -56,7 +56,15 @@ def _pair(a, b) -> tuple[np.ndarray, np.ndarray]:
 
 
 def top_k_mask(scores, k: int) -> np.ndarray:
-    """Boolean mask ``[num_images, num_patches]`` of each image's ``k`` highest scores (ties: lower index)."""
+    """Boolean mask ``[num_images, num_patches]`` of each image's ``k`` highest scores (ties: lower index).
+
+    Parameters
+    ----------
+    scores : float array [num_images, num_patches]
+        Per-patch importance.
+    k : int
+        Patches kept per image.
+    """
     s = _scores(scores, "scores")
     n = s.shape[1]
     k = check_int("k", k, minimum=1, maximum=n)
@@ -67,7 +75,13 @@ def top_k_mask(scores, k: int) -> np.ndarray:
 
 
 def rank_correlation(scores, reference) -> np.ndarray:
-    """Spearman's rho of each image's two score vectors, ``[num_images]`` (NaN where one side is constant)."""
+    """Spearman's rho of each image's two score vectors, ``[num_images]`` (NaN where one side is constant).
+
+    Parameters
+    ----------
+    scores, reference : float array [num_images, num_patches]
+        Per-patch importance and the reference pattern, of the same images.
+    """
     a, b = _pair(scores, reference)
     return _statistic_rows(a, b, "spearman")
 

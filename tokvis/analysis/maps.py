@@ -276,6 +276,15 @@ def kl_both(p, q, *, eps: float | None = None, convention: str = "standard") -> 
     """Both directions ``(kl_divergence(p, q), kl_divergence(q, p))``; see :func:`kl_divergence`.
 
     Under ``convention="study"`` these are the study's columns ``(KLD12, KLD21)``.
+
+    Parameters
+    ----------
+    p, q : array, same shape
+        The two maps.
+    eps : float >= 0, optional
+        Smoothing, as in :func:`kl_divergence` (default: 1e-12 standard, 0 study).
+    convention : {"standard", "study"}
+        ``"study"``: the study's columns ``(KLD12, KLD21)`` in bits.
     """
     return kl_divergence(p, q, eps=eps, convention=convention), kl_divergence(q, p, eps=eps, convention=convention)
 
@@ -290,6 +299,14 @@ def js_divergence(p, q, *, convention: str = "standard") -> float:
     ``convention="study"``: the study's ``JS`` (column ``JSD``), ``KL(M || P) / 2 + KL(M || Q) / 2`` in
     bits, built on its reversed KL.  Not the Jensen-Shannon divergence: symmetric but unbounded, and
     ``inf`` where one map is 0 and the other is not.  Use it only to reproduce the study's numbers.
+
+    Parameters
+    ----------
+    p, q : array, same shape
+        The two maps.
+    convention : {"standard", "study"}
+        ``"standard"``: the Jensen-Shannon divergence in nats; ``"study"``: the study's ``JSD`` (see
+        above).
     """
     study = check_convention(convention) == "study"
     a, b = _distributions(p, q)
@@ -315,6 +332,11 @@ def pcc(p, q) -> float:
 
     Values are used as they are (no normalisation needed: correlation is scale-invariant).  Both
     maps constant: 1.0; exactly one constant: 0.0.
+
+    Parameters
+    ----------
+    p, q : array, same shape
+        The two maps.
     """
     a, b = _map_pair(p, q)
     return _pearson(a, b)
@@ -324,6 +346,11 @@ def scc(p, q) -> float:
     """Spearman rank correlation of two maps, in [-1, 1], symmetric.
 
     Pearson correlation of the ranks (ties get their average rank).  Constant maps as in :func:`pcc`.
+
+    Parameters
+    ----------
+    p, q : array, same shape
+        The two maps.
     """
     a, b = _map_pair(p, q)
     return _pearson(stats.rankdata(a), stats.rankdata(b))
@@ -350,6 +377,14 @@ def sim(p, q, *, min_max: bool = True) -> float:
     must be >= 0; ``1 - sim`` is then the total variation distance).  Without the rescaling a map's
     offset counts: depth maps, whose minimum is the first reducing block, look more similar than
     they are.
+
+    Parameters
+    ----------
+    p, q : array, same shape
+        The two maps.
+    min_max : bool
+        Rescale each map to [0, 1] first, as the MIT saliency benchmark does (default); ``False``: the plain
+        histogram intersection of the normalised maps.
 
     Returns
     -------

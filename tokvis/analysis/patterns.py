@@ -595,6 +595,17 @@ def homogeneity(labels_true, labels_pred, *, dropped: str = "exclude", conventio
     edge cases.  ``convention="study"`` gives what the study's scripts report as homogeneity for
     reference A and compared B: ``MI / H(labels_pred)``, i.e. :func:`completeness` (the study passed
     the patterns to scikit-learn the other way round).  Returns float64 [num_images], or float.
+
+    Parameters
+    ----------
+    labels_true : int array [num_images, num_patches] or [num_patches]
+        Reference pattern (``trace.labels(layer)``); negative = dropped.
+    labels_pred : int array, same shape
+        Compared pattern.
+    dropped : {"exclude", "group"}
+        Patches dropped in either pattern: left out, or one extra group per pattern (see :func:`merge_scores`).
+    convention : {"standard", "study"}
+        ``"study"``: the study's column (see above).
     """
     name = "homogeneity" if check_convention(convention) == "standard" else "completeness"
     return _single(name, labels_true, labels_pred, dropped=dropped)
@@ -606,6 +617,17 @@ def completeness(labels_true, labels_pred, *, dropped: str = "exclude", conventi
     ``MI / H(labels_pred)`` in [0, 1]; ``completeness(a, b) == homogeneity(b, a)``.  See
     :func:`merge_scores`.  ``convention="study"``: the study's completeness column,
     ``MI / H(labels_true)`` (:func:`homogeneity` here).  Returns float64 [num_images], or float.
+
+    Parameters
+    ----------
+    labels_true : int array [num_images, num_patches] or [num_patches]
+        Reference pattern (``trace.labels(layer)``); negative = dropped.
+    labels_pred : int array, same shape
+        Compared pattern.
+    dropped : {"exclude", "group"}
+        Patches dropped in either pattern: left out, or one extra group per pattern (see :func:`merge_scores`).
+    convention : {"standard", "study"}
+        ``"study"``: the study's column (see above).
     """
     name = "completeness" if check_convention(convention) == "standard" else "homogeneity"
     return _single(name, labels_true, labels_pred, dropped=dropped)
@@ -616,6 +638,17 @@ def v_measure(labels_true, labels_pred, *, beta: float = 1.0, dropped: str = "ex
 
     ``(1 + beta) h c / (beta h + c)`` in [0, 1]; with ``beta=1`` it is symmetric and equals NMI with
     arithmetic normalisation.  See :func:`merge_scores`.  Returns float64 [num_images], or float.
+
+    Parameters
+    ----------
+    labels_true : int array [num_images, num_patches] or [num_patches]
+        Reference pattern (``trace.labels(layer)``); negative = dropped.
+    labels_pred : int array, same shape
+        Compared pattern.
+    beta : float > 0
+        Weight of homogeneity (``beta < 1``) versus completeness (``beta > 1``).
+    dropped : {"exclude", "group"}
+        Patches dropped in either pattern: left out, or one extra group per pattern (see :func:`merge_scores`).
     """
     return _single("v_measure", labels_true, labels_pred, beta=beta, dropped=dropped)
 
@@ -625,6 +658,17 @@ def normalized_mutual_info(labels_true, labels_pred, *, average_method: str = "a
 
     ``MI / mean(H_true, H_pred)`` with the mean chosen by ``average_method``.  See
     :func:`merge_scores`.  Returns float64 [num_images], or float for 1-D input.
+
+    Parameters
+    ----------
+    labels_true : int array [num_images, num_patches] or [num_patches]
+        Reference pattern (``trace.labels(layer)``); negative = dropped.
+    labels_pred : int array, same shape
+        Compared pattern.
+    average_method : {"arithmetic", "geometric", "min", "max"}
+        Mean of the two entropies used as the normaliser.
+    dropped : {"exclude", "group"}
+        Patches dropped in either pattern: left out, or one extra group per pattern (see :func:`merge_scores`).
     """
     return _single("nmi", labels_true, labels_pred, average_method=average_method, dropped=dropped)
 
@@ -634,6 +678,15 @@ def mutual_info(labels_true, labels_pred, *, dropped: str = "exclude"):
 
     0.0 when either side has one group, and for images with nothing to compare.  Returns float64
     [num_images], or float for 1-D input.
+
+    Parameters
+    ----------
+    labels_true : int array [num_images, num_patches] or [num_patches]
+        Reference pattern (``trace.labels(layer)``); negative = dropped.
+    labels_pred : int array, same shape
+        Compared pattern.
+    dropped : {"exclude", "group"}
+        Patches dropped in either pattern: left out, or one extra group per pattern (see :func:`merge_scores`).
     """
     return _single("mutual_info", labels_true, labels_pred, dropped=dropped)
 
@@ -644,6 +697,15 @@ def adjusted_rand_index(labels_true, labels_pred, *, dropped: str = "exclude"):
     Pair counting: ``(index - expected) / (max - expected)`` with ``index = sum C(n_ij, 2)``.
     Identical partitions (including one group on both sides, or all singletons) give 1.0.  Returns
     float64 [num_images], or float for 1-D input.
+
+    Parameters
+    ----------
+    labels_true : int array [num_images, num_patches] or [num_patches]
+        Reference pattern (``trace.labels(layer)``); negative = dropped.
+    labels_pred : int array, same shape
+        Compared pattern.
+    dropped : {"exclude", "group"}
+        Patches dropped in either pattern: left out, or one extra group per pattern (see :func:`merge_scores`).
     """
     return _single("ari", labels_true, labels_pred, dropped=dropped)
 
@@ -656,6 +718,17 @@ def adjusted_mutual_info(labels_true, labels_pred, *, average_method: str = "ari
     ``adjusted_mutual_info_score``.  The expectation is vectorised over images: it is evaluated once
     per distinct ``(n, a, b)`` triple of group sizes in the batch.  Returns float64 [num_images], or
     float for 1-D input.
+
+    Parameters
+    ----------
+    labels_true : int array [num_images, num_patches] or [num_patches]
+        Reference pattern (``trace.labels(layer)``); negative = dropped.
+    labels_pred : int array, same shape
+        Compared pattern.
+    average_method : {"arithmetic", "geometric", "min", "max"}
+        Mean of the two entropies used as the normaliser.
+    dropped : {"exclude", "group"}
+        Patches dropped in either pattern: left out, or one extra group per pattern (see :func:`merge_scores`).
     """
     return _single("ami", labels_true, labels_pred, average_method=average_method, dropped=dropped)
 

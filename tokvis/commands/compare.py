@@ -19,6 +19,7 @@ import dataclasses
 import inspect
 import json
 import warnings
+from pathlib import Path
 
 from tokvis.errors import DataError, TraceMismatchError
 
@@ -176,6 +177,15 @@ def summary(df) -> str:
     return "\n".join(lines)
 
 
+def _where(run) -> str:
+    """The run's folder as the user can find it: relative to the working directory when it lies below it."""
+    path = Path(run.path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     import pandas as pd
 
@@ -209,7 +219,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     alone = sorted(set(range(len(runs))) - {i for g in groups for i in g})
     if alone:
         warnings.warn(
-            f"left out (no run differing from it only in {args.by}): {', '.join(names[i] for i in alone)}",
+            f"left out (no run differing from it only in {args.by}): {', '.join(_where(runs[i]) for i in alone)}",
             UserWarning,
             stacklevel=1,
         )

@@ -270,7 +270,8 @@ def _fig_global_maps(runs, keep_rate, emit) -> None:
         title = f"{key[0]}, {key[1]}, keep rate {keep_rate:g}: mean token depth ({n_img} images)"
         if by_photo:
             title += "; split-half r over halves of the photos"
-        fig = global_map_grid(maps, reliability=rel or None, suptitle=title)
+        notes = {n: note for n, r in zip(names, members, strict=True) if (note := _positional_note(r))}
+        fig = global_map_grid(maps, reliability=rel or None, suptitle=title, notes=notes or None)
         emit(fig, "global_maps" + _suffix(key, len(groups) > 1))
         if len(members) >= 2:
             fig, ax = plt.subplots(figsize=(1.0 * len(members) + 3, 0.8 * len(members) + 2.5), layout="constrained")
@@ -499,6 +500,15 @@ def _fig_overlays(runs, keep_rate, args, emit) -> None:
         fig = method_overlays(members, image, image_index=args.image_index, kept_pixels=True)
         fig.suptitle(f"{key[0]}, keep rate {keep_rate:g}: kept tokens with their real pixels")
         emit(fig, "overlays_pixels" + _suffix(key, len(groups) > 1))
+
+
+def _positional_note(run) -> str | None:
+    """Why ToMe's depth map is stripes: the official bipartite split alternates by position (docs/findings.md)."""
+    if _m(run, "method") != "tome" or (_m(run, "options") or {}).get("order", "official") != "official":
+        return None
+    width = int(run.grid_size[1])
+    shape = "columns" if width % 2 == 0 else "a checkerboard"
+    return f"fixed by position: the official split alternates {shape}"
 
 
 def _fig_sources(runs, args, emit) -> None:

@@ -105,8 +105,11 @@ def register(subparsers) -> None:
         "--fitted-other-backbone", action="store_true",
         help="use the --fitted file on a backbone other than the one it was fitted on (otherwise an error)",
     )  # fmt: skip
-    r.add_argument("--keep-rate", nargs="*", type=float, default=[], help="keep rates (one run each)")
-    r.add_argument("--r", nargs="*", type=int, default=[], help="tokens removed per block (one run each)")
+    r.add_argument(
+        "--keep-rate", nargs="*", type=float, default=[],
+        help="keep rates, one run each; with --r too, runs of both kinds are recorded (one schedule per run)",
+    )  # fmt: skip
+    r.add_argument("--r", nargs="*", type=int, default=[], help="tokens removed per block, one run each")
     r.add_argument("--locations", nargs="*", type=int, default=None, help="reducing blocks (default: the method's)")
     r.add_argument("--method-options", type=_json_dict, default={}, help="JSON of method options")
     r.add_argument("--data", default="samples", help="folder, samples, digits or foolbox-<kind> (default samples)")

@@ -16,7 +16,13 @@ M = TypeVar("M", bound=type[Method])
 
 
 def register_method(name: str) -> Callable[[M], M]:
-    """Class decorator registering a :class:`Method` subclass under ``name``."""
+    """Class decorator registering a :class:`Method` subclass under ``name``.
+
+    Parameters
+    ----------
+    name : str
+        The name ``tokvis.patch(model, name)`` and ``tokvis methods`` will use.
+    """
 
     def deco(cls: M) -> M:
         if not (isinstance(cls, type) and issubclass(cls, Method)):
@@ -52,6 +58,13 @@ def get_method_class(name: str) -> type[Method]:
 
 def create_method(name: str, **options) -> Method:
     """Instantiate the method registered as ``name`` with ``options``.
+
+    Parameters
+    ----------
+    name : str
+        A registered name (:func:`list_methods`).
+    **options
+        The method's options (keyword arguments of its class).
 
     Raises
     ------

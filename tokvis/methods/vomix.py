@@ -47,7 +47,7 @@ def neutral_rank(n: int, device=None) -> torch.Tensor:
     """
     device = torch.device("cpu") if device is None else torch.device(device)
     if torch.compiler.is_compiling():
-        return torch.tensor(_neutral_order(n), dtype=torch.long, device=device)
+        return torch.tensor(_neutral_order_constant(n), dtype=torch.long, device=device)
     return _neutral_rank_on(n, device)
 
 
@@ -57,9 +57,13 @@ def _neutral_rank_on(n: int, device: torch.device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-@torch.compiler.assume_constant_result  # torch.compile takes the permutation as a constant (no graph break)
 def _neutral_order(n: int) -> tuple[int, ...]:
     return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(20240830 + n)).tolist())
+
+
+@torch.compiler.assume_constant_result  # torch.compile takes the permutation as a constant (no graph break) and
+def _neutral_order_constant(n: int) -> tuple[int, ...]:  # runs it eagerly: it never traces the cache wrapper
+    return _neutral_order(n)
 
 
 def _quantise(t: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from tokvis.errors import DataError, TraceMismatchError
-from tokvis.plotting.overlay import _as_image, _grid, merge_overlay, overlay_legend
+from tokvis.plotting.overlay import _as_image, _grid, legend_handles, merge_overlay
 from tokvis.plotting.stats import correlation_title
 from tokvis.validate import as_array, check_choice, check_int, check_trace, check_traces
 
@@ -52,11 +52,12 @@ __all__ = [
     "token_sources",
 ]
 
-#: Axis labels of similarity metrics (the study calls V-measure "NMI").
+#: Axis labels of similarity metrics: the names of the printed tables (``tokvis compare``'s ``v_measure`` is what the
+#: study's scripts call NMI).
 METRIC_LABELS = {
     "iou": "IoU",
     "ioa": "IoA",
-    "v_measure": "NMI (V-measure)",
+    "v_measure": "v_measure",
     "nmi": "NMI",
     "homogeneity": "homogeneity",
     "completeness": "completeness",
@@ -133,6 +134,12 @@ def _pair_similarity(data, *, varying: str, metric, hue: str, errorbar: str, ax,
         order = sorted({(x, y) for x, y in zip(part[a], part[b], strict=True)}, key=lambda p: (str(p[0]), str(p[1])))
     pos = {p: i for i, p in enumerate(order)}
     levels = sorted(set(part[hue]), key=lambda v: (str(type(v)), v))
+    names = {v: _fmt(v) for v in levels}
+    hue_title = hue
+    if hue == "stage" and "layer" in part:  # name a stage by the block it reduces at, as the overlays do
+        blocks = {v: sorted({int(b) for b in part.loc[part[hue] == v, "layer"]}) for v in levels}
+        names = {v: "block " + "/".join(map(str, b)) for v, b in blocks.items()}
+        hue_title = "reduction at"
     width = 0.3 if len(levels) > 1 else 0.0
     ax = plt.gca() if ax is None else ax
     for k, level in enumerate(levels):
@@ -149,14 +156,17 @@ def _pair_similarity(data, *, varying: str, metric, hue: str, errorbar: str, ax,
             errs.append(_errors(values, errorbar))
         srt = np.argsort(xs)
         ax.errorbar(
-            np.asarray(xs)[srt], np.asarray(means)[srt], yerr=np.asarray(errs)[srt], label=_fmt(level),
+            np.asarray(xs)[srt], np.asarray(means)[srt], yerr=np.asarray(errs)[srt], label=names[level],
             marker=_MARKERS[k % len(_MARKERS)], linestyle=_STYLES[k % len(_STYLES)], capsize=3, markersize=5,
         )  # fmt: skip
     ax.set_xticks(range(len(order)), [f"{_fmt(x)} vs {_fmt(y)}" for x, y in order], rotation=30, ha="right")
     ax.set_xlabel(f"{varying.replace('_', ' ')} pair (A vs B)")
     ax.set_ylabel(f"{METRIC_LABELS.get(metric, metric)}, {_ERRORBAR_TEXT[errorbar]}")
     ax.set_title(title, fontsize=9)
-    ax.legend(title=hue, fontsize=7, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.legend(title=hue_title, fontsize=7, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if len(order) == 1:  # one tick: the dodged points are the blocks of one pair, not a trend
+        ax.text(0.5, 0.02, f"one {varying.replace('_', ' ')} pair: record more {varying.replace('_', ' ')}s "
+                "for a trend", transform=ax.transAxes, ha="center", va="bottom", fontsize=7, color="0.3")  # fmt: skip
     return ax
 
 
@@ -458,9 +468,10 @@ def method_overlays(
     kept_pixels: bool = False,
     legend: bool = True,
     axes: Any = None,
+    ncols: int | None = None,
     **overlay_kwargs: Any,
 ) -> Figure:
-    """Figure 5: the merge / keep overlay of every method on one image, side by side, with a legend.
+    """Figure 5: the merge / keep overlay of every method on one image, in a grid, each panel with its legend.
 
     Parameters
     ----------
@@ -477,8 +488,11 @@ def method_overlays(
     kept_pixels : bool
         Tokens kept as themselves show their real pixels (:func:`tokvis.plotting.overlay.merge_overlay`).
     legend : bool
-        A figure legend saying what the dot, the flat fill, the borders and the dimming mean.
+        Under each panel, a legend of what that panel draws (the dot, the fill, the borders, the
+        dimming): a pruning method's panel has no merge entries, a merging method's no dropped patch.
     axes : sequence of Axes, optional
+    ncols : int, optional
+        Panels per row (default: up to 5).
     **overlay_kwargs
         Passed to :func:`~tokvis.plotting.overlay.merge_overlay`.
 
@@ -498,8 +512,15 @@ def method_overlays(
     if titles is not None and len(titles) != n:
         raise DataError(f"titles must have one entry per trace ({n}): got {len(titles)}")
     if axes is None:
-        fig, axes = plt.subplots(1, n, squeeze=False, figsize=(2.2 * n, 2.9), layout="constrained")
-        axes = axes[0]
+        ncols = min(5, n) if ncols is None else check_int("ncols", ncols, minimum=1, error=DataError)
+        nrows = -(-n // ncols)
+        height = 2.6 + (0.8 if legend else 0.0)
+        fig, grid_axes = plt.subplots(nrows, ncols, squeeze=False, figsize=(2.8 * ncols, height * nrows),
+                                      layout="constrained")  # fmt: skip
+        axes = list(grid_axes.flat)
+        for ax in axes[n:]:
+            ax.set_visible(False)
+        axes = axes[:n]
     else:
         axes = list(np.asarray(axes, dtype=object).flat)
         if len(axes) != n:
@@ -519,8 +540,11 @@ def method_overlays(
             sched = f"keep {m.keep_rate:g}" if m.keep_rate is not None else f"r={m.r}"
             ax.set_title(f"{_name(t)}\n{sched}, block {lay}", fontsize=9)
     if legend:
-        keys = ("dim", "dropped_color", "border_color", "mode")
-        overlay_legend(fig, kept_pixels=kept_pixels, **{k: v for k, v in overlay_kwargs.items() if k in keys})
+        keys = ("dim", "dropped_color", "border_color", "mode", "fill_alpha")
+        options = {k: v for k, v in overlay_kwargs.items() if k in keys}
+        for ax in axes:
+            handles = legend_handles(kept_pixels=kept_pixels, drawn=ax.tokvis_overlay, **options)
+            ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.02), fontsize=6, frameon=False)
     return fig
 
 
@@ -536,6 +560,15 @@ def source_weights(trace, *, layer: int | None = None, image_index: int = 0) -> 
     row-normalised matrices ``W_l = S_l W_{l-1}``; hard decisions contribute their assignment, weighted by
     ``LayerDecision.weight`` when the method records one (size-weighted merges).  Without decisions
     (a run store's labels only) the hard labels are used: each token is the mean of the patches it holds.
+
+    Parameters
+    ----------
+    trace : Trace or Run
+        A recorded trace (soft decisions need a :class:`~tokvis.trace.Trace`; a run store gives hard labels).
+    layer : int, optional
+        The block after which the tokens are taken (default: the last recorded one).
+    image_index : int
+        Which image of the trace.
 
     Returns
     -------
@@ -669,12 +702,18 @@ def feature_source_view(
         n_src = int((w[tok] >= 0.01).sum())
         token_sources(image, w[tok], grid_size=trace.grid_size, ax=ax, title=f"token {tok}: {n_src} patches >= 1%",
                       colorbar=ax is axes[-1], vmax=top)  # fmt: skip
-    kind = (
-        "soft mixing weights"
-        if any(getattr(d, "soft", None) is not None for d in getattr(trace, "decisions", ()))
-        else "hard assignment"
-    )
-    fig.suptitle(f"{_name(trace)}: sources of output tokens after block {lay} ({kind})", fontsize=10)
+    soft = any(getattr(d, "soft", None) is not None for d in getattr(trace, "decisions", ()))
+    mixed = soft and max(int((w[t] >= 0.01).sum()) for t in chosen) > 1
+    how = "the tokens drawing on the most patches" if isinstance(tokens, (int, np.integer)) else "chosen tokens"
+    options = dict(getattr(getattr(trace, "meta", None), "options", None) or {})
+    if mixed:
+        kind = f"soft mixing weights of {how}"
+    elif _name(trace) == "vomix" and options.get("residual", "drop") == "drop":
+        kind = (f"{how}: hard assignment; residual='drop' mixes only the removed tokens' queries, which are not "
+                "recorded (residual='mix' and --soft show mixing)")  # fmt: skip
+    else:
+        kind = f"hard assignment of {how} (soft decisions, e.g. --soft, show mixing weights)"
+    fig.suptitle(f"{_name(trace)}: sources of output tokens after block {lay}\n{kind}", fontsize=10)
     return fig
 
 

@@ -177,6 +177,7 @@ def global_map(
     colorbar: bool = True,
     label: str = DEPTH_LABEL,
     reliability: float | None = None,
+    note: str | None = None,
 ) -> Axes:
     """One global map as a heatmap over the patch grid.
 
@@ -195,6 +196,8 @@ def global_map(
         What the colour means, with its unit (default ``"mean depth (block)"``).
     reliability : float, optional
         Split-half reliability of the map (:func:`split_half_reliability`), shown under the title.
+    note : str, optional
+        A last title line that explains the map (e.g. why a pattern is fixed by position).
 
     Returns
     -------
@@ -209,6 +212,8 @@ def global_map(
     lines = [title] if title else []
     if reliability is not None:
         lines.append(f"split-half r = {reliability:.2f}")
+    if note:
+        lines.append(note)
     if lines:
         ax.set_title("\n".join(lines), fontsize=9)
     if colorbar:
@@ -225,6 +230,7 @@ def global_map_grid(
     ncols: int | None = None,
     suptitle: str | None = None,
     axes: Any = None,
+    notes: Mapping[str, str] | None = None,
 ) -> Figure:
     """A grid of global maps (one panel per name) with one shared colour bar.
 
@@ -243,6 +249,8 @@ def global_map_grid(
         Figure title.
     axes : array of Axes, optional
         Draw into these (at least ``len(maps)``; extra ones are hidden).
+    notes : mapping name -> str, optional
+        A note under a panel's title (:func:`global_map`'s ``note``).
 
     Returns
     -------
@@ -272,7 +280,8 @@ def global_map_grid(
     flat = list(np.asarray(axes, dtype=object).flat)
     for ax, (name, m) in zip(flat[:n], arrays.items(), strict=True):
         rel = None if reliability is None else reliability.get(name)
-        global_map(m, ax=ax, title=name, cmap=cmap, vmin=lo, vmax=hi, colorbar=False, reliability=rel)
+        note = None if notes is None else notes.get(name)
+        global_map(m, ax=ax, title=name, cmap=cmap, vmin=lo, vmax=hi, colorbar=False, reliability=rel, note=note)
     for ax in flat[n:]:
         ax.set_visible(False)
     mappable = plt.cm.ScalarMappable(norm=Normalize(lo, hi), cmap=cmap)

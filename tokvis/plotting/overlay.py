@@ -33,11 +33,20 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.patheffects import withStroke
 
 from tokvis.errors import ArgumentTypeError, ImageSizeError, TraceMismatchError
 from tokvis.validate import check_choice, check_float, check_path, check_trace
 
-__all__ = ["keep_mask", "legend_handles", "merge_overlay", "overlay_legend", "save_figure", "trace_overlays"]
+__all__ = [
+    "drawn_entries",
+    "keep_mask",
+    "legend_handles",
+    "merge_overlay",
+    "overlay_legend",
+    "save_figure",
+    "trace_overlays",
+]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,8 +178,9 @@ def merge_overlay(
     dropped_color: Any = None,
     linewidth: float = 0.6,
     kept_pixels: bool = False,
+    fill_alpha: float = 0.5,
 ) -> Axes:
-    """Draw the merge regions of one image: regions in their mean colour, borders between them.
+    """Draw the merge regions of one image: regions tinted with their mean colour, borders between them.
 
     Parameters
     ----------
@@ -207,6 +217,9 @@ def merge_overlay(
         kept, not merged) show their real pixels instead of a flat patch-mean colour; only merged
         regions (two or more patches) are filled with their mean colour.  Without it a kept patch
         is drawn flat while a dropped one keeps its (dimmed) detail.
+    fill_alpha : float in [0, 1], default 0.5
+        With ``mode="mean"``: opacity of the mean colour over the image's own pixels.  The default
+        tints each region and keeps the image visible; ``1.0`` fills flat, ``0.0`` draws borders only.
 
     Returns
     -------
@@ -214,7 +227,9 @@ def merge_overlay(
         The Axes drawn on: one ``AxesImage`` (the rendered ``[H', W', 3]`` float array), a
         ``LineCollection`` of borders (when ``border_color`` is not None and any border exists),
         and a scatter of kept markers (when ``kept`` is given and any region is merged).
-        Ticks are turned off.
+        Ticks are turned off.  ``ax.tokvis_overlay`` is the set of :func:`legend_handles` entries
+        that were drawn (``"dot"``, ``"fill"``, ``"border"``, ``"kept_flat"``, ``"kept_pixels"``,
+        ``"dropped"``), so that a legend lists only those.
 
     Raises
     ------
@@ -225,6 +240,7 @@ def merge_overlay(
     """
     check_choice("mode", mode, ("mean", "image"))
     dim = check_float("dim", dim, low=0.0, high=1.0)
+    fill_alpha = check_float("fill_alpha", fill_alpha, low=0.0, high=1.0)
     grid = _grid(grid_size)
     img = _fit_to_grid(_as_image(image), grid)
     label_vec = _patch_vector(labels, grid, "labels", int)
@@ -234,15 +250,23 @@ def merge_overlay(
     pixel_index = _pixel_patch_index(img.shape[:2], grid)
     pixel_labels = label_vec[pixel_index]
     out = _region_means(img, pixel_labels) if mode == "mean" else img.copy()
+    if mode == "mean" and fill_alpha < 1.0:
+        out = fill_alpha * out + (1.0 - fill_alpha) * img
+    valid = label_vec >= 0
+    sizes = np.bincount(label_vec[valid]) if valid.any() else np.zeros(0, int)
+    single = np.zeros(label_vec.shape, dtype=bool)
+    single[valid] = sizes[label_vec[valid]] == 1
     if kept_pixels and mode == "mean":
-        valid = label_vec >= 0
-        sizes = np.bincount(label_vec[valid]) if valid.any() else np.zeros(0, int)
-        single = np.zeros(label_vec.shape, dtype=bool)
-        single[valid] = sizes[label_vec[valid]] == 1
         own = single[pixel_index]
         out[own] = img[own]
+    drawn = set()
+    if mode == "mean" and (valid & ~single).any() and fill_alpha > 0:
+        drawn.add("fill")
+    if single.any():
+        drawn.add("kept_pixels" if mode == "image" or kept_pixels or fill_alpha == 0 else "kept_flat")
     dropped = pixel_labels < 0
     if dropped.any():
+        drawn.add("dropped")
         if dropped_color is not None:
             out[dropped] = np.asarray(to_rgb(dropped_color))
         else:
@@ -259,6 +283,7 @@ def merge_overlay(
     if border_color is not None:
         segments = _border_segments(label_grid, patch)
         if len(segments):
+            drawn.add("border")
             ax.add_collection(LineCollection(segments, colors=[border_color], linewidths=linewidth, label="borders"))
     if kept_vec is not None:
         sizes = np.bincount(label_vec[label_vec >= 0]) if (label_vec >= 0).any() else np.zeros(0, int)
@@ -267,6 +292,7 @@ def merge_overlay(
         merged[has] = sizes[label_vec[has]] > 1
         marked = np.nonzero(kept_vec & merged)[0]
         if marked.size:
+            drawn.add("dot")
             ys = (marked // grid[1] + 0.5) * patch[0] - 0.5
             xs = (marked % grid[1] + 0.5) * patch[1] - 0.5
             marker_color = "white" if border_color is None else border_color
@@ -274,6 +300,7 @@ def merge_overlay(
     # keep imshow's extent even though collections were added
     ax.set_xlim(-0.5, img.shape[1] - 0.5)
     ax.set_ylim(img.shape[0] - 0.5, -0.5)
+    ax.tokvis_overlay = frozenset(drawn)
     return ax
 
 
@@ -324,44 +351,115 @@ def legend_handles(
     kept_pixels: bool = False,
     mode: str = "mean",
     merged: bool = True,
+    fill_alpha: float = 0.5,
+    drawn: Any = None,
 ) -> list:
     """Legend entries explaining an overlay drawn by :func:`merge_overlay` with the same options.
 
     Parameters
     ----------
-    dim, dropped_color, border_color, kept_pixels, mode
+    dim, dropped_color, border_color, kept_pixels, mode, fill_alpha
         The options the overlay was drawn with (the entries describe exactly what they do).
     merged : bool, default True
-        Include the entries of merged regions (dot, flat fill, borders); ``False`` for pruning-only
+        Include the entries of merged regions (dot, fill, borders); ``False`` for pruning-only
         figures (:func:`keep_mask`).
+    drawn : set of str, optional
+        Only the entries of these kinds (``ax.tokvis_overlay`` of the panels drawn: ``"dot"``, ``"fill"``,
+        ``"border"``, ``"kept_flat"``, ``"kept_pixels"``, ``"dropped"``); all that the options allow when
+        omitted.
 
     Returns
     -------
     list of matplotlib artists (``Line2D`` / ``Patch``), each with its label.
     """
     dim = check_float("dim", dim, low=0.0, high=1.0)
+    fill_alpha = check_float("fill_alpha", fill_alpha, low=0.0, high=1.0)
     check_choice("mode", mode, ("mean", "image"))
     edge = "0.3"
-    handles = []
+    fill = "flat fill" if fill_alpha == 1.0 else f"tint {fill_alpha:.0%}"
+    entries = []  # (kind, handle)
     if merged:
         dot = "white" if border_color is None else border_color
-        handles.append(
-            Line2D([], [], marker="o", linestyle="none", markersize=5, markerfacecolor=to_rgb(dot),
-                   markeredgecolor=edge, label="dot: the token a merged region was merged into (kept)")
-        )  # fmt: skip
-        if mode == "mean":
-            handles.append(Patch(facecolor="tab:blue", edgecolor=edge, label="flat fill: merged region, mean colour"))
+        entries.append(
+            (
+                "dot",
+                Line2D(
+                    [],
+                    [],
+                    marker="o",
+                    linestyle="none",
+                    markersize=5,
+                    markerfacecolor=to_rgb(dot),
+                    markeredgecolor=edge,
+                    label="dot: merge destination (kept)",
+                ),
+            )
+        )
+        if mode == "mean" and fill_alpha > 0:
+            entries.append(
+                (
+                    "fill",
+                    Patch(
+                        facecolor="tab:blue",
+                        alpha=max(fill_alpha, 0.2),
+                        edgecolor=edge,
+                        label=f"{fill}: merged region, mean colour",
+                    ),
+                )
+            )
         if border_color is not None:
-            handles.append(Line2D([], [], color=to_rgb(border_color), linewidth=1.5, label="line: region border"))
-    if mode == "image" or kept_pixels:
-        handles.append(Patch(facecolor="none", edgecolor=edge, hatch="..", label="real pixels: token kept as is"))
+            entries.append(
+                (
+                    "border",
+                    Line2D(
+                        [],
+                        [],
+                        color=to_rgb(border_color),
+                        linewidth=1.5,
+                        label="line: region border",
+                        path_effects=[withStroke(linewidth=2.5, foreground="0.35")],
+                    ),
+                )
+            )
+    if mode == "image" or kept_pixels or fill_alpha == 0:
+        entries.append(
+            ("kept_pixels", Patch(facecolor="none", edgecolor=edge, hatch="..", label="real pixels: token kept as is"))
+        )
     elif merged:
-        handles.append(Patch(facecolor="0.6", edgecolor=edge, label="flat patch colour: token kept as is"))
+        entries.append(
+            (
+                "kept_flat",
+                Patch(
+                    facecolor="0.6",
+                    alpha=max(fill_alpha, 0.2),
+                    edgecolor=edge,
+                    label=f"{fill}: token kept as is",
+                ),
+            )
+        )
     if dropped_color is not None:
-        handles.append(Patch(facecolor=to_rgb(dropped_color), edgecolor=edge, label="solid colour: dropped patch"))
+        entries.append(
+            ("dropped", Patch(facecolor=to_rgb(dropped_color), edgecolor=edge, label="solid colour: dropped patch"))
+        )
     else:
-        handles.append(Patch(facecolor=(dim * 0.8,) * 3, edgecolor=edge, label=f"dimmed (x{dim:g}): dropped patch"))
-    return handles
+        entries.append(
+            ("dropped", Patch(facecolor=(dim * 0.8,) * 3, edgecolor=edge, label=f"dimmed (x{dim:g}): dropped patch"))
+        )
+    keep = None if drawn is None else set(drawn)
+    return [h for kind, h in entries if keep is None or kind in keep]  # fmt: skip
+
+
+def drawn_entries(target: Any) -> frozenset | None:
+    """What the overlays on a figure or Axes drew (the union of their ``ax.tokvis_overlay``), or None if none.
+
+    Parameters
+    ----------
+    target : Figure or Axes
+        Where :func:`merge_overlay` drew.
+    """
+    axes = [target] if isinstance(target, Axes) else list(target.axes)
+    sets = [a.tokvis_overlay for a in axes if hasattr(a, "tokvis_overlay")]
+    return frozenset().union(*sets) if sets else None
 
 
 def overlay_legend(target: Any = None, *, loc: str = "outside lower center", ncols: int | None = None, **options: Any):
@@ -378,14 +476,17 @@ def overlay_legend(target: Any = None, *, loc: str = "outside lower center", nco
         Columns (default: all entries on as few rows as fit, at most 3 per row).
     **options
         Passed to :func:`legend_handles` (``dim``, ``dropped_color``, ``border_color``, ``kept_pixels``,
-        ``mode``, ``merged``).
+        ``mode``, ``merged``, ``fill_alpha``, ``drawn``).  Without ``drawn``, the entries are those the
+        overlays on ``target`` drew (:func:`drawn_entries`).
 
     Returns
     -------
     matplotlib.legend.Legend
     """
-    handles = legend_handles(**options)
     target = plt.gcf() if target is None else target
+    if "drawn" not in options:
+        options["drawn"] = drawn_entries(target)
+    handles = legend_handles(**options)
     ncols = min(3, len(handles)) if ncols is None else ncols
     if isinstance(target, Axes) and loc.startswith("outside"):
         loc = "upper left"
@@ -536,7 +637,7 @@ def trace_overlays(
         if heading:
             fig.suptitle(heading)
     if legend:
-        keys = ("dim", "dropped_color", "border_color", "kept_pixels", "mode")
+        keys = ("dim", "dropped_color", "border_color", "kept_pixels", "mode", "fill_alpha")
         overlay_legend(fig, **{k: v for k, v in overlay_kwargs.items() if k in keys})
     return fig
 
