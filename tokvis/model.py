@@ -13,12 +13,13 @@ that recording can describe a patched model without importing the patching code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from tokvis.backbones.base import ModelInfo
+from tokvis.backbones.timm_vit import attn_dim, timm_classes
 from tokvis.errors import ImageSizeError, ImageValueError
 
 __all__ = [
@@ -32,47 +33,6 @@ __all__ = [
     "timm_classes",
     "attn_dim",
 ]
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a method may want to know about the model it is applied to."""
-
-    depth: int
-    num_prefix_tokens: int
-    has_class_token: bool
-    embed_dim: int
-    num_heads: int
-    grid_size: tuple[int, int]
-    dynamic_img_size: bool
-    gated_attention: bool = False
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size[0] * self.grid_size[1]
-
-
-def timm_classes() -> tuple[type, type, type]:
-    """timm's ``VisionTransformer``, ``Block`` and ``Attention`` classes.
-
-    ``Attention`` moved from ``timm.models.vision_transformer`` to ``timm.layers.attention`` in
-    timm 1.0.21; the model module still re-exports it, so it is imported from there first.
-    """
-    from timm.models import vision_transformer as vt
-
-    attention = getattr(vt, "Attention", None)
-    if attention is None:  # pragma: no cover - a timm without the re-export
-        from timm.layers.attention import Attention as attention
-    return vt.VisionTransformer, vt.Block, attention
-
-
-def attn_dim(attn: nn.Module) -> int:
-    """Width of the attention heads concatenated (``num_heads * head_dim``) of a timm ``Attention``.
-
-    ``attn.attn_dim`` exists from timm 1.0.23; older versions have ``qkv`` of width ``3 * attn_dim``.
-    """
-    dim = getattr(attn, "attn_dim", None)
-    return int(dim) if dim is not None else int(attn.qkv.out_features) // 3
 
 
 def model_info(model: nn.Module) -> ModelInfo:

@@ -16,6 +16,7 @@ Every adapter calls the model's own modules; none copies a library's forward.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,7 +25,25 @@ from torch import nn
 from tokvis.errors import UnsupportedModelError
 from tokvis.trace import LayerDecision
 
-__all__ = ["Backbone", "TokenPositions", "check_timm_blocks", "timm_model_info"]
+__all__ = ["Backbone", "ModelInfo", "TokenPositions", "check_timm_blocks", "timm_model_info"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a method may want to know about the model it is applied to."""
+
+    depth: int
+    num_prefix_tokens: int
+    has_class_token: bool
+    embed_dim: int
+    num_heads: int
+    grid_size: tuple[int, int]
+    dynamic_img_size: bool
+    gated_attention: bool = False
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
 
 
 class TokenPositions:
@@ -55,7 +74,7 @@ class Backbone:
         raise NotImplementedError  # pragma: no cover - abstract
 
     def describe(self, model: nn.Module) -> Any:
-        """Check every block of ``model`` and return its :class:`tokvis.model.ModelInfo`.
+        """Check every block of ``model`` and return its :class:`ModelInfo`.
 
         Raises
         ------
@@ -162,10 +181,8 @@ def check_timm_blocks(
 
 
 def timm_model_info(model: nn.Module) -> Any:
-    """:class:`~tokvis.model.ModelInfo` of a checked timm model with ``blocks``, ``patch_embed``,
+    """:class:`ModelInfo` of a checked timm model with ``blocks``, ``patch_embed``,
     ``num_prefix_tokens``, ``cls_token`` and ``embed_dim`` (ViT and Eva alike)."""
-    from tokvis.model import ModelInfo
-
     blocks = model.blocks
     return ModelInfo(
         depth=len(blocks),

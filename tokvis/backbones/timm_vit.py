@@ -9,6 +9,29 @@ from tokvis.backbones.base import Backbone, check_timm_blocks, timm_model_info
 from tokvis.errors import UnsupportedModelError
 
 
+def timm_classes() -> tuple[type, type, type]:
+    """timm's ``VisionTransformer``, ``Block`` and ``Attention`` classes.
+
+    ``Attention`` moved from ``timm.models.vision_transformer`` to ``timm.layers.attention`` in
+    timm 1.0.21; the model module still re-exports it, so it is imported from there first.
+    """
+    from timm.models import vision_transformer as vt
+
+    attention = getattr(vt, "Attention", None)
+    if attention is None:  # pragma: no cover - a timm without the re-export
+        from timm.layers.attention import Attention as attention
+    return vt.VisionTransformer, vt.Block, attention
+
+
+def attn_dim(attn: nn.Module) -> int:
+    """Width of the attention heads concatenated (``num_heads * head_dim``) of a timm ``Attention``.
+
+    ``attn.attn_dim`` exists from timm 1.0.23; older versions have ``qkv`` of width ``3 * attn_dim``.
+    """
+    dim = getattr(attn, "attn_dim", None)
+    return int(dim) if dim is not None else int(attn.qkv.out_features) // 3
+
+
 class TimmViT(Backbone):
     """timm ``VisionTransformer`` with its standard pre-norm ``Block`` and ``Attention``.
 
@@ -21,13 +44,9 @@ class TimmViT(Backbone):
     family = "timm-vit"
 
     def accepts(self, model: nn.Module) -> bool:
-        from tokvis.model import timm_classes
-
         return isinstance(model, timm_classes()[0])
 
     def describe(self, model: nn.Module):
-        from tokvis.model import timm_classes
-
         _, Block, Attention = timm_classes()
         blocks = getattr(model, "blocks", None)
         if not isinstance(blocks, nn.Sequential):
@@ -51,8 +70,6 @@ class TimmViT(Backbone):
     def project_parts(self, block, h, positions, rope, parts):
         """Only the rows of ``attn.qkv`` that give ``parts`` (the whole projection, sliced, when ``qkv`` is not
         a plain ``nn.Linear``); q and k after their norms."""
-        from tokvis.model import attn_dim
-
         attn = block.attn
         first, last = (0, 2) if parts == "qk" else (2, 3)
         B, T, _ = h.shape
