@@ -280,7 +280,7 @@ def test_real_backbone():
 
 def test_down_to_one_token_then_nothing_to_fuse():
     """r capped at half reaches a single patch token: later blocks leave it alone (was an IndexError)."""
-    model, x = make_model("patch14"), make_images("patch14")  # 16 patches
+    model, x = make_model("patch14", img_size=56), make_images("patch14")[:, :, :56, :56]  # 16 patches
     every = list(range(model.depth if hasattr(model, "depth") else len(model.blocks)))
     tokvis.patch(model, "mctf", r=5, locations=every)  # MCTF's own default skips block 0
     counts = block_token_counts(model, x)
