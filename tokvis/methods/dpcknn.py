@@ -11,7 +11,8 @@ from torch import nn
 from tokvis.errors import MethodOptionError
 from tokvis.methods._learned import LearnedMethod, identity_decision, init_linear
 from tokvis.methods.base import ReductionContext, check_placement
-from tokvis.methods.ops import decision_dtype, slots_from_keep
+from tokvis.methods.kmedoids import pairwise_distance
+from tokvis.methods.ops import slots_from_keep
 from tokvis.methods.registry import register_method
 from tokvis.trace import LayerDecision
 from tokvis.validate import check_choice, check_int
@@ -43,8 +44,7 @@ def dpc_knn(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.
         ``||x_i - x_j|| / sqrt(C)`` (TCFormer's scaling).
     """
     B, n, C = x.shape
-    x = x.to(decision_dtype(x.dtype))  # no fp16 / bf16 cdist kernel, and float32 distances keep partitions stable
-    dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(C)
+    dist = pairwise_distance(x, "euclidean") / math.sqrt(C)  # float32 for fp16 / bf16 tokens
     near = dist.topk(min(k, n), dim=2, largest=False).values
     density = (-(near**2).mean(2)).exp()
     idx = torch.arange(n, device=x.device)
