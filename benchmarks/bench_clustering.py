@@ -44,8 +44,7 @@ def main() -> None:
     )
     for r in rows:
         ms = 1000 * args.batch_size / r.images_per_s
-        # multiply-adds; torch's counter (BenchRow.gflops_per_image) counts a multiply-add as two FLOPs
-        gmacs = getattr(r, "gmacs_per_image", r.gflops_per_image / 2)
+        gmacs = r.gmacs_per_image
         ratios = f"{r.flops_ratio:>10.3f} {r.speedup:>9.3f} {r.speedup_per_flops:>14.3f}"
         print(f"{r.config:<20} {ms:>10.1f} {gmacs:>10.3f} {ratios}")
 
