@@ -57,7 +57,7 @@ def test_methods_lists_every_methods_options_with_defaults_one_line_each(capsys)
         and "prop_attn=True" in by_name["tome"]
         and "order='official'" in by_name["tome"]
     )
-    assert "k=5" in by_name["dpcknn"] and "no options" in by_name["ats"]
+    assert "k=5" in by_name["dpcknn"] and "sampling='study'" in by_name["ats"]
 
 
 def test_compare_of_a_keep_rate_run_and_an_r_run_says_so(tmp_path, capsys):
