@@ -22,10 +22,13 @@ from tests.invariants import (
 )
 from tests.models import make_images, make_model
 from tokvis.backbones import backbone_for
-from tokvis.backbones.timm_eva import TimmEva, rope_coords, rope_from_coords
+from tokvis.backbones.timm_eva import TimmEva, _timm_builds_grids, rope_coords, rope_from_coords
 from tokvis.errors import MethodOptionError, UnsupportedModelError
 
 IDS = [f"{m}-{schedule_id(kw)}" for m, kw in MATRIX_SCHEDULES]
+#: merge_position="mean" evaluates rotary rows through timm's grid builder (timm >= 1.0.31); older timm (the
+#: lowest timm CI tests) gets a typed error instead (test_mean_position_on_an_older_timm_is_a_typed_error)
+needs_grids = pytest.mark.skipif(not _timm_builds_grids(), reason="timm < 1.0.31 has no rotary grid builder")
 
 
 def _flavour_for(method: str, with_cls: str, without: str) -> str:
@@ -52,7 +55,10 @@ def test_batch_items_independent_on_eva(method, kw):
     check_batch_items_independent(method, kw, flavour="eva_dinov3")
 
 
-@pytest.mark.parametrize("flavour", ["eva_dinov3", "eva02", "eva_rope_mixed", "eva_pe"])
+# timm < 1.0.31's mixed RoPE cannot run in float64 (its frequencies stay float32), unpatched too
+@pytest.mark.parametrize(
+    "flavour", ["eva_dinov3", "eva02", pytest.param("eva_rope_mixed", marks=needs_grids), "eva_pe"]
+)
 def test_pruned_tokens_keep_their_rotary_rows(flavour):
     """Top-K at one block equals the unpatched model whose later blocks cannot attend to the dropped tokens
     (a key mask, the tokens stay in place with their own rotary rows): the class token's output agrees."""
@@ -81,6 +87,7 @@ def test_pruned_tokens_keep_their_rotary_rows(flavour):
     assert not torch.allclose(out, model(x), atol=1e-6)
 
 
+@needs_grids
 @pytest.mark.parametrize("flavour", ["eva_dinov3", "eva02"])
 def test_rotary_rows_at_grid_coordinates_are_the_modules_table(flavour):
     """The embedding at any coordinate (merge_position='mean') equals the module's own table on its grid."""
@@ -91,6 +98,7 @@ def test_rotary_rows_at_grid_coordinates_are_the_modules_table(flavour):
     torch.testing.assert_close(mine, table, atol=1e-6, rtol=1e-6)
 
 
+@needs_grids
 @pytest.mark.parametrize("flavour", ["eva_dinov3", "eva02"])
 def test_merged_token_position_is_the_mean_of_its_patches(flavour):
     """With merge_position='mean', each ToMe token sits at the mean coordinate of the patches it holds (ToMe
@@ -177,6 +185,7 @@ def test_attention_maps_on_eva_are_the_models_own(flavour):
         torch.testing.assert_close(probs, seen[i], atol=1e-6, rtol=1e-5)
 
 
+@needs_grids
 def test_rope_merge_position_benchmark_runs_with_random_weights(capsys):
     """The benchmark's smoke test (random weights: no hub); its fidelity is the cosine of the pooled features."""
     from tests.scripts import load_benchmark
@@ -196,6 +205,7 @@ def test_rope_merge_position_benchmark_runs_with_random_weights(capsys):
     assert not tokvis.is_patched(model)
 
 
+@needs_grids
 def test_other_input_size_on_a_dynamic_eva():
     """DINOv3 takes any size (dynamic_img_size): the rotary rows of that grid follow the tokens; no reduction
     is the unpatched model, and the mean coordinates start on that grid."""
@@ -209,3 +219,15 @@ def test_other_input_size_on_a_dynamic_eva():
         out, trace = tokvis.run_with_trace(model, x)
     assert trace.grid_size == (6, 10) and torch.isfinite(out).all()
     assert model._tokvis.positions.coords.shape == (2, 60 - 4 * 6, 2)
+
+
+def test_mean_position_on_an_older_timm_is_a_typed_error(monkeypatch):
+    """Without timm's rotary grid builder (timm < 1.0.31) merge_position="mean" is refused, naming the fix."""
+    import tokvis.backbones.timm_eva as eva
+
+    monkeypatch.setattr(eva, "_timm_builds_grids", lambda: False)
+    model = make_model("eva_dinov3")
+    with pytest.raises(UnsupportedModelError, match=r"upgrade timm \(>= 1.0.31\) or use merge_position='destination'"):
+        tokvis.patch(model, "tome", r=4, merge_position="mean")
+    tokvis.patch(model, "tome", r=4)  # the default works on any timm
+    assert tokvis.is_patched(model)

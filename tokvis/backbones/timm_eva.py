@@ -118,6 +118,14 @@ class TimmEva(Backbone):
 
     def check_positions(self, model: nn.Module, options: dict) -> None:
         rope = getattr(model, "rope", None)
+        if options.get("merge_position") == "mean" and rope is not None and not _timm_builds_grids():
+            import timm
+
+            raise UnsupportedModelError(
+                f"merge_position='mean' evaluates rotary embeddings at fractional coordinates through timm's own "
+                f"grid builder, which timm {timm.__version__} does not have; upgrade timm (>= 1.0.31) or use "
+                "merge_position='destination'"
+            )
         if options.get("merge_position") == "mean" and rope is not None and _coord_system(rope) is None:
             raise UnsupportedModelError(
                 f"merge_position='mean' needs rotary embeddings at fractional coordinates, which tokvis computes for "
@@ -208,6 +216,13 @@ def representatives(decision: LayerDecision) -> torch.Tensor:
         A = w.new_zeros(B, decision.n_out, n_in).scatter_(1, slot, ((w.abs() + 1e-6) * valid)[:, None, :])
     bonus = A.new_zeros(A.shape).scatter_(1, slot, (keep & valid).float()[:, None, :])
     return (A + bonus * (A.abs().amax() + 1)).argmax(-1)
+
+
+def _timm_builds_grids() -> bool:
+    """timm has the rotary grid builder and layout helpers ``merge_position="mean"`` uses (timm >= 1.0.31)."""
+    from timm.layers import pos_embed_sincos as ps
+
+    return hasattr(ps, "_build_grid") and hasattr(ps, "_rope_layout")
 
 
 def _coord_system(rope: nn.Module) -> tuple[dict, Any] | None:
