@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
-import tokvis
 from tests.models import _perturb
+from tests.scripts import load_benchmark
 from tokvis.zoo import timm_dinov2_to_hf
 
 transformers = pytest.importorskip("transformers")
@@ -40,24 +38,5 @@ def timm_and_hf_dinov2(registers: int = 0, *, seed: int = 0, dtype=torch.float32
     return timm_model.eval().to(dtype), model.eval().to(dtype)
 
 
-def pooled(model, x: torch.Tensor) -> torch.Tensor:
-    """The pooled feature: timm's pre-logits (``num_classes=0``) or transformers' ``pooler_output``."""
-    out = model(x)
-    return out if isinstance(out, torch.Tensor) else out.pooler_output
-
-
-def compare_families(timm_model, hf_model, x, method, schedule: dict) -> tuple[list[int], list[int], float]:
-    """Patch both models with copies of ``method`` (same learned parameters) and run ``x``: the reducing
-    blocks, those whose labels differ, and the max |difference| of the pooled features."""
-    traces, outs = [], []
-    for model in (timm_model, hf_model):
-        tokvis.patch(model, copy.deepcopy(method), **schedule)
-        with torch.no_grad(), tokvis.record(model) as rec:
-            out = pooled(model, x)
-        traces.append(rec.trace)
-        outs.append(out)
-        tokvis.unpatch(model)
-    a, b = traces
-    assert a.layers == b.layers
-    differ = [layer for layer in a.layers if not torch.equal(a.labels(layer), b.labels(layer))]
-    return list(a.layers), differ, float((outs[0] - outs[1]).abs().max())
+_bench = load_benchmark("hf_dinov2_equivalence")
+pooled, compare_families = _bench.pooled, _bench.compare_families
