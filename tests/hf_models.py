@@ -40,3 +40,52 @@ def timm_and_hf_dinov2(registers: int = 0, *, seed: int = 0, dtype=torch.float32
 
 _bench = load_benchmark("hf_dinov2_equivalence")
 pooled, compare_families = _bench.pooled, _bench.compare_families
+
+
+HF_TINY = dict(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, intermediate_size=128, image_size=64,
+               patch_size=8)  # fmt: skip
+
+
+def make_hf(family: str, *, seed: int = 0):
+    """A tiny random ``transformers`` model of ``family`` (``vit``, ``vit_cls``, ``clip``, ``siglip``), eval mode,
+    weights perturbed so that every submodule matters."""
+    torch.manual_seed(seed)
+    t = transformers
+    model = {
+        "vit": lambda: t.ViTModel(t.ViTConfig(**HF_TINY)),
+        "vit_cls": lambda: t.ViTForImageClassification(t.ViTConfig(num_labels=5, **HF_TINY)),
+        "clip": lambda: t.CLIPVisionModel(t.CLIPVisionConfig(**HF_TINY)),
+        "siglip": lambda: t.SiglipVisionModel(t.SiglipVisionConfig(**HF_TINY)),
+    }[family]()
+    return _perturb(model.eval(), seed)
+
+
+def hf_output(out) -> torch.Tensor:
+    """The model's final tensor: the pooled feature, else the logits."""
+    pooled = getattr(out, "pooler_output", None)
+    return pooled if pooled is not None else out.logits
+
+
+def check_no_reduction_hf(model, x, ref: torch.Tensor, *, skip_class_token: bool = False) -> None:
+    """Every method at keep rate 1.0 / r = 0 gives ``ref`` (the unpatched output): bit for bit at r = 0 (and at
+    keep rate 1.0 where the method matrix says so) and keeps every token; ``model`` is unpatched afterwards."""
+    import tokvis
+    from tests.invariants import case_for, method_for
+
+    for method in sorted(tokvis.list_methods()):
+        case = case_for(method)
+        if skip_class_token and case.needs_class_token:
+            continue
+        for kw in ({"keep_rate": 1.0}, {"r": 0}):
+            if next(iter(kw)) not in case.conventions:
+                continue
+            obj, sched = method_for(method, kw)
+            tokvis.patch(model, obj, **sched)
+            with torch.no_grad():
+                out, trace = tokvis.run_with_trace(model, x)
+            if "r" in kw or case.exact_at_keep_rate_one:
+                assert torch.equal(hf_output(out), ref), (method, kw)
+            else:
+                torch.testing.assert_close(hf_output(out), ref, atol=1e-5, rtol=0)
+            assert all(d.n_out == trace.num_patches for d in trace.decisions)
+            tokvis.unpatch(model)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import tokvis
-from tests.hf_models import compare_families, pooled, timm_and_hf_dinov2
-from tests.invariants import METHOD_MATRIX, case_for, method_for
+from tests.hf_models import check_no_reduction_hf, compare_families, pooled, timm_and_hf_dinov2
+from tests.invariants import METHOD_MATRIX, method_for
 from tests.models import make_images
 from tokvis.errors import TokvisError, UnsupportedModelError
 
@@ -43,26 +43,12 @@ def test_every_method_gives_timms_trace_on_hf_dinov2(method, registers):
         assert delta <= 1e-9, (method, kw, delta)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_no_reduction_is_the_unpatched_hf_model(method):
+def test_no_reduction_is_the_unpatched_hf_model():
     _, hf_model = timm_and_hf_dinov2(4)
     x = make_images("cls")
     with torch.no_grad():
         ref = pooled(hf_model, x)
-    case = case_for(method)
-    for kw in ({"keep_rate": 1.0}, {"r": 0}):
-        if next(iter(kw)) not in case.conventions:
-            continue
-        obj, sched = method_for(method, kw)
-        tokvis.patch(hf_model, obj, **sched)
-        with torch.no_grad():
-            out, trace = tokvis.run_with_trace(hf_model, x)
-        if "r" in kw or case.exact_at_keep_rate_one:
-            assert torch.equal(out.pooler_output, ref), (method, kw)
-        else:
-            torch.testing.assert_close(out.pooler_output, ref, atol=1e-5, rtol=0)
-        assert all(d.n_out == trace.num_patches for d in trace.decisions)
-        tokvis.unpatch(hf_model)
+    check_no_reduction_hf(hf_model, x, ref)
 
 
 def test_hf_model_info_and_keyword_images():
