@@ -20,7 +20,6 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from tokvis.backbones import backbone_for
 from tokvis.errors import TraceMismatchError
 from tokvis.model import backbone_name, check_images, grid_for_input, is_patched, model_info, patch_state
 from tokvis.trace import LayerDecision, Trace, TraceMeta
@@ -111,6 +110,8 @@ class Recorder:
     def _pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         self._flush()
         self._current = []
+        from tokvis.backbones import backbone_for
+
         images = backbone_for(model).images(args, kwargs)
         if isinstance(images, torch.Tensor) and images.dim() == 4:
             self._grid = grid_for_input(model, tuple(images.shape[-2:]))
