@@ -184,9 +184,14 @@ def check_no_reduction(name: str, flavour: str = "cls"):
 
 def block_token_counts(model, x) -> list[int]:
     """Patch tokens leaving each block in one forward of ``model`` on ``x``."""
-    p = model.num_prefix_tokens
+    from tokvis.backbones import backbone_for
+
+    p = tokvis.model.model_info(model).num_prefix_tokens
     counts = []
-    hooks = [b.register_forward_hook(lambda m, i, o: counts.append(o.shape[1] - p)) for b in model.blocks]
+    hooks = [
+        b.register_forward_hook(lambda m, i, o: counts.append(o.shape[1] - p))
+        for b in backbone_for(model).blocks(model)
+    ]
     try:
         with torch.no_grad():
             model(x)

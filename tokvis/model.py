@@ -64,8 +64,8 @@ def grid_for_input(model: nn.Module, hw: tuple[int, int]) -> tuple[int, int]:
     return backbone_for(model).grid_for_input(model, hw)
 
 
-def _model_dtype(model: nn.Module) -> torch.dtype | None:
-    weight = getattr(getattr(model.patch_embed, "proj", None), "weight", None)
+def _model_dtype(pe: Any) -> torch.dtype | None:
+    weight = getattr(getattr(pe, "proj", None), "weight", None)
     return weight.dtype if isinstance(weight, torch.Tensor) else None
 
 
@@ -101,19 +101,22 @@ def check_images(model: nn.Module, images: Any) -> None:
             f"images must be a float tensor (normalised with the model's transform): dtype is {images.dtype}; "
             "use tokvis.data.transform_for(model)"
         )
-    dtype = _model_dtype(model)
+    from tokvis.backbones import backbone_for
+
+    bb = backbone_for(model)
+    pe = bb.patch_embed(model)
+    dtype = _model_dtype(pe)
     if dtype is not None and images.dtype != dtype and not torch.is_autocast_enabled(images.device.type):
         raise ImageSizeError(
             f"images are {images.dtype} but the model's weights are {dtype}: convert the images with "
             f"images.to({dtype}) (or the model with model.to({images.dtype}))"
         )
-    pe = model.patch_embed
     chans = getattr(pe.proj, "in_channels", None)
     if chans is not None and images.shape[1] != chans:
         raise ImageSizeError(f"the model takes {chans}-channel images: got {images.shape[1]} channels")
     H, W = images.shape[-2:]
     ph, pw = pe.patch_size
-    if getattr(model, "dynamic_img_size", False):
+    if bb.dynamic_img_size(model):
         if not getattr(pe, "dynamic_img_pad", False) and (H % ph or W % pw):
             raise ImageSizeError(
                 f"image size {H}x{W} is not divisible by the patch size {ph}x{pw}; resize or crop to a "

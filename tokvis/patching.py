@@ -209,7 +209,12 @@ class PatchState:
 
 
 def _patched_block_forward(
-    self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False, rope: Any = None
+    self,
+    x: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    rope: Any = None,
+    **kwargs: Any,  # what a transformers encoder passes on to its layers (checked at the model's call)
 ):
     st: PatchState = self._tokvis_state
     bb = st.backbone
@@ -489,15 +494,18 @@ def patch(
         blk._tokvis_index = i
         blk._tokvis_state = state
     model.tokvis_method = method_obj  # registered submodule: learned parameters follow .to() / state_dict
-    state.hook = model.register_forward_pre_hook(_input_check_hook)
+    state.hook = model.register_forward_pre_hook(_input_check_hook, with_kwargs=True)
     model._tokvis = state
     return model
 
 
-def _input_check_hook(model: nn.Module, args: tuple) -> None:
-    if args:
-        check_images(model, args[0])
-        model._tokvis.grid = grid_for_input(model, tuple(args[0].shape[-2:]))
+def _input_check_hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    bb = model._tokvis.backbone
+    bb.check_call(model, args, kwargs)
+    images = bb.images(args, kwargs)
+    if images is not None:
+        check_images(model, images)
+        model._tokvis.grid = grid_for_input(model, tuple(images.shape[-2:]))
 
 
 def unpatch(model: nn.Module) -> nn.Module:

@@ -102,7 +102,7 @@ class Recorder:
         if self._open:
             raise RuntimeError("this recorder is already open")
         try:
-            self._hooks.append(self.model.register_forward_pre_hook(self._pre_hook))
+            self._hooks.append(self.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
             self._hooks.append(self.model.register_forward_hook(self._post_hook))
             self._ids = [id(m) for m in self.model.modules()]
             for i in self._ids:
@@ -135,12 +135,15 @@ class Recorder:
         self._open = False
 
     # -- hooks ----------------------------------------------------------------------------------
-    def _pre_hook(self, model: nn.Module, args: tuple) -> None:
+    def _pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         self._flush()
         self._current = []
-        if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
-            self._grid = grid_for_input(model, tuple(args[0].shape[-2:]))
-            self._batch_size = int(args[0].shape[0])
+        from tokvis.backbones import backbone_for
+
+        images = backbone_for(model).images(args, kwargs)
+        if isinstance(images, torch.Tensor) and images.dim() == 4:
+            self._grid = grid_for_input(model, tuple(images.shape[-2:]))
+            self._batch_size = int(images.shape[0])
         else:
             self._grid, self._batch_size = self.info.grid_size, None
 

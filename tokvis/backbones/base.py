@@ -156,6 +156,25 @@ class Backbone:
         """Raise :class:`~tokvis.errors.UnsupportedModelError` if the position options cannot be honoured."""
 
     # -- inputs -----------------------------------------------------------------------------------
+    #: the keyword of the images in the model's forward (besides the first positional argument)
+    input_name: str = "x"
+
+    def images(self, args: tuple, kwargs: dict) -> Any:
+        """The images of a call ``model(*args, **kwargs)`` (``None`` when it has none)."""
+        return args[0] if args else kwargs.get(self.input_name)
+
+    def check_call(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Raise a :class:`~tokvis.errors.TokvisError` for call options a patched model cannot honour."""
+
+    def patch_embed(self, model: nn.Module) -> Any:
+        """The patch embedding: ``proj`` (the convolution), ``patch_size``, ``img_size``, and optionally
+        ``strict_img_size`` / ``dynamic_img_pad`` (timm's ``PatchEmbed`` or a view with those attributes)."""
+        return model.patch_embed
+
+    def dynamic_img_size(self, model: nn.Module) -> bool:
+        """Whether the model takes images of other sizes than ``patch_embed(model).img_size``."""
+        return bool(getattr(model, "dynamic_img_size", False))
+
     def grid_for_input(self, model: nn.Module, hw: tuple[int, int]) -> tuple[int, int]:
         """Patch grid the model produces for an input of size ``hw``."""
         pe = model.patch_embed
