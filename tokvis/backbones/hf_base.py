@@ -120,7 +120,7 @@ class HFPreNormViT(Backbone):
         return bool(classes) and isinstance(model, classes)
 
     def describe(self, model: nn.Module):
-        from tokvis.model import ModelInfo
+        from tokvis.backbones.base import ModelInfo
 
         layer_classes = _classes(self.layer_classes)
         blocks = self.blocks(model)
