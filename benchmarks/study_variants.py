@@ -6,7 +6,8 @@ row of :data:`ROWS` (a method and its options) and each keep rate (0.7 and 0.5 a
 locations), the fidelity -- the mean cosine similarity of the pooled feature to the unreduced
 model's -- on ``zoo.create("dinov2_small_offline")`` (real DINOv2 ViT-S/14 weights) and foolbox's 20
 ImageNet photos, with the patch tokens left after the last reducing block (mean over the images) and
-the GFLOPs per image.  Learned methods need fitted parameters and are not in the rows (their options are measured by
+the GFLOPs per image (torch's count, 2 per multiply-add: half of it is GMACs).  Learned methods need fitted
+parameters and are not in the rows (their options are measured by
 benchmarks/fidelity_study.py against the study's code).
 
 Run: python benchmarks/study_variants.py [--rates 0.7 0.5] [--threads 2]
@@ -59,7 +60,7 @@ def main(argv=None) -> None:
     with torch.no_grad():
         ref = model(images)
     print(f"dinov2_small_offline, {len(ids)} foolbox ImageNet photos; fidelity = mean cos(pooled, unreduced)")
-    head = " | ".join(f"keep {r}: fidelity, tokens, GFLOPs" for r in args.rates)
+    head = " | ".join(f"keep {r}: fidelity, tokens, GFLOPs (2 per MAC)" for r in args.rates)
     print(f"| method | options | what | {head} |")
     print("|---|---|---|" + "---|" * len(args.rates))
     for method, options, what in ROWS:
