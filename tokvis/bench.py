@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from tokvis.errors import TokvisError
+from tokvis.errors import ArgumentValueError, TokvisError
 
 
 @contextlib.contextmanager
@@ -75,6 +75,7 @@ class FlopsRow:
     rel_diff: float | None  # (gmacs - published) / published
     agrees: bool | None  # within FLOPS_TOLERANCE, or within the rounding of the published figure
     note: str = ""
+    official: float | None = None  # the official code's GMACs per image on the same model (ToMe rows, --tome-repo)
 
 
 def published_flops() -> dict:
@@ -86,7 +87,10 @@ def published_flops() -> dict:
 
 
 def flops_table(
-    labels: Sequence[str] | None = None, *, progress: Callable[[FlopsRow], None] | None = None
+    labels: Sequence[str] | None = None,
+    *,
+    progress: Callable[[FlopsRow], None] | None = None,
+    tome_repo: str | os.PathLike | None = None,
 ) -> list[FlopsRow]:
     """tokvis's GMACs per 224x224 image beside every published figure of :func:`published_flops`.
 
@@ -101,6 +105,11 @@ def flops_table(
         Only the rows with these labels (default: all).
     progress : callable, optional
         Called with each row as it is computed.
+    tome_repo : path, optional
+        A checkout of facebookresearch/ToMe.  Every ToMe row is then also counted on the official code
+        (``tome.patch.timm``, same model, same weights, same image): the row's ``official`` figure.  A row
+        with no published figure (ToMe's off-the-shelf ViT-S/B/L) is then checked against it, with the
+        same tolerance.
     """
     import warnings
 
@@ -115,6 +124,8 @@ def flops_table(
         if unknown:
             raise TokvisError(f"no published FLOPs row {unknown}; known: {[r['label'] for r in rows]}")
         rows = [r for r in rows if r["label"] in set(labels)]
+    if tome_repo is not None:
+        _require_official(tome_repo, "tome", "ToMe")
     out, models = [], {}
     for r in rows:
         if r["model"] not in models:
@@ -135,6 +146,9 @@ def flops_table(
                     gmacs = count_gmacs(m, images)
                 decision = spent[0] / images.shape[0]
             setting = " ".join([r["method"], *(f"{k}={v}" for k, v in r["setting"].items())])
+        official = None
+        if tome_repo is not None and r["method"] == "tome":
+            official = count_gmacs(official_tome(tome_repo, r["setting"]["r"])(copy.deepcopy(model)), images)
         pub = r["gmacs"]
         rel = agrees = None
         note = ""
@@ -145,6 +159,12 @@ def flops_table(
             note += f"{compared:.3f}"
         if pub is None:
             note = "no published figure: " + data["sources"][r["source"]].split(": ")[-1]
+            if official is not None:  # the official code's count is the reference
+                rel = (compared - official) / official
+                agrees = abs(rel) <= FLOPS_TOLERANCE
+                note += f"; the official code counts {official:.3f} ({100 * rel:+.2f} %)"
+                if not agrees:
+                    note += ": DIFFERS from the official code"
         else:
             rel = (compared - pub) / pub
             rounding = 0.5 * 10 ** -r["digits"]
@@ -155,7 +175,9 @@ def flops_table(
             elif not agrees:
                 note += "; " if note else ""
                 note += "DIFFERS from the published figure"
-        row = FlopsRow(r["label"], r["model"], setting, gmacs, pub, r["source"], rel, agrees, note)
+        if official is not None and pub is not None:
+            note += ("; " if note else "") + f"the official code counts {official:.3f}"
+        row = FlopsRow(r["label"], r["model"], setting, gmacs, pub, r["source"], rel, agrees, note, official)
         out.append(row)
         if progress:
             progress(row)
@@ -557,6 +579,16 @@ def _import_official(repo: str | os.PathLike | None, module: str, name: str):
     except Exception as e:  # noqa: BLE001  (any import failure: the row is skipped, with the reason)
         print(f"official {name} skipped: cannot import {module} from {repo}: {type(e).__name__}: {e}")
         return None
+
+
+def _require_official(repo: str | os.PathLike, module: str, name: str) -> None:
+    """Raise a typed error when the checkout ``repo`` asked for explicitly does not give ``module``."""
+    if not Path(repo).is_dir():
+        raise ArgumentValueError(
+            f"no {name} checkout at {str(repo)!r}: pass the folder of a git clone of the official code"
+        )
+    if _import_official(repo, module, name) is None:
+        raise ArgumentValueError(f"cannot import the official {name} ({module}) from {str(repo)!r}: see the line above")
 
 
 def official_tome(repo: str | os.PathLike | None, r: int) -> Callable[[nn.Module], nn.Module] | None:

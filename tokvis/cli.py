@@ -188,7 +188,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.flops:  # the table of `tokvis flops`
         from tokvis.commands.flops import cmd_flops
 
-        return cmd_flops(argparse.Namespace(rows=None))
+        return cmd_flops(argparse.Namespace(rows=None, tome_repo=None))
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import tokvis
@@ -79,3 +81,28 @@ def test_bench_flops_prints_the_same_table(capsys, monkeypatch):
     assert asked == [None]  # every row asked for
     assert out.splitlines()[0].split()[:3] == ["setting", "tokvis", "GMACs"]
     assert "1 of 1 published figures reproduced" in out
+
+
+def test_cli_missing_tome_checkout_is_one_line_exit_2(capsys, tmp_path):
+    assert main(["flops", "--rows", "DeiT-T", "--tome-repo", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no ToMe checkout" in err[0] and "nowhere" in err[0]
+
+
+def test_cli_unimportable_tome_checkout_is_an_error(capsys, tmp_path):
+    assert main(["flops", "--rows", "DeiT-T", "--tome-repo", str(tmp_path)]) == 2  # a folder without `tome`
+    assert "cannot import the official ToMe" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("TOKVIS_TOME_REPO"), reason="needs TOKVIS_TOME_REPO (a ToMe clone)")
+def test_tome_rows_equal_the_official_codes_count():
+    """The off-the-shelf rows have no published figure: the official code's count on the same model decides."""
+    labels = [r["label"] for r in published_flops()["rows"] if r["method"] == "tome"]
+    rows = flops_table(labels, tome_repo=os.environ["TOKVIS_TOME_REPO"])
+    assert len(rows) == len(labels) >= 9
+    for row in rows:
+        assert row.official is not None and row.official > 0, row
+        assert abs(row.gmacs - row.official) <= FLOPS_TOLERANCE * row.official, row
+        if row.published is None:
+            assert row.agrees and "the official code counts" in row.note, row

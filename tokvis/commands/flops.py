@@ -4,6 +4,7 @@
 
     tokvis flops                      # every row of tokvis/assets/published_flops.json
     tokvis flops --rows "DeiT-S" "EViT DeiT-S keep 0.5"
+    tokvis flops --tome-repo path/to/facebookresearch/ToMe   # ToMe rows also counted on the official code
 
 (``tokvis bench --flops`` prints the same table.)  Architectures only: timm models with random weights, no
 download.  The papers' "GFLOPs" are GMACs (10^9 multiply-adds); so is every figure printed here.
@@ -23,6 +24,13 @@ def register(subparsers) -> None:
         "difference.  Exit code 1 when a row differs from its figure by more than 2 %% (beyond its rounding).",
     )
     p.add_argument("--rows", nargs="+", default=None, metavar="LABEL", help="only these rows (default: all)")
+    p.add_argument(
+        "--tome-repo",
+        default=None,
+        metavar="PATH",
+        help="a checkout of facebookresearch/ToMe: every ToMe row is also counted on the official code (same "
+        "model and weights); the off-the-shelf rows, which have no published figure, are checked against it",
+    )
     p.set_defaults(func=cmd_flops)
 
 
@@ -36,7 +44,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
         print(format_flops_row(row, header=first[0]), flush=True)
         first[0] = False
 
-    rows = flops_table(args.rows, progress=show)
+    rows = flops_table(args.rows, progress=show, tome_repo=getattr(args, "tome_repo", None))
     print(format_flops_sources(rows))
     bad = [r.label for r in rows if r.agrees is False]
     checked = sum(r.agrees is not None for r in rows)
