@@ -84,7 +84,8 @@ _KEYS = {"ArrowLeft": "\ue012", "ArrowUp": "\ue013", "ArrowRight": "\ue014", "Ar
 
 class Page:
     """The slice of a browser page the viewer tests use; ``console`` collects ``(type, text)`` messages and page
-    errors, ``outside`` the refused requests outside the page's own files."""
+    errors, ``outside`` the refused requests outside the allowed prefix (Firefox fills both as its `open_page`
+    block ends; read them after it)."""
 
     console: list[tuple[str, str]]
     outside: list[str]
@@ -93,7 +94,7 @@ class Page:
         raise NotImplementedError
 
     def evaluate(self, expression: str, arg=None):
-        """Value of a JS expression (awaited if a promise); with ``arg``, the expression is a function called on it."""
+        """Value of a JS expression, awaited if a promise; a function is called (on ``arg`` if given)."""
         raise NotImplementedError
 
     def press(self, key: str) -> None:
@@ -198,8 +199,9 @@ class _MarionettePage(Page):
     def evaluate(self, expression, arg=None):
         # sandbox=None: in the page's own scope (a sandbox sees the page's window through an Xray, without the
         # globals its scripts set, such as window.tokvisViewers); a returned promise is awaited
-        if arg is None:
-            return self.m.execute_script(f"return ({expression});", sandbox=None)
+        if arg is None:  # as in Playwright, a function is called
+            return self.m.execute_script(f"const v = ({expression}); return typeof v === 'function' ? v() : v;",
+                                         sandbox=None)  # fmt: skip
         return self.m.execute_script(f"return ({expression})(arguments[0]);", script_args=[arg], sandbox=None)
 
     def _actions(self, kind, steps, **params):
@@ -231,7 +233,7 @@ class _MarionettePage(Page):
         self.click_on(selector)
         end = time.monotonic() + timeout
         while True:  # the file is complete once no .part file is left beside it
-            new = [p for p in set(self.downloads.iterdir()) - before]
+            new = set(self.downloads.iterdir()) - before
             done = [p for p in new if p.suffix != ".part"]
             if done and not any(p.suffix == ".part" for p in new):
                 shutil.copyfile(done[0], path)
@@ -241,14 +243,16 @@ class _MarionettePage(Page):
             time.sleep(0.05)
 
 
-# privileged scripts. In the parent process (chrome context): refuse and record every http(s) request a page makes.
-# In the page's process (a system sandbox): the page's errors and console messages, which Firefox keeps per window.
+# privileged scripts. In the parent process (chrome context): refuse every http(s) request outside the allowed
+# prefix (arguments[0]), recording those a page made. In the page's process (a system sandbox): the page's errors
+# and console messages, which Firefox keeps per window.
 _FIREFOX_GUARD = """
-  const seen = [];
+  const seen = [], allowed = arguments[0];
   Services.obs.addObserver({ observe(subject) {
-    const ch = subject.QueryInterface(Ci.nsIHttpChannel);
+    const ch = subject.QueryInterface(Ci.nsIHttpChannel), url = ch.URI.spec;
+    if (url.startsWith(allowed)) return;
     const p = ch.loadInfo && ch.loadInfo.triggeringPrincipal;
-    if (p && !p.isSystemPrincipal) seen.push(ch.URI.spec);
+    if (p && !p.isSystemPrincipal) seen.push(url);
     ch.cancel(Cr.NS_ERROR_ABORT);
   } }, "http-on-modify-request");
   window.tokvisOutside = seen;
@@ -302,7 +306,7 @@ def _firefox_prefs(downloads: Path) -> dict:
 
 
 @contextlib.contextmanager
-def _firefox_page(workdir: Path, width: int, height: int, timeout: float = 120.0):
+def _firefox_page(allowed_prefix: str, workdir: Path, width: int, height: int, timeout: float = 120.0):
     import warnings
 
     with warnings.catch_warnings():  # its dependencies (mozinfo, mozrunner) import deprecated modules
@@ -332,14 +336,13 @@ def _firefox_page(workdir: Path, width: int, height: int, timeout: float = 120.0
         client.start_session()
         client.set_window_rect(width=width, height=height)
         with client.using_context(client.CONTEXT_CHROME):
-            client.execute_script(_FIREFOX_GUARD)
+            client.execute_script(_FIREFOX_GUARD, script_args=[allowed_prefix])
         page = _MarionettePage(client, downloads)
-        try:
-            yield page
-        finally:
-            page.console.extend(map(tuple, client.execute_script(_FIREFOX_CONSOLE, sandbox="system")))
-            with client.using_context(client.CONTEXT_CHROME):
-                page.outside.extend(client.execute_script(_FIREFOX_OUTSIDE))
+        yield page
+        # the body ran to its end: what the page logged and asked for (read before the page goes)
+        page.console.extend(map(tuple, client.execute_script(_FIREFOX_CONSOLE, sandbox="system")))
+        with client.using_context(client.CONTEXT_CHROME):
+            page.outside.extend(client.execute_script(_FIREFOX_OUTSIDE))
     finally:
         if client is not None:
             with contextlib.suppress(Exception):
@@ -361,7 +364,7 @@ def open_page(browser: str, allowed_prefix: str, workdir: Path, *, width: int = 
         with browser_page(allowed_prefix, width=width, height=height) as (page, console, outside):
             yield _PlaywrightPage(page, console, outside)
     elif browser == "firefox":
-        with _firefox_page(Path(workdir), width, height) as page:
+        with _firefox_page(allowed_prefix, Path(workdir), width, height) as page:
             yield page
     else:
         raise ValueError(f"unknown browser {browser!r}")

@@ -177,7 +177,8 @@ def test_report_in_a_browser(browser, runs, report, tmp_path):
     viewer, sel = "#tv-viewer-0", "#tv-viewer-0 canvas.tv-canvas"
     with open_page(browser, "file://", tmp_path) as page:
         page.goto(report.as_uri())
-        page.evaluate("window.tokvisReady")  # the labels inflated (DecompressionStream) and the panels drawn
+        assert page.evaluate("typeof window.tokvisReady.then") == "function"  # the page's own globals are seen
+        page.evaluate("window.tokvisReady")  # awaited: the labels inflated (DecompressionStream), the panels drawn
         assert page.evaluate(f"document.querySelectorAll('{sel}').length") == len(group["panels"])
         page.scroll_to(viewer)
         page.screenshot(tmp_path / "report_top.png")
