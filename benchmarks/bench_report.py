@@ -3,6 +3,7 @@
 Run::
 
     python benchmarks/bench_report.py [--runs-dir DIR] [--images 12] [--big 50000] [--out DIR]
+                                      [--browsers chromium firefox]
 
 (i) ``tokvis report`` of a sweep shaped like the offline study (13 methods x 4 keep rates x 2 datasets = 104
 runs of 12 images on a 16x16 patch grid, depth 12: a random-weight ViT-Ti with 14-pixel patches at 224, recorded
@@ -10,9 +11,9 @@ through ``tokvis record`` on two folders of synthetic photos; or the run stores 
 seconds to write; budget <= 5 MB and <= 60 s.
 (ii) ``tokvis.explore`` on a ``--big``-image run store (one recorded batch repeated through the store writer):
 seconds to open it and send the first image, and bytes per image change per trace; budget <= 2 s, <= 50 kB.
-(iii) In headless Chromium (``/usr/bin/chromium``), the report's viewer with 6 panels on the 16x16 grid: the
-redraw time of one block-slider step, measured with ``performance.now()`` inside the page over every block, 5
-sweeps; budget <= 16 ms.
+(iii) In headless Chromium and Firefox (Debian's ``chromium`` and ``firefox-esr``, driven as the tests drive them:
+``tests/browser.py``), the report's viewer with 6 panels on the 16x16 grid: the redraw time of one block-slider
+step, measured with ``performance.now()`` inside the page over every block, 5 sweeps; budget <= 16 ms.
 """
 
 from __future__ import annotations
@@ -116,28 +117,32 @@ def bench_open(runs: Path, tmp: Path, n: int) -> None:
           "(budget 50)")  # fmt: skip
 
 
-def bench_redraw(report: Path, shots: Path | None) -> None:
-    from playwright.sync_api import sync_playwright
+def bench_redraw(report: Path, shots: Path | None, browser: str = "chromium") -> None:
+    import sys
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium")
-        page = browser.new_page(viewport={"width": 1900, "height": 1200})
-        page.goto(report.as_uri())
-        page.evaluate("window.tokvisReady")
-        res = page.evaluate(
-            """() => { const v = window.tokvisViewers[0]; const n = v.canvases().length; const ms = [];
-                const depth = parseInt(document.querySelector('#tv-viewer-0 .tv-slider').max, 10) + 1;
-                for (let sweep = 0; sweep < 6; sweep++) for (let b = -1; b < depth; b++) {
-                    const t0 = performance.now(); v.setState({block: b}); const dt = performance.now() - t0;
-                    if (sweep > 0) ms.push(dt); }
-                ms.sort((a, b) => a - b);
-                return {panels: n, median: ms[ms.length >> 1], p95: ms[Math.floor(ms.length * 0.95)],
-                        max: ms[ms.length - 1], steps: ms.length}; }"""
-        )
-        if shots is not None:
-            page.locator("#tv-viewer-0").screenshot(path=str(shots / "bench_6_panels.png"))
-        browser.close()
-    print(f"redraw per block step, {res['panels']} panels on 16x16: median {res['median']:.2f} ms, "
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' browser harness
+    from tests.browser import CHROMIUM, FIREFOX, open_page
+
+    if (CHROMIUM if browser == "chromium" else FIREFOX) is None:
+        print(f"redraw in {browser}: skipped, the browser is not installed")
+        return
+    with tempfile.TemporaryDirectory() as work:
+        with open_page(browser, "file://", Path(work), width=1900, height=1200) as page:
+            page.goto(report.as_uri())
+            page.evaluate("window.tokvisReady")
+            res = page.evaluate(
+                """(() => { const v = window.tokvisViewers[0]; const n = v.canvases().length; const ms = [];
+                    const depth = parseInt(document.querySelector('#tv-viewer-0 .tv-slider').max, 10) + 1;
+                    for (let sweep = 0; sweep < 6; sweep++) for (let b = -1; b < depth; b++) {
+                        const t0 = performance.now(); v.setState({block: b}); const dt = performance.now() - t0;
+                        if (sweep > 0) ms.push(dt); }
+                    ms.sort((a, b) => a - b);
+                    return {panels: n, median: ms[ms.length >> 1], p95: ms[Math.floor(ms.length * 0.95)],
+                            max: ms[ms.length - 1], steps: ms.length}; })()"""
+            )
+            if shots is not None:
+                page.screenshot(shots / f"bench_6_panels_{browser}.png", "#tv-viewer-0")
+    print(f"redraw per block step in {browser}, {res['panels']} panels on 16x16: median {res['median']:.2f} ms, "
           f"p95 {res['p95']:.2f} ms, max {res['max']:.2f} ms over {res['steps']} steps (budget 16)")  # fmt: skip
 
 
@@ -147,6 +152,8 @@ def main() -> None:
     p.add_argument("--images", type=int, default=12)
     p.add_argument("--big", type=int, default=50_000, help="images in the large store of the opening benchmark")
     p.add_argument("--out", default=None, help="keep the report (and a screenshot) in this folder")
+    p.add_argument("--browsers", nargs="+", default=["chromium", "firefox"], choices=["chromium", "firefox"],
+                   help="measure the redraw in these headless browsers (Debian's chromium, firefox-esr)")  # fmt: skip
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_report_"))
     try:
@@ -158,7 +165,8 @@ def main() -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         report = bench_report(runs, out_dir / "report.html", args.images)
         bench_open(runs, tmp, args.big)
-        bench_redraw(report, out_dir if args.out else None)
+        for browser in args.browsers:
+            bench_redraw(report, out_dir if args.out else None, browser)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

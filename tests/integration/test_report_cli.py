@@ -1,5 +1,5 @@
 """`tokvis report`: the page's data agree with the run stores, bad inputs end in one line (exit 2) and lose nothing;
-the page itself in headless Chromium from file:// with the network refused (slow)."""
+the page itself in headless Chromium and Firefox from file:// with the network refused (slow)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 import tokvis
-from tests.browser import browser_page, canvas_pixels, needs_browser
+from tests.browser import canvas_pixels, needs_browser, needs_firefox, open_page
 from tests.integration.conftest import fails_cleanly, write_metrics
 from tokvis.cli import main
 from tokvis.store.verify import find_runs
@@ -169,45 +169,48 @@ def test_bad_inputs_one_line_and_nothing_lost(runs, tmp_path, capsys, monkeypatc
 
 
 @pytest.mark.slow
-@needs_browser
-def test_report_in_chromium(runs, report, tmp_path):
+@pytest.mark.parametrize("browser", [pytest.param("chromium", marks=needs_browser),
+                                     pytest.param("firefox", marks=needs_firefox)])  # fmt: skip
+def test_report_in_a_browser(browser, runs, report, tmp_path):
     data = _page_data(report)
     group = data["groups"][0]
-    with browser_page("file://") as (page, console, outside):
+    viewer, sel = "#tv-viewer-0", "#tv-viewer-0 canvas.tv-canvas"
+    with open_page(browser, "file://", tmp_path) as page:
         page.goto(report.as_uri())
-        page.evaluate("window.tokvisReady")
-        root = page.locator("#tv-viewer-0")
-        root.scroll_into_view_if_needed()
-        page.screenshot(path=str(tmp_path / "report_top.png"))
+        assert page.evaluate("typeof window.tokvisReady.then") == "function"  # the page's own globals are seen
+        page.evaluate("window.tokvisReady")  # awaited: the labels inflated (DecompressionStream), the panels drawn
+        assert page.evaluate(f"document.querySelectorAll('{sel}').length") == len(group["panels"])
+        page.scroll_to(viewer)
+        page.screenshot(tmp_path / "report_top.png")
         k = 0  # the first panel
         entry = group["runs"][group["panels"][k]]
         run = tokvis.load_run(runs / entry["run"])
         trace = run.trace()
-        sel = "#tv-viewer-0 canvas.tv-canvas"
+        assert canvas_pixels(page, sel, k)[..., :3].std() > 10  # drawn: not one flat colour
 
         # keys step the slider; the step onto the first reducing block changes the drawn pixels, a step onto a
         # block without a reduction does not
         first = entry["layers"][0]
-        root.focus()
+        page.focus(viewer)
         for b in range(first):
             before = canvas_pixels(page, sel, k)
-            page.keyboard.press("ArrowRight")
-            assert root.get_attribute("data-block") == str(b)
+            page.press("ArrowRight")
+            assert page.attribute(viewer, "data-block") == str(b)
             assert (before == canvas_pixels(page, sel, k)).all()
         before = canvas_pixels(page, sel, k)
-        page.keyboard.press("ArrowRight")
-        assert root.get_attribute("data-block") == str(first)
+        page.press("ArrowRight")
+        assert page.attribute(viewer, "data-block") == str(first)
         assert (before != canvas_pixels(page, sel, k)).any()
-        page.keyboard.press("ArrowRight")
-        page.keyboard.press("ArrowLeft")
-        block = int(root.get_attribute("data-block"))
-        assert block == first and page.locator("#tv-viewer-0 .tv-slider").input_value() == str(first)
+        page.press("ArrowRight")
+        page.press("ArrowLeft")
+        block = int(page.attribute(viewer, "data-block"))
+        assert block == first and page.evaluate(f"document.querySelector('{viewer} .tv-slider').value") == str(first)
 
         # click the centre of a token of >= 2 patches: exactly its patches (trace.labels) are highlighted
         image = 1
-        page.keyboard.press("ArrowDown")
-        page.wait_for_function("document.querySelector('#tv-viewer-0').dataset.image === '1'")
-        page.wait_for_timeout(200)
+        page.press("ArrowDown")
+        page.wait_for(f"document.querySelector('{viewer}').dataset.image === '1'")
+        page.evaluate("window.tokvisViewers[0].ready()")  # the image's labels are in and drawn
         i = run.image_ids.index(group["images"][image]["name"])
         labels = trace.labels(block)[i].numpy()
         kept = trace.kept(block)[i].numpy()
@@ -216,17 +219,16 @@ def test_report_in_chromium(runs, report, tmp_path):
             if entry["method"] != "topk" else int(np.nonzero(kept)[0][0])  # fmt: skip
         token = labels[own]
         expect = sorted(np.nonzero(labels == token)[0].tolist())
-        canvas = page.locator(sel).nth(k)
-        bb = canvas.bounding_box()
+        bb = page.box(sel, k)
         gh, gw = run.grid_size
         cx = bb["x"] + (own % gw + 0.5) * bb["width"] / gw
         cy = bb["y"] + (own // gw + 0.5) * bb["height"] / gh
-        page.mouse.move(bb["x"] + 2, bb["y"] + bb["height"] + 40)  # off the canvas
+        page.move(bb["x"] + 2, bb["y"] + bb["height"] + 40)  # off the canvas
         plain = canvas_pixels(page, sel, k)
-        page.mouse.move(cx, cy)
+        page.move(cx, cy)
         assert page.evaluate("window.tokvisViewers[0].highlighted()")[k] == expect  # hover
-        page.mouse.click(cx, cy)
-        page.mouse.move(bb["x"] + 2, bb["y"] + bb["height"] + 40)
+        page.click(cx, cy)
+        page.move(bb["x"] + 2, bb["y"] + bb["height"] + 40)
         state = page.evaluate("window.tokvisViewers[0].state()")
         assert state["selectedToken"] == token and state["selectedPanel"] == k
         assert page.evaluate("window.tokvisViewers[0].highlighted()")[k] == expect
@@ -237,24 +239,36 @@ def test_report_in_chromium(runs, report, tmp_path):
                    if (plain[(p // gw) * c + c // 4, (p % gw) * c + c // 4] !=
                        shaded[(p // gw) * c + c // 4, (p % gw) * c + c // 4]).any()]  # fmt: skip
         assert changed == expect
-        root.screenshot(path=str(tmp_path / "report_selected.png"))
+        page.screenshot(tmp_path / "report_selected.png", viewer)
         # "save view as PNG": a PNG of every panel, downloaded
-        with page.expect_download() as dl:
-            page.locator("#tv-viewer-0 .tv-save").click()
-        dl.value.save_as(tmp_path / "saved_view.png")
+        page.download(f"{viewer} .tv-save", tmp_path / "saved_view.png")
         assert (tmp_path / "saved_view.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         # the pickers swap a panel's run
-        page.select_option("#tv-viewer-0 select.tv-pick-method >> nth=0", "vomix")
-        page.wait_for_timeout(300)
-        assert "vomix" in page.locator("#tv-viewer-0 .tv-title").nth(0).text_content()
-        root.screenshot(path=str(tmp_path / "report_vomix.png"))
-        # sortable table
-        page.locator("table.tv-table th", has_text="fidelity").first.click()
-        cells = page.locator("table.tv-table").first.locator("tbody tr td:last-child").all_text_contents()
-        values = [float(v) for v in cells]
+        page.select(f"{viewer} select.tv-pick-method", "vomix")
+        page.evaluate("window.tokvisViewers[0].ready()")
+        assert "vomix" in page.evaluate(f"document.querySelector('{viewer} .tv-title').textContent")
+        page.screenshot(tmp_path / "report_vomix.png", viewer)
+        # the slider: a click at its right end moves to the last block, and the panel redraws
+        slider = f"{viewer} .tv-slider"
+        page.scroll_to(slider)
+        before = canvas_pixels(page, sel, k)
+        s = page.box(slider)
+        page.click(s["x"] + s["width"] - 2, s["y"] + s["height"] / 2)
+        last = page.evaluate(f"document.querySelector('{slider}').max")
+        assert int(last) > block and page.attribute(viewer, "data-block") == last
+        assert (before != canvas_pixels(page, sel, k)).any()
+        # sortable table: a click on the fidelity header sorts the rows by it
+        column = page.evaluate("""Array.from(document.querySelectorAll('table.tv-table')[0].tHead.rows[0].cells)
+                                  .findIndex((th) => th.textContent.includes('fidelity'))""")  # fmt: skip
+        cells = f"""Array.from(document.querySelectorAll('table.tv-table')[0].tBodies[0].rows,
+                               (r) => parseFloat(r.cells[{column}].textContent))"""
+        page.click_on("table.tv-table thead th", column)
+        values = page.evaluate(cells)
         assert values == sorted(values)
-    assert not outside, outside
-    assert not [m for m in console if m[0] in ("error", "pageerror")], console
+        page.click_on("table.tv-table thead th", column)  # again: descending
+        assert page.evaluate(cells) == sorted(values, reverse=True)
+    assert not page.outside, page.outside
+    assert not page.errors(), page.console
     assert (tmp_path / "report_selected.png").stat().st_size > 1000
 
 
