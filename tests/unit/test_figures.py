@@ -46,6 +46,7 @@ def traces():
         model, x = make_model("cls"), make_images("cls", 4)
         out = {(m, k): _record(model, x, m, keep_rate=k) for m in ("topk", "evit", "tome") for k in (0.9, 0.7, 0.5)}
         out["vomix"] = _record(model, x, "vomix", r=0.25, residual="mix")  # soft mixing (default: drop)
+        out["vomix_drop"] = _record(model, x, "vomix", r=0.25)  # pruned tokens, mixed queries (query_soft)
         out["big"] = {k: _record(make_model("cls", seed=1), x, "topk", backbone="tiny-b", keep_rate=k) for k in (0.7,)}
         out["x"] = x
     finally:
@@ -273,6 +274,43 @@ def test_source_weights_hard_equals_labels_and_soft_is_a_mixture(traces):
         dense = d.soft[0].double() @ dense
         dense = dense / dense.sum(1, keepdim=True).clamp(min=1e-12)
     np.testing.assert_allclose(ws, dense.numpy(), atol=1e-9)
+
+
+def test_vomix_drop_draws_the_mixed_queries(traces):
+    """residual="drop": the tokens are pruned (one patch each); the figure draws the queries mixed into them at the
+    last block, computed here densely from the recorded labels as a second path, on the tokens mixing the most."""
+    v = traces["vomix_drop"]
+    lay, image_index = v.layers[-1], 1
+    d = v.decision(lay)
+    before = max(k for k in v.layers if k < lay)
+    # second path: one-hot sources of the tokens entering the block, from the composed labels, in torch
+    labels = v.labels(before)[image_index]
+    onehot = torch.zeros(d.n_in, v.num_patches, dtype=torch.float64)
+    onehot[labels[labels >= 0], torch.nonzero(labels >= 0).flatten()] = 1.0
+    expect = d.query_soft[image_index].double() @ onehot
+    w = F.source_weights(v, image_index=image_index, queries=True)
+    np.testing.assert_allclose(w, expect.numpy(), atol=1e-9)
+    np.testing.assert_allclose(w.sum(axis=1), 1.0)
+    hard = F.source_weights(v, image_index=image_index)
+    assert ((hard > 0).sum(axis=1) == 1).all()  # the tokens themselves hold one patch each: pruning
+    img = np.random.default_rng(2).random((64, 64, 3))
+    fig = F.feature_source_view(v, img, image_index=image_index, tokens=3)
+    title = fig._suptitle.get_text()
+    assert f"queries mixed into output tokens at block {lay}" in title and "removed tokens' queries" in title
+    panels = [a for a in fig.axes if len(a.get_images()) == 2]
+    shown = [int(a.get_title().split()[1].rstrip(":")) for a in panels]
+    counts = (expect.numpy() >= 0.01).sum(axis=1)
+    assert sorted(counts[shown].tolist(), reverse=True) == sorted(counts.tolist(), reverse=True)[:3]
+    assert counts[shown].min() > 1, "the tokens shown mix in other patches' queries"
+    for ax, tok in zip(panels, shown, strict=True):
+        np.testing.assert_allclose(np.ma.filled(ax.get_images()[1].get_array(), 0.0).reshape(-1), w[tok])
+    # the tokens themselves on request; no query mixing where none was recorded
+    fig = F.feature_source_view(v, img, image_index=image_index, tokens=2, queries=False)
+    assert "sources of output tokens after" in fig._suptitle.get_text()
+    with pytest.raises(DataError, match="no query mixing"):
+        F.source_weights(traces["vomix"], queries=True)
+    with pytest.raises(TokvisError, match="queries must be True or False"):
+        F.source_weights(v, queries="yes")
 
 
 def test_feature_source_view_and_fused_token_views(traces):
