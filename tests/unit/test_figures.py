@@ -303,7 +303,9 @@ def test_vomix_drop_draws_the_mixed_queries(traces):
     assert sorted(counts[shown].tolist(), reverse=True) == sorted(counts.tolist(), reverse=True)[:3]
     assert counts[shown].min() > 1, "the tokens shown mix in other patches' queries"
     for ax, tok in zip(panels, shown, strict=True):
-        np.testing.assert_allclose(np.ma.filled(ax.get_images()[1].get_array(), 0.0).reshape(-1), w[tok])
+        drawn = np.ma.filled(ax.get_images()[1].get_array(), 0.0).reshape(-1)
+        np.testing.assert_allclose(drawn, np.where(w[tok] >= 0.01, w[tok], 0.0))  # below 1 %: not tinted
+        assert np.count_nonzero(drawn) == counts[tok]  # as many tinted patches as the title counts
     # the tokens themselves on request; no query mixing where none was recorded
     fig = F.feature_source_view(v, img, image_index=image_index, tokens=2, queries=False)
     assert "sources of output tokens after" in fig._suptitle.get_text()
@@ -311,6 +313,18 @@ def test_vomix_drop_draws_the_mixed_queries(traces):
         F.source_weights(traces["vomix"], queries=True)
     with pytest.raises(TokvisError, match="queries must be True or False"):
         F.source_weights(v, queries="yes")
+
+
+def test_token_sources_leaves_weights_below_min_weight_untinted():
+    img = np.full((16, 16, 3), 0.5)
+    w = np.array([0.6, 0.3, 0.095, 0.005])  # rows of soft mixing end in tiny weights
+    ax = F.token_sources(img, w, grid_size=(2, 2), colorbar=False)
+    heat = ax.get_images()[1].get_array()
+    assert np.ma.getmaskarray(heat).reshape(-1).tolist() == [False, False, False, True]
+    ax = F.token_sources(img, w, grid_size=(2, 2), colorbar=False, min_weight=0.0, ax=plt.figure().add_subplot())
+    np.testing.assert_array_equal(np.ma.filled(ax.get_images()[1].get_array(), -1.0).reshape(-1), w)
+    with pytest.raises(DataError, match="min_weight"):
+        F.token_sources(img, w, grid_size=(2, 2), min_weight=1.0)
 
 
 def test_feature_source_view_and_fused_token_views(traces):
@@ -324,7 +338,7 @@ def test_feature_source_view_and_fused_token_views(traces):
     w = F.source_weights(traces["vomix"])
     heat = panels[0].get_images()[1].get_array()
     tok = int(panels[0].get_title().split()[1].rstrip(":"))
-    np.testing.assert_allclose(np.ma.filled(heat, 0.0).reshape(-1), w[tok])
+    np.testing.assert_allclose(np.ma.filled(heat, 0.0).reshape(-1), np.where(w[tok] >= 0.01, w[tok], 0.0))
     clims = {a.get_images()[1].get_clim() for a in panels}
     assert len(clims) == 1  # one colour scale for the one colour bar
     with pytest.raises(DataError, match="do not exist"):

@@ -25,6 +25,7 @@ Performance tables (``tokvis evaluate``, or a user's CSV) have one row per run w
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,7 +37,7 @@ from matplotlib.figure import Figure
 from tokvis.errors import ArgumentTypeError, DataError, TraceMismatchError
 from tokvis.plotting.overlay import _as_image, _grid, legend_handles, merge_overlay
 from tokvis.plotting.stats import correlation_title
-from tokvis.validate import as_array, check_choice, check_int, check_trace, check_traces
+from tokvis.validate import as_array, check_choice, check_float, check_int, check_trace, check_traces
 
 __all__ = [
     "METRIC_LABELS",
@@ -647,6 +648,7 @@ def token_sources(
     title: str | None = None,
     colorbar: bool = True,
     vmax: float | None = None,
+    min_weight: float = 0.01,
 ) -> Axes:
     """One output token's sources: the image dimmed, each patch tinted by its contribution to the token.
 
@@ -661,11 +663,15 @@ def token_sources(
     vmax : float, optional
         Top of the colour scale (default: this token's largest weight); give panels that share one
         colour bar the same ``vmax``.
+    min_weight : float in [0, 1)
+        Patches contributing less are not tinted (default 1 %, the threshold the titles of
+        :func:`feature_source_view` count): a soft mixing gives every removed token a tiny weight
+        in every kept one, which the colour map's dark end would draw as black holes.
 
     Returns
     -------
     Axes
-        Two images: the dimmed photo and the contribution heatmap (transparent where 0).
+        Two images: the dimmed photo and the contribution heatmap (transparent below ``min_weight`` and where 0).
     """
     weights = as_array("weights", weights)
     gh, gw = _grid(grid_size)
@@ -676,7 +682,8 @@ def token_sources(
     ax = plt.gca() if ax is None else ax
     h, wd = img.shape[:2]
     ax.imshow(img * 0.45, extent=(-0.5, gw - 0.5, gh - 0.5, -0.5))
-    heat = np.ma.masked_less_equal(w.reshape(gh, gw), 0)
+    floor = check_float("min_weight", min_weight, low=0.0, high=1.0, high_open=True, error=DataError)
+    heat = np.ma.masked_where((w < floor) | (w <= 0), w).reshape(gh, gw)
     top = vmax if vmax is not None else max(float(w.max()), 1e-12)
     extent = (-0.5, gw - 0.5, gh - 0.5, -0.5)
     im = ax.imshow(heat, cmap="magma", alpha=0.8, vmin=0, vmax=top, interpolation="nearest", extent=extent)
@@ -755,7 +762,7 @@ def feature_source_view(
     how = "the tokens drawing on the most patches" if isinstance(tokens, (int, np.integer)) else "chosen tokens"
     options = dict(getattr(getattr(trace, "meta", None), "options", None) or {})
     if queries:
-        kind = (f"mixed queries of {how} at block {lay}: each token keeps its own patch; its query mixes in the "
+        kind = (f"mixed queries of {how}: each token keeps its own patch (residual='drop'); its query mixes in the "
                 "removed tokens' queries")  # fmt: skip
     elif mixed:
         kind = f"soft mixing weights of {how}"
@@ -765,6 +772,7 @@ def feature_source_view(
     else:
         kind = f"hard assignment of {how} (soft decisions, e.g. --soft, show mixing weights)"
     what = "queries mixed into output tokens at" if queries else "sources of output tokens after"
+    kind = textwrap.fill(kind, width=max(40, int(11 * fig.get_figwidth())))  # ~11 characters per inch at 10 pt
     fig.suptitle(f"{_name(trace)}: {what} block {lay}\n{kind}", fontsize=10)
     return fig
 
