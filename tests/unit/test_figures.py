@@ -276,6 +276,11 @@ def test_source_weights_hard_equals_labels_and_soft_is_a_mixture(traces):
     np.testing.assert_allclose(ws, dense.numpy(), atol=1e-9)
 
 
+def _title(fig) -> str:
+    """The figure's title with its line breaks (wrapped to the figure's width) as spaces."""
+    return " ".join(fig._suptitle.get_text().split())
+
+
 def test_vomix_drop_draws_the_mixed_queries(traces):
     """residual="drop": the tokens are pruned (one patch each); the figure draws the queries mixed into them at the
     last block, computed here densely from the recorded labels as a second path, on the tokens mixing the most."""
@@ -295,7 +300,7 @@ def test_vomix_drop_draws_the_mixed_queries(traces):
     assert ((hard > 0).sum(axis=1) == 1).all()  # the tokens themselves hold one patch each: pruning
     img = np.random.default_rng(2).random((64, 64, 3))
     fig = F.feature_source_view(v, img, image_index=image_index, tokens=3)
-    title = fig._suptitle.get_text()
+    title = _title(fig)
     assert f"queries mixed into output tokens at block {lay}" in title and "removed tokens' queries" in title
     panels = [a for a in fig.axes if len(a.get_images()) == 2]
     shown = [int(a.get_title().split()[1].rstrip(":")) for a in panels]
@@ -308,9 +313,12 @@ def test_vomix_drop_draws_the_mixed_queries(traces):
         assert np.count_nonzero(drawn) == counts[tok]  # as many tinted patches as the title counts
     # the tokens themselves on request; no query mixing where none was recorded
     fig = F.feature_source_view(v, img, image_index=image_index, tokens=2, queries=False)
-    assert "sources of output tokens after" in fig._suptitle.get_text()
+    assert "sources of output tokens after" in _title(fig)
     with pytest.raises(DataError, match="no query mixing"):
         F.source_weights(traces["vomix"], queries=True)
+    stored = Trace([dataclasses.replace(d, query_soft=None) for d in v.decisions], v.meta)  # a store without --soft
+    fig = F.feature_source_view(stored, img, image_index=image_index, tokens=2)
+    assert "hard assignment" in _title(fig) and "again with --soft" in _title(fig)
     with pytest.raises(TokvisError, match="queries must be True or False"):
         F.source_weights(v, queries="yes")
 
@@ -332,7 +340,7 @@ def test_feature_source_view_and_fused_token_views(traces):
     fig = F.feature_source_view(traces["vomix"], img, tokens=3)
     panels = [a for a in fig.axes if len(a.get_images()) == 2]
     assert len(panels) == 3
-    assert "soft mixing weights of the tokens drawing on the most patches" in fig._suptitle.get_text()
+    assert "soft mixing weights of the tokens drawing on the most patches" in _title(fig)
     cbars = [a for a in fig.axes if a.get_ylabel() == "contribution to the token (fraction)"]
     assert len(cbars) == 1
     w = F.source_weights(traces["vomix"])

@@ -767,8 +767,8 @@ def feature_source_view(
     elif mixed:
         kind = f"soft mixing weights of {how}"
     elif _name(trace) == "vomix" and options.get("residual", "drop") == "drop":
-        kind = (f"{how}: hard assignment; the query mixing of residual='drop' was not recorded "
-                "(a run store keeps it with --soft)")  # fmt: skip
+        kind = (f"{how}: hard assignment; the query mixing of residual='drop' is not in this trace "
+                "(record the run again with --soft to store it)")  # fmt: skip
     else:
         kind = f"hard assignment of {how} (soft decisions, e.g. --soft, show mixing weights)"
     what = "queries mixed into output tokens at" if queries else "sources of output tokens after"
