@@ -67,3 +67,20 @@ def make_images(flavour: str = "cls", n: int = 3, *, seed: int = 0, dtype=torch.
     h, w = EVA_FLAVOURS[flavour][2] if flavour in EVA_FLAVOURS else FLAVOURS[flavour][1]
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, h, w, generator=g).to(dtype)
+
+
+def warns_if_unfitted(model):
+    """``pytest.warns`` of the one warning a patched model's unfitted learned method gives on its first forward
+    ("neither fitted nor loaded"), asserted where it is expected; a no-op context for every other method (DPC-KNN
+    learns nothing unless ``merge="learned"``)."""
+    import contextlib
+
+    import pytest
+
+    from tokvis.methods._learned import LearnedMethod
+    from tokvis.patching import patch_state
+
+    method = patch_state(model).method
+    if isinstance(method, LearnedMethod) and getattr(method, "learned", True) and not method.is_fitted:
+        return pytest.warns(UserWarning, match="has neither fitted nor loaded parameters")
+    return contextlib.nullcontext()

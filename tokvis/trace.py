@@ -31,7 +31,7 @@ TRACE_FORMAT = "tokvis-trace"
 TRACE_VERSION = 2
 _READABLE_VERSIONS = (1, 2)
 
-_OPTIONAL = ("weight", "soft", "score", "size_scale")
+_OPTIONAL = ("weight", "soft", "score", "size_scale", "query_soft")
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,6 +82,14 @@ class LayerDecision:
         the layer-normalised tokens, its Sinkhorn the L2-normalised ones.  Applied by
         :func:`tokvis.methods.ops.apply_decision`; runtime only, like ``soft_kept_own``:
         not saved with a trace, and dropped by :meth:`to` and :meth:`index`.
+    query_soft : FloatTensor [B, n_out, n_in], optional
+        For decisions taken inside the attention whose reduced queries are not the tokens' own
+        reduction: row ``j`` holds the weights by which the input tokens' queries are mixed into
+        output token ``j``'s query (rows sum to 1).  VoMix with ``residual="drop"`` records it:
+        the tokens are pruned (``kind="prune"``) while each kept token's query mixes in the removed
+        tokens' queries.  ``None`` when the queries are reduced like the tokens (or not at all).
+        Descriptive only: :func:`tokvis.methods.ops.apply_decision` does not read it.  Saved with a
+        trace; a run store keeps it only when recorded with ``soft=True`` (``--soft``).
     """
 
     layer: int
@@ -96,6 +104,7 @@ class LayerDecision:
     soft_kept_own: bool = False
     weighted_sum: bool = False
     mix: torch.Tensor | None = None
+    query_soft: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -115,11 +124,12 @@ class LayerDecision:
                 raise ArgumentValueError(
                     f"{name} must be shaped like dst {tuple(self.dst.shape)}: got {tuple(t.shape)}"
                 )
-        if self.soft is not None:
-            expect = (self.dst.shape[0], int(self.n_out), self.dst.shape[1])
-            if tuple(self.soft.shape) != expect:
-                raise ArgumentValueError(f"soft must have shape {expect}: got {tuple(self.soft.shape)}")
-        elif self.kind == "soft":
+        expect = (self.dst.shape[0], int(self.n_out), self.dst.shape[1])
+        for name in ("soft", "query_soft"):
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape) != expect:
+                raise ArgumentValueError(f"{name} must have shape {expect} [B, n_out, n_in]: got {tuple(t.shape)}")
+        if self.soft is None and self.kind == "soft":
             raise ArgumentValueError("a decision of kind 'soft' needs the soft assignment matrix")
         if self.soft_kept_own and self.soft is None:
             raise ArgumentValueError("soft_kept_own describes a soft assignment matrix: the decision has none")
@@ -521,13 +531,10 @@ def _concat_decisions(parts: Sequence[LayerDecision]) -> LayerDecision:
     for name in ("weight", "score", "size_scale"):
         if getattr(first, name) is not None:
             kw[name] = torch.cat([_pad(getattr(p, name), n_in, 0.0) for p in parts])
-    if first.soft is not None:
-        softs = []
-        for p in parts:
-            s = p.soft
-            s = torch.nn.functional.pad(s, (0, n_in - s.shape[2], 0, n_out - s.shape[1]))
-            softs.append(s)
-        kw["soft"] = torch.cat(softs)
+    for name in ("soft", "query_soft"):  # [B, n_out, n_in]: padded in both token dimensions
+        if getattr(first, name) is not None:
+            pad = torch.nn.functional.pad
+            kw[name] = torch.cat([pad(getattr(p, name), (0, n_in - p.n_in, 0, n_out - p.n_out)) for p in parts])
     return LayerDecision(layer=first.layer, kind=first.kind, n_out=n_out, weighted_sum=first.weighted_sum, **kw)
 
 

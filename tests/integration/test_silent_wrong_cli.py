@@ -119,6 +119,7 @@ def small_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.filterwarnings("default::UserWarning")  # the test asserts the warning the CLI prints
 def test_evaluate_k_larger_than_possible_writes_the_k_used(tmp_path, capsys, small_run):
     csv = tmp_path / "m.csv"
     assert main(["evaluate", str(small_run), "--k", "50", "--out", str(csv)]) == 0

@@ -46,6 +46,7 @@ def traces():
         model, x = make_model("cls"), make_images("cls", 4)
         out = {(m, k): _record(model, x, m, keep_rate=k) for m in ("topk", "evit", "tome") for k in (0.9, 0.7, 0.5)}
         out["vomix"] = _record(model, x, "vomix", r=0.25, residual="mix")  # soft mixing (default: drop)
+        out["vomix_drop"] = _record(model, x, "vomix", r=0.25)  # pruned tokens, mixed queries (query_soft)
         out["big"] = {k: _record(make_model("cls", seed=1), x, "topk", backbone="tiny-b", keep_rate=k) for k in (0.7,)}
         out["x"] = x
     finally:
@@ -275,18 +276,77 @@ def test_source_weights_hard_equals_labels_and_soft_is_a_mixture(traces):
     np.testing.assert_allclose(ws, dense.numpy(), atol=1e-9)
 
 
+def _title(fig) -> str:
+    """The figure's title with its line breaks (wrapped to the figure's width) as spaces."""
+    return " ".join(fig._suptitle.get_text().split())
+
+
+def test_vomix_drop_draws_the_mixed_queries(traces):
+    """residual="drop": the tokens are pruned (one patch each); the figure draws the queries mixed into them at the
+    last block, computed here densely from the recorded labels as a second path, on the tokens mixing the most."""
+    v = traces["vomix_drop"]
+    lay, image_index = v.layers[-1], 1
+    d = v.decision(lay)
+    before = max(k for k in v.layers if k < lay)
+    # second path: one-hot sources of the tokens entering the block, from the composed labels, in torch
+    labels = v.labels(before)[image_index]
+    onehot = torch.zeros(d.n_in, v.num_patches, dtype=torch.float64)
+    onehot[labels[labels >= 0], torch.nonzero(labels >= 0).flatten()] = 1.0
+    expect = d.query_soft[image_index].double() @ onehot
+    w = F.source_weights(v, image_index=image_index, queries=True)
+    np.testing.assert_allclose(w, expect.numpy(), atol=1e-9)
+    np.testing.assert_allclose(w.sum(axis=1), 1.0)
+    hard = F.source_weights(v, image_index=image_index)
+    assert ((hard > 0).sum(axis=1) == 1).all()  # the tokens themselves hold one patch each: pruning
+    img = np.random.default_rng(2).random((64, 64, 3))
+    fig = F.feature_source_view(v, img, image_index=image_index, tokens=3)
+    title = _title(fig)
+    assert f"queries mixed into output tokens at block {lay}" in title and "removed tokens' queries" in title
+    panels = [a for a in fig.axes if len(a.get_images()) == 2]
+    shown = [int(a.get_title().split()[1].rstrip(":")) for a in panels]
+    counts = (expect.numpy() >= 0.01).sum(axis=1)
+    assert sorted(counts[shown].tolist(), reverse=True) == sorted(counts.tolist(), reverse=True)[:3]
+    assert counts[shown].min() > 1, "the tokens shown mix in other patches' queries"
+    for ax, tok in zip(panels, shown, strict=True):
+        drawn = np.ma.filled(ax.get_images()[1].get_array(), 0.0).reshape(-1)
+        np.testing.assert_allclose(drawn, np.where(w[tok] >= 0.01, w[tok], 0.0))  # below 1 %: not tinted
+        assert np.count_nonzero(drawn) == counts[tok]  # as many tinted patches as the title counts
+    # the tokens themselves on request; no query mixing where none was recorded
+    fig = F.feature_source_view(v, img, image_index=image_index, tokens=2, queries=False)
+    assert "sources of output tokens after" in _title(fig)
+    with pytest.raises(DataError, match="no query mixing"):
+        F.source_weights(traces["vomix"], queries=True)
+    stored = Trace([dataclasses.replace(d, query_soft=None) for d in v.decisions], v.meta)  # a store without --soft
+    fig = F.feature_source_view(stored, img, image_index=image_index, tokens=2)
+    assert "hard assignment" in _title(fig) and "again with --soft" in _title(fig)
+    with pytest.raises(TokvisError, match="queries must be True or False"):
+        F.source_weights(v, queries="yes")
+
+
+def test_token_sources_leaves_weights_below_min_weight_untinted():
+    img = np.full((16, 16, 3), 0.5)
+    w = np.array([0.6, 0.3, 0.095, 0.005])  # rows of soft mixing end in tiny weights
+    ax = F.token_sources(img, w, grid_size=(2, 2), colorbar=False)
+    heat = ax.get_images()[1].get_array()
+    assert np.ma.getmaskarray(heat).reshape(-1).tolist() == [False, False, False, True]
+    ax = F.token_sources(img, w, grid_size=(2, 2), colorbar=False, min_weight=0.0, ax=plt.figure().add_subplot())
+    np.testing.assert_array_equal(np.ma.filled(ax.get_images()[1].get_array(), -1.0).reshape(-1), w)
+    with pytest.raises(DataError, match="min_weight"):
+        F.token_sources(img, w, grid_size=(2, 2), min_weight=1.0)
+
+
 def test_feature_source_view_and_fused_token_views(traces):
     img = np.random.default_rng(1).random((64, 64, 3))
     fig = F.feature_source_view(traces["vomix"], img, tokens=3)
     panels = [a for a in fig.axes if len(a.get_images()) == 2]
     assert len(panels) == 3
-    assert "soft mixing weights of the tokens drawing on the most patches" in fig._suptitle.get_text()
+    assert "soft mixing weights of the tokens drawing on the most patches" in _title(fig)
     cbars = [a for a in fig.axes if a.get_ylabel() == "contribution to the token (fraction)"]
     assert len(cbars) == 1
     w = F.source_weights(traces["vomix"])
     heat = panels[0].get_images()[1].get_array()
     tok = int(panels[0].get_title().split()[1].rstrip(":"))
-    np.testing.assert_allclose(np.ma.filled(heat, 0.0).reshape(-1), w[tok])
+    np.testing.assert_allclose(np.ma.filled(heat, 0.0).reshape(-1), np.where(w[tok] >= 0.01, w[tok], 0.0))
     clims = {a.get_images()[1].get_clim() for a in panels}
     assert len(clims) == 1  # one colour scale for the one colour bar
     with pytest.raises(DataError, match="do not exist"):

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 import stat
-import warnings
 
 import pytest
 import torch
 
 import tokvis
-from tests.models import make_images, make_model
+from tests.models import make_images, make_model, warns_if_unfitted
 from tokvis import fitting, zoo
 from tokvis.adapters.study_json import write_study_json
 from tokvis.adapters.tables import to_csv, to_parquet
@@ -27,11 +26,9 @@ def trace():
 def _fitted_method(path):
     model = make_model()
     method = tokvis.create_method("dynamicvit", seed=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tokvis.patch(model, method, keep_rate=0.5)
-        with torch.no_grad():
-            model(make_images())  # creates the learned parameters
+    tokvis.patch(model, method, keep_rate=0.5)
+    with torch.no_grad(), warns_if_unfitted(model):
+        model(make_images())  # creates the learned parameters
     return fitting.save_method(method, path)
 
 

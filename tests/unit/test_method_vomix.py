@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from tests.invariants import (
 from tests.models import make_images, make_model
 from tokvis.errors import MethodOptionError
 from tokvis.methods.vomix import VoMix, key_similarity, mixing_matrix, neutral_rank, vote
+from tokvis.patching import patch_state
 
 
 def _loop_votes(keys, votes, weighting):
@@ -148,6 +151,66 @@ def test_residual_drop_keeps_retained_residual():
     assert d.kind == "prune" and torch.equal(d.keep, m.keep)
     assert bool((d.dst[~d.keep] == -1).all()) and d.n_out == m.n_out == 54
     assert bool(((tr_drop.labels(5) == -1).sum(1) == 10).all()) and bool((tr_mix.labels(5) >= 0).all())
+    # the first reducing block sees the same input either way: "drop" records as query mixing what "mix" applies
+    assert d.soft is None and m.query_soft is None
+    torch.testing.assert_close(d.query_soft, m.soft)
+
+
+def _loop_query_mixing(keys: torch.Tensor, keep: torch.Tensor, tau: float) -> torch.Tensor:
+    """Plain loops from the method's definition, one image: keys [H, n, d], keep [n] -> [n_kept, n].
+
+    Head-averaged key cosine; a removed token s sends softmax_j(sim[s, j] / tau) over the kept tokens j, a kept
+    token weight 1 to itself; each kept token's row is normalised: (q_j + sum_s w_sj q_s) / (1 + sum_s w_sj).
+    """
+    n = keys.shape[1]
+    k = [keys[:, i].mean(0) for i in range(n)]
+    ret = [i for i in range(n) if keep[i]]
+    out = torch.zeros(len(ret), n, dtype=torch.float64)
+    for row, j in enumerate(ret):
+        out[row, j] = 1.0
+    for s in range(n):
+        if keep[s]:
+            continue
+        e = [math.exp((k[s] @ k[j]).item() / (k[s].norm() * k[j].norm()).item() / tau) for j in ret]
+        for row, ej in enumerate(e):
+            out[row, s] = ej / sum(e)
+    return out / out.sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("kw", [{"r": 0.25, "tau": 0.3}, {"keep_rate": 0.5, "tau": 1.0}])
+def test_drop_records_the_query_mixing_it_applies(kw, monkeypatch):
+    """residual="drop": the recorded query_soft equals a loop reference on the block's keys and is exactly the
+    mixing the model applied to the queries (query_soft @ queries == the mixed queries)."""
+    from tokvis.methods import vomix as vomix_module
+
+    model, x = make_model("registers", dtype=torch.float64), make_images("registers", dtype=torch.float64)
+    tokvis.patch(model, "vomix", residual="drop", **kw)
+    method = patch_state(model).method
+    keys, applied = {}, {}
+    decide, mix = method.decide, vomix_module.mix_into_kept
+
+    def capture_decide(ctx):
+        keys[ctx.layer] = (ctx.keys[:, :, ctx.num_prefix :].clone(), ctx.queries.clone(), ctx.num_prefix)
+        return decide(ctx)
+
+    def capture_mix(values, kept, removed, weight):
+        out = mix(values, kept, removed, weight)
+        applied[len(applied)] = out
+        return out
+
+    monkeypatch.setattr(method, "decide", capture_decide)
+    monkeypatch.setattr(vomix_module, "mix_into_kept", capture_mix)
+    with torch.no_grad():
+        _, trace = tokvis.run_with_trace(model, x)
+    assert len(trace.layers) >= 2 and sorted(keys) == list(trace.layers) and len(applied) == len(trace.layers)
+    for i, d in enumerate(trace.decisions):
+        k, q, p = keys[d.layer]
+        assert d.kind == "prune" and d.soft is None and d.query_soft.shape == (x.shape[0], d.n_out, d.n_in)
+        for b in range(x.shape[0]):
+            torch.testing.assert_close(d.query_soft[b].double(), _loop_query_mixing(k[b], d.keep[b], kw["tau"]))
+        B, H, T, hd = q.shape
+        flat = q.transpose(1, 2).reshape(B, T, H * hd)[:, p:]
+        torch.testing.assert_close(d.query_soft.to(flat.dtype) @ flat, applied[i])
 
 
 @pytest.mark.parametrize(

@@ -125,6 +125,24 @@ def test_round_trip_and_lazy_equals_eager(tmp_path, method):
     assert [e["index"] for e in m["shards"]] == [0, 1, 2]
 
 
+@pytest.mark.parametrize("soft", [True, False])
+def test_vomix_query_mixing_is_stored_with_soft_only(tmp_path, soft):
+    """VoMix (residual="drop") records its query mixing as query_soft: a run store keeps it with soft=True (as it
+    keeps soft assignments) and holds none without; the decisions (labels) are the same either way."""
+    res, model = _record(tmp_path, "vomix", soft=soft)
+    eager, _ = _eager(model, "vomix")
+    rebuilt = load_run(res.path).trace()
+    assert rebuilt.layers == eager.layers and eager.decisions
+    for a, b in zip(rebuilt.decisions, eager.decisions, strict=True):
+        assert a.kind == b.kind == "prune" and torch.equal(a.dst, b.dst) and b.query_soft is not None
+        if soft:
+            assert torch.equal(a.query_soft, b.query_soft.float())
+        else:
+            assert a.query_soft is None
+    for layer in rebuilt.layers:
+        assert torch.equal(rebuilt.labels(layer), eager.labels(layer))
+
+
 def test_rerun_complete_does_nothing_and_config_change_is_an_error(tmp_path):
     res, _ = _record(tmp_path)
     before = {p.name: p.read_bytes() for p in res.path.iterdir()}

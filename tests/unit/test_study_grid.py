@@ -10,14 +10,13 @@ at half, as the study's ``tome.py`` does.
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
 
 import tokvis
 from tests.invariants import block_token_counts, expected_counts
-from tests.models import make_model
+from tests.models import make_model, warns_if_unfitted
 from tokvis.methods.base import ReductionContext
 from tokvis.methods.mctf import MCTF
 from tokvis.methods.ops import apply_decision, compose
@@ -42,9 +41,8 @@ def test_every_method_runs_the_study_schedule(method, rho):
     model = make_model("cls", depth=12, img_size=IMG, patch_size=PATCH)
     n = (IMG // PATCH) ** 2
     x = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # learned methods warn while unfitted
-        tokvis.patch(model, method, keep_rate=rho)
+    tokvis.patch(model, method, keep_rate=rho)
+    with warns_if_unfitted(model):  # learned methods warn while unfitted
         out, trace = tokvis.run_with_trace(model, x)
         counts = block_token_counts(model, x)
     assert bool(torch.isfinite(out).all())

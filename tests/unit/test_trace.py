@@ -32,7 +32,7 @@ def _assert_same(a: Trace, b: Trace):
     assert a.layers == b.layers
     for da, db in zip(a.decisions, b.decisions, strict=True):
         assert (da.layer, da.kind, da.n_out) == (db.layer, db.kind, db.n_out)
-        for name in ("dst", "keep", "weight", "soft", "score"):
+        for name in ("dst", "keep", "weight", "soft", "score", "size_scale", "query_soft"):
             ta, tb = getattr(da, name), getattr(db, name)
             assert (ta is None) == (tb is None)
             if ta is not None:
@@ -51,6 +51,28 @@ def test_save_load_round_trip(tmp_path, traces, method):
     assert torch.equal(loaded.labels(5), t.labels(5))
     assert torch.equal(loaded.depth(), t.depth())
     assert not list((tmp_path / "sub").glob("*.tmp")), "no temporary file left behind"
+
+
+def test_query_mixing_survives_save_select_and_concat(tmp_path):
+    """VoMix under residual="drop" records its query mixing (query_soft [B, n_out, n_in]); it is kept by every
+    operation on traces: save / load, select (rows), concat (batches)."""
+    model, x = make_model("registers"), make_images("registers", n=4)
+    tokvis.patch(model, "vomix", r=0.25)
+    with torch.no_grad():
+        _, t = tokvis.run_with_trace(model, x, image_ids=list("abcd"))
+        _, t01 = tokvis.run_with_trace(model, x[:2], image_ids=list("ab"))
+        _, t23 = tokvis.run_with_trace(model, x[2:], image_ids=list("cd"))
+    assert t.decisions and all(d.kind == "prune" and d.query_soft is not None for d in t.decisions)
+    _assert_same(t, tokvis.load_trace(t.save(tmp_path / "v.trace")))
+    sel = t.select([3, 1])
+    for d, s in zip(t.decisions, sel.decisions, strict=True):
+        assert torch.equal(s.query_soft, d.query_soft[[3, 1]])
+    both = Trace.concat([t01, t23])
+    for d, c in zip(t.decisions, both.decisions, strict=True):
+        torch.testing.assert_close(c.query_soft, d.query_soft)  # batches of 2 vs 4: close, not bit-equal
+    with pytest.raises(ValueError, match="query_soft must have shape"):
+        d = t.decisions[0]
+        LayerDecision(d.layer, "prune", d.dst, d.keep, n_out=d.n_out, query_soft=d.query_soft[:, 1:])
 
 
 def test_truncated_file(tmp_path, traces):

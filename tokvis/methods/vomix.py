@@ -165,11 +165,13 @@ class VoMix(Method):
 
     - ``residual="drop"`` (default): the selected tokens' residual is dropped
       and only their queries are mixed; the recorded decision is then a
-      ``"prune"`` (what is applied to the tokens) and the query mixing is not
-      recorded.  ``"mix"``: the residual stream is mixed by the same weights as
-      the queries (the paper tracks each retained token's "feature source" as a
-      mixture of regions, i.e. the removed tokens live on in the retained ones);
-      the decision is then ``"soft"``.
+      ``"prune"`` (what is applied to the tokens) whose ``query_soft
+      [B, n_out, n_in]`` records the query mixing (the matrix ``soft`` holds
+      under ``"mix"``, rows summing to 1; descriptive, nothing applies it).
+      ``"mix"``: the residual stream is mixed by the same weights as the
+      queries (the paper tracks each retained token's "feature source" as a
+      mixture of regions, i.e. the removed tokens live on in the retained
+      ones); the decision is then ``"soft"``.
     - ``votes=1``: votes cast per token; ``vote_weight="count"`` (default) counts
       votes, ``"similarity"`` weights each vote by the pair's similarity.  With
       ties broken by similarity the two removed the same tokens on every image
@@ -279,7 +281,11 @@ class VoMix(Method):
         B, n = keep.shape
         n_out = kept.shape[1]
         if self.residual == "drop":
-            return LayerDecision(ctx.layer, "prune", slots_from_keep(keep), keep, n_out=n_out, score=score)
+            # the tokens are pruned; the queries are mixed: recorded as query_soft (descriptive, never applied)
+            query_soft = mix_matrix(kept, removed, w, n)
+            return LayerDecision(
+                ctx.layer, "prune", slots_from_keep(keep), keep, n_out=n_out, score=score, query_soft=query_soft
+            )
         # dst: a retained token's own slot; a removed token's largest mixing recipient
         dst = slots_from_keep(keep)
         if removed.shape[1]:

@@ -25,6 +25,7 @@ Performance tables (``tokvis evaluate``, or a user's CSV) have one row per run w
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,10 +34,10 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from tokvis.errors import DataError, TraceMismatchError
+from tokvis.errors import ArgumentTypeError, DataError, TraceMismatchError
 from tokvis.plotting.overlay import _as_image, _grid, legend_handles, merge_overlay
 from tokvis.plotting.stats import correlation_title
-from tokvis.validate import as_array, check_choice, check_int, check_trace, check_traces
+from tokvis.validate import as_array, check_choice, check_float, check_int, check_trace, check_traces
 
 __all__ = [
     "METRIC_LABELS",
@@ -553,7 +554,7 @@ def method_overlays(
 # --------------------------------------------------------------------------------------------
 
 
-def source_weights(trace, *, layer: int | None = None, image_index: int = 0) -> np.ndarray:
+def source_weights(trace, *, layer: int | None = None, image_index: int = 0, queries: bool = False) -> np.ndarray:
     """What fraction of each output token comes from each original patch, after block ``layer``.
 
     Soft decisions (VoMix mixing, SiT, PatchMerger, Sinkhorn; ``LayerDecision.soft``) are composed as
@@ -569,6 +570,10 @@ def source_weights(trace, *, layer: int | None = None, image_index: int = 0) -> 
         The block after which the tokens are taken (default: the last recorded one).
     image_index : int
         Which image of the trace.
+    queries : bool
+        Instead of the tokens, the queries mixed into them at block ``layer``: the decision's
+        ``query_soft`` (VoMix with ``residual="drop"``) times the sources of the tokens entering the
+        block.  Block ``layer`` must have recorded it (a run store only with ``--soft``).
 
     Returns
     -------
@@ -576,7 +581,36 @@ def source_weights(trace, *, layer: int | None = None, image_index: int = 0) -> 
         Rows sum to 1 (a token with no source is a zero row).
     """
     check_trace("trace", trace)
+    if not isinstance(queries, (bool, np.bool_)):
+        raise ArgumentTypeError(f"queries must be True or False: got {queries!r}")
     lay = _last_layer(trace, layer)
+    if not queries:
+        return _token_sources(trace, lay, image_index)
+    d = _query_decision(trace, lay)
+    if d is None:
+        raise DataError(
+            f"block {lay} of {_name(trace)} recorded no query mixing (LayerDecision.query_soft): only VoMix with "
+            "residual='drop' records it, and a run store keeps it only when recorded with --soft"
+        )
+    before = max((int(k) for k in trace.layers if k < lay), default=-1)
+    src = _token_sources(trace, before, image_index)
+    if src.shape[0] > d.n_in:
+        raise TraceMismatchError(f"block {lay}: a decision over {d.n_in} tokens follows {src.shape[0]}")
+    src = np.pad(src, ((0, d.n_in - src.shape[0]), (0, 0)))  # slots holding no patch: zero rows
+    w = _row(d.query_soft, image_index).astype(np.float64) @ src
+    return w / np.maximum(w.sum(axis=1, keepdims=True), 1e-12)
+
+
+def _query_decision(trace, lay: int):
+    """The decision recorded at block ``lay`` if it holds a query mixing (``query_soft``), else None."""
+    for d in getattr(trace, "decisions", ()):
+        if d.layer == lay and d.query_soft is not None:
+            return d
+    return None
+
+
+def _token_sources(trace, lay: int, image_index: int) -> np.ndarray:
+    """:func:`source_weights` of the tokens after block ``lay`` (-1: the patches themselves)."""
     n = int(trace.num_patches)
     decisions = getattr(trace, "decisions", None)
     if decisions is not None and any(d.soft is not None for d in decisions):
@@ -614,6 +648,7 @@ def token_sources(
     title: str | None = None,
     colorbar: bool = True,
     vmax: float | None = None,
+    min_weight: float = 0.01,
 ) -> Axes:
     """One output token's sources: the image dimmed, each patch tinted by its contribution to the token.
 
@@ -628,11 +663,15 @@ def token_sources(
     vmax : float, optional
         Top of the colour scale (default: this token's largest weight); give panels that share one
         colour bar the same ``vmax``.
+    min_weight : float in [0, 1)
+        Patches contributing less are not tinted (default 1 %, the threshold the titles of
+        :func:`feature_source_view` count): a soft mixing gives every removed token a tiny weight
+        in every kept one, which the colour map's dark end would draw as black holes.
 
     Returns
     -------
     Axes
-        Two images: the dimmed photo and the contribution heatmap (transparent where 0).
+        Two images: the dimmed photo and the contribution heatmap (transparent below ``min_weight`` and where 0).
     """
     weights = as_array("weights", weights)
     gh, gw = _grid(grid_size)
@@ -643,7 +682,8 @@ def token_sources(
     ax = plt.gca() if ax is None else ax
     h, wd = img.shape[:2]
     ax.imshow(img * 0.45, extent=(-0.5, gw - 0.5, gh - 0.5, -0.5))
-    heat = np.ma.masked_less_equal(w.reshape(gh, gw), 0)
+    floor = check_float("min_weight", min_weight, low=0.0, high=1.0, high_open=True, error=DataError)
+    heat = np.ma.masked_where((w < floor) | (w <= 0), w).reshape(gh, gw)
     top = vmax if vmax is not None else max(float(w.max()), 1e-12)
     extent = (-0.5, gw - 0.5, gh - 0.5, -0.5)
     im = ax.imshow(heat, cmap="magma", alpha=0.8, vmin=0, vmax=top, interpolation="nearest", extent=extent)
@@ -657,7 +697,14 @@ def token_sources(
 
 
 def feature_source_view(
-    trace, image, *, image_index: int = 0, layer: int | None = None, tokens: int | Sequence[int] = 4, axes: Any = None
+    trace,
+    image,
+    *,
+    image_index: int = 0,
+    layer: int | None = None,
+    tokens: int | Sequence[int] = 4,
+    axes: Any = None,
+    queries: bool | None = None,
 ) -> Figure:
     """Figure 6 (VoMix Fig. 4): for a few output tokens of the last block, the original patches mixed into each.
 
@@ -671,9 +718,14 @@ def feature_source_view(
     layer : int, optional
         Default: the last reduction block.
     tokens : int or sequence of int
-        Token indices, or how many to show (the tokens with the most source patches).
+        Token indices, or how many to show: the tokens that draw on the most patches (those holding
+        >= 1 % of the token), ties broken by the weight outside the token's largest source.
     axes : sequence of Axes, optional
         One per token.
+    queries : bool, optional
+        Draw the queries mixed into the tokens at block ``layer`` (``source_weights(..., queries=True)``)
+        instead of the tokens.  Default: when that block recorded a query mixing, as VoMix does under
+        its default ``residual="drop"`` (its tokens are pruned; only their queries are mixed).
 
     Returns
     -------
@@ -681,11 +733,14 @@ def feature_source_view(
     """
     check_trace("trace", trace)
     lay = _last_layer(trace, layer)
-    w = source_weights(trace, layer=lay, image_index=image_index)
+    if queries is None:
+        queries = _query_decision(trace, lay) is not None
+    w = source_weights(trace, layer=lay, image_index=image_index, queries=queries)
     if isinstance(tokens, (int, np.integer)):
         count = check_int("tokens", tokens, minimum=1, error=DataError)
-        spread = (w > 0).sum(axis=1)
-        chosen = [int(i) for i in np.argsort(-spread, kind="stable")[: min(count, w.shape[0])]]
+        spread = (w >= 0.01).sum(axis=1)
+        outside = w.sum(axis=1) - w.max(axis=1, initial=0.0)  # mass not on the largest source
+        chosen = [int(i) for i in np.lexsort((-outside, -spread))[: min(count, w.shape[0])]]
     else:
         chosen = [int(i) for i in tokens]
         bad = [i for i in chosen if not 0 <= i < w.shape[0]]
@@ -706,14 +761,19 @@ def feature_source_view(
     mixed = soft and max(int((w[t] >= 0.01).sum()) for t in chosen) > 1
     how = "the tokens drawing on the most patches" if isinstance(tokens, (int, np.integer)) else "chosen tokens"
     options = dict(getattr(getattr(trace, "meta", None), "options", None) or {})
-    if mixed:
+    if queries:
+        kind = (f"mixed queries of {how}: each token keeps its own patch (residual='drop'); its query mixes in the "
+                "removed tokens' queries")  # fmt: skip
+    elif mixed:
         kind = f"soft mixing weights of {how}"
     elif _name(trace) == "vomix" and options.get("residual", "drop") == "drop":
-        kind = (f"{how}: hard assignment; residual='drop' mixes only the removed tokens' queries, which are not "
-                "recorded (residual='mix' and --soft show mixing)")  # fmt: skip
+        kind = (f"{how}: hard assignment; the query mixing of residual='drop' is not in this trace "
+                "(record the run again with --soft to store it)")  # fmt: skip
     else:
         kind = f"hard assignment of {how} (soft decisions, e.g. --soft, show mixing weights)"
-    fig.suptitle(f"{_name(trace)}: sources of output tokens after block {lay}\n{kind}", fontsize=10)
+    what = "queries mixed into output tokens at" if queries else "sources of output tokens after"
+    kind = textwrap.fill(kind, width=max(40, int(11 * fig.get_figwidth())))  # ~11 characters per inch at 10 pt
+    fig.suptitle(f"{_name(trace)}: {what} block {lay}\n{kind}", fontsize=10)
     return fig
 
 

@@ -11,17 +11,18 @@ Shard ``k`` holds the images at dataset positions ``[k*S, (k+1)*S)`` (``S`` = sh
 minus those skipped as unreadable.  Arrays in a shard (``n`` images, ``L`` recorded blocks,
 ``P`` patches):
 
-============== ================= =====================================================
-``labels``     int16 [L, n, P]   composed token label of each patch after each block
-``kept``       bool  [L, n, P]   the patch's own token is still there
-``depth``      int16 [n, P]      first block after which the patch is no longer its own token
-``dst.<l>``    int16 [n, n_in]   the decision's output slot per input token (rebuilds Traces)
-``keep.<l>``   bool  [n, n_in]   the decision's keep flags
-``score.<l>``  f32   [n, n_in]   optional: the method's ranking scores
-``weight.<l>`` f32   [n, n_in]   optional: merge weights (when the method records them)
-``soft.<l>``   f32   [n, n_out, n_in]  optional: soft assignments (``store_soft``)
-``cls``        f32   [n, depth, D] optional: class-token feature after every block
-============== ================= =====================================================
+================== ====================== =================================================================
+``labels``         int16 [L, n, P]        composed token label of each patch after each block
+``kept``           bool  [L, n, P]        the patch's own token is still there
+``depth``          int16 [n, P]           first block after which the patch is no longer its own token
+``dst.<l>``        int16 [n, n_in]        the decision's output slot per input token (rebuilds Traces)
+``keep.<l>``       bool  [n, n_in]        the decision's keep flags
+``score.<l>``      f32   [n, n_in]        optional: the method's ranking scores
+``weight.<l>``     f32   [n, n_in]        optional: merge weights (when the method records them)
+``soft.<l>``       f32   [n, n_out, n_in] optional: soft assignments (``store_soft``)
+``query_soft.<l>`` f32   [n, n_out, n_in] optional, with ``soft``: query mixing (VoMix ``residual="drop"``)
+``cls``            f32   [n, depth, D]    optional: class-token feature after every block
+================== ====================== =================================================================
 
 Integrity (version 2):
 
@@ -411,7 +412,7 @@ def _shard_arrays(trace, cls: np.ndarray | None, *, soft: bool) -> tuple[dict[st
     for d in trace.decisions:
         arrays[f"dst.{d.layer}"] = d.dst.numpy().astype(np.int16)
         arrays[f"keep.{d.layer}"] = d.keep.numpy()
-        for name in ("score", "weight") + (("soft",) if soft else ()):
+        for name in ("score", "weight") + (("soft", "query_soft") if soft else ()):
             t = getattr(d, name)
             if t is not None:
                 arrays[f"{name}.{d.layer}"] = t.float().numpy()

@@ -112,7 +112,7 @@ class ShardView:
             for info in self.entry["layers"]:
                 lay = int(info["layer"])
                 opt = {}
-                for name in ("score", "weight", "soft"):
+                for name in ("score", "weight", "soft", "query_soft"):
                     if self.has(f"{name}.{lay}"):
                         opt[name] = torch.from_numpy(np.array(self.array(f"{name}.{lay}")))
                 if info["kind"] == "soft" and "soft" not in opt:

@@ -504,7 +504,9 @@ class _ShardRecorder:
                     with record(self.model, image_ids=bids, dataset=dataset.name, store_scores=spec.scores) as rec:
                         with autocast:
                             self.model(x)
-                    self.traces.append(rec.trace)
+                    # without soft=True the shard stores no [n, n_out, n_in] matrices: hold none of VoMix's
+                    # query mixing (kind "prune") until the shard is written (soft decisions need theirs)
+                    self.traces.append(rec.trace if spec.soft else _without_query_soft(rec.trace))
                     if spec.cls:
                         self.cls.append(hooks.take())
                     self.rec_ids.extend(bids)
@@ -713,3 +715,14 @@ def record_run(
         run_dir, status, n_images, recorder.recorded, m["num_shards"], time.perf_counter() - t0, skipped,
         list(plan.repaired),
     )  # fmt: skip
+
+
+def _without_query_soft(trace):
+    """``trace`` with every decision's ``query_soft`` left out (the trace itself when none has one)."""
+    import dataclasses
+
+    from tokvis.trace import Trace
+
+    if all(d.query_soft is None for d in trace.decisions):
+        return trace
+    return Trace([dataclasses.replace(d, query_soft=None) for d in trace.decisions], trace.meta)
