@@ -2,8 +2,7 @@
 out-of-range values, generated from its signature: it returns, or raises a TokvisError (issue 20 §3).
 
 Two passes: every required argument given a wrong value; then, from a valid call found among sample arguments
-named like the parameters, each keyword argument in turn given a wrong value (functions listed in
-``KEYWORD_TODO`` are known to still raise untyped errors for some keywords and are left out of that pass).
+named like the parameters, each keyword argument in turn given a wrong value.
 """
 
 from __future__ import annotations
@@ -31,11 +30,6 @@ BAD = ["bogus", -1, 2.5, float("nan"), None, [], {}, object()]
 NO_KEYWORD_PASS = {
     "fit", "list_methods", "register_method", "report", "record", "run_with_trace", "patch", "unpatch", "is_patched",
     "save_figure", "load_run", "load_trace", "create_method", "make_schedule",
-}  # fmt: skip
-#: keywords that still raise untyped errors for some wrong values (left for a later round; see the issue's notes)
-KEYWORD_TODO = {
-    "feature_source_view", "fused_token_views", "global_map", "global_map_grid", "method_overlays",
-    "overlay_legend", "source_weights", "token_sources", "split_half_reliability",
 }  # fmt: skip
 
 
@@ -105,7 +99,7 @@ def _pool():
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("f", [p for p in PUBLIC if p.values[0].__name__ not in NO_KEYWORD_PASS | KEYWORD_TODO])
+@pytest.mark.parametrize("f", [p for p in PUBLIC if p.values[0].__name__ not in NO_KEYWORD_PASS])
 def test_wrong_keyword_arguments_raise_typed_errors(f):
     import signal
 
@@ -132,6 +126,7 @@ def test_wrong_keyword_arguments_raise_typed_errors(f):
         raise TimeoutError
 
     old = signal.signal(signal.SIGALRM, slow)
+    fails = []
     try:
         for p in optional:
             for value in BAD:
@@ -141,8 +136,9 @@ def test_wrong_keyword_arguments_raise_typed_errors(f):
                 except (TokvisError, TimeoutError):
                     pass
                 except Exception as e:  # noqa: BLE001
-                    pytest.fail(f"{f.__name__}(..., {p.name}={value!r}) raised {type(e).__name__}: {e}")
+                    fails.append(f"{f.__name__}(..., {p.name}={value!r}) raised {type(e).__name__}: {str(e)[:100]}")
                 finally:
                     signal.alarm(0)
     finally:
         signal.signal(signal.SIGALRM, old)
+    assert not fails, "\n".join(fails)

@@ -36,7 +36,7 @@ from matplotlib.figure import Figure
 from tokvis.errors import DataError, TraceMismatchError
 from tokvis.plotting.overlay import _as_image, _grid, legend_handles, merge_overlay
 from tokvis.plotting.stats import correlation_title
-from tokvis.validate import as_array, check_choice, check_int, check_trace, check_traces
+from tokvis.validate import as_array, check_choice, check_int, check_trace, check_traces, checked_keywords
 
 __all__ = [
     "METRIC_LABELS",
@@ -447,6 +447,13 @@ def _last_layer(trace, layer):
     return int(layer)
 
 
+def _check_image_index(trace, image_index: int) -> None:
+    if not 0 <= image_index < trace.num_images:
+        raise TraceMismatchError(
+            f"image_index {image_index} out of range for {_name(trace)} ({trace.num_images} images)"
+        )
+
+
 def _name(trace) -> str:
     meta = getattr(trace, "meta", None)
     return str(getattr(meta, "method", None) or "trace")
@@ -458,6 +465,7 @@ def _row(x, i: int) -> np.ndarray:
     return np.asarray(x)[i]
 
 
+@checked_keywords(image_index={"minimum": 0}, ncols={"minimum": 1})
 def method_overlays(
     traces: Sequence,
     image,
@@ -528,8 +536,7 @@ def method_overlays(
         fig = axes[0].figure
     grid = next(iter(grids))
     for k, (t, ax) in enumerate(zip(traces, axes, strict=True)):
-        if not 0 <= image_index < t.num_images:
-            raise TraceMismatchError(f"image_index {image_index} out of range for {_name(t)} ({t.num_images} images)")
+        _check_image_index(t, image_index)
         lay = _last_layer(t, layer)
         merge_overlay(img, _row(t.labels(lay), image_index), kept=_row(t.kept(lay), image_index), grid_size=grid,
                       ax=ax, kept_pixels=kept_pixels, **overlay_kwargs)  # fmt: skip
@@ -553,6 +560,7 @@ def method_overlays(
 # --------------------------------------------------------------------------------------------
 
 
+@checked_keywords(image_index={"minimum": 0})
 def source_weights(trace, *, layer: int | None = None, image_index: int = 0) -> np.ndarray:
     """What fraction of each output token comes from each original patch, after block ``layer``.
 
@@ -576,6 +584,7 @@ def source_weights(trace, *, layer: int | None = None, image_index: int = 0) -> 
         Rows sum to 1 (a token with no source is a zero row).
     """
     check_trace("trace", trace)
+    _check_image_index(trace, image_index)
     lay = _last_layer(trace, layer)
     n = int(trace.num_patches)
     decisions = getattr(trace, "decisions", None)
@@ -605,6 +614,7 @@ def source_weights(trace, *, layer: int | None = None, image_index: int = 0) -> 
     return w / np.maximum(w.sum(axis=1, keepdims=True), 1e-12)
 
 
+@checked_keywords(vmax={"low": 0.0, "low_open": True})
 def token_sources(
     image,
     weights,
@@ -656,6 +666,7 @@ def token_sources(
     return ax
 
 
+@checked_keywords(image_index={"minimum": 0})
 def feature_source_view(
     trace, image, *, image_index: int = 0, layer: int | None = None, tokens: int | Sequence[int] = 4, axes: Any = None
 ) -> Figure:
@@ -688,6 +699,8 @@ def feature_source_view(
         chosen = [int(i) for i in np.argsort(-spread, kind="stable")[: min(count, w.shape[0])]]
     else:
         chosen = [int(i) for i in tokens]
+        if not chosen:
+            raise DataError("tokens is empty: give token indices, or how many tokens to show")
         bad = [i for i in chosen if not 0 <= i < w.shape[0]]
         if bad:
             raise DataError(f"tokens {bad} do not exist after block {lay} ({w.shape[0]} tokens)")
@@ -717,6 +730,7 @@ def feature_source_view(
     return fig
 
 
+@checked_keywords(image_index={"minimum": 0})
 def fused_token_views(
     traces: Sequence,
     image,

@@ -36,7 +36,15 @@ from matplotlib.patches import Patch
 from matplotlib.patheffects import withStroke
 
 from tokvis.errors import ArgumentTypeError, ImageSizeError, TraceMismatchError
-from tokvis.validate import check_choice, check_float, check_path, check_trace
+from tokvis.validate import (
+    check_choice,
+    check_figure_or_axes,
+    check_float,
+    check_legend_location,
+    check_path,
+    check_trace,
+    checked_keywords,
+)
 
 __all__ = [
     "drawn_entries",
@@ -462,6 +470,7 @@ def drawn_entries(target: Any) -> frozenset | None:
     return frozenset().union(*sets) if sets else None
 
 
+@checked_keywords(target=check_figure_or_axes, loc=check_legend_location, ncols={"minimum": 1})
 def overlay_legend(target: Any = None, *, loc: str = "outside lower center", ncols: int | None = None, **options: Any):
     """Add the legend of :func:`legend_handles` to a figure (default: below the panels) or an Axes.
 
