@@ -226,7 +226,7 @@ def check_out_file(flag: str, path: Any, *, error: type = ArgumentValueError) ->
 
 #: annotation names checked by :func:`checked_keywords` (any other name leaves the argument unchecked)
 _SIMPLE = {"int", "float", "str", "bool", "None"}
-_CONTAINERS = {"Sequence": "sequence", "Mapping": "mapping"}
+_CONTAINERS = {"Sequence": "sequence", "list": "sequence", "tuple": "sequence", "Mapping": "mapping", "dict": "mapping"}
 
 
 def _parse_annotation(node: Any) -> list | None:
@@ -245,8 +245,8 @@ def _parse_annotation(node: Any) -> list | None:
         return [(_CONTAINERS[node.id], None)]
     if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id in _CONTAINERS:
         args = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
-        item = _parse_annotation(args[-1])  # a mapping's values; its keys are not checked
-        return None if item is None else [(_CONTAINERS[node.value.id], item)]
+        # the items (a mapping's values; its keys are not checked): any, when their annotation is not known here
+        return [(_CONTAINERS[node.value.id], _parse_annotation(args[-1]))]
     return None
 
 
@@ -435,3 +435,46 @@ def check_figure_or_axes(name: str, value: Any, *, optional: bool = True) -> Any
         return value
     raise ArgumentTypeError(f"{name} must be a matplotlib Figure or Axes{' (or None)' if optional else ''}: "
                             f"got {_what(value)}")  # fmt: skip
+
+
+def check_color(name: str, value: Any) -> Any:
+    """``value`` if matplotlib reads it as a colour (``"white"``, ``"#ff0000"``, an RGB(A) tuple in [0, 1])."""
+    from matplotlib.colors import is_color_like
+
+    if is_color_like(value):
+        return value
+    raise ArgumentValueError(
+        f"{name} must be a colour ('white', '#rrggbb' or an RGB tuple in [0, 1]): got {_what(value)}"
+    )
+
+
+def check_format_spec(name: str, value: Any) -> Any:
+    """``value`` if it is a format spec for a number (``".2f"``, ``".1%"``)."""
+    from tokvis.errors import ArgumentTypeError
+
+    if not isinstance(value, str):
+        raise ArgumentTypeError(f"{name} must be a format spec string such as '.2f': got {_what(value)}")
+    try:
+        format(0.5, value)
+    except (ValueError, TypeError):
+        raise ArgumentValueError(f"{name} {value!r} is not a format spec for numbers: e.g. '.2f' or '.0%'") from None
+    return value
+
+
+def optional(check: Any) -> Any:
+    """``check`` that also lets ``None`` through (a rule for :func:`checked_keywords`).
+
+    Parameters
+    ----------
+    check : callable
+        ``check(name, value)``.
+
+    Returns
+    -------
+    callable
+    """
+
+    def allow_none(name: str, value: Any) -> Any:
+        return value if value is None else check(name, value)
+
+    return allow_none

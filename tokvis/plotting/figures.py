@@ -170,6 +170,7 @@ def _pair_similarity(data, *, varying: str, metric, hue: str, errorbar: str, ax,
     return ax
 
 
+@checked_keywords()
 def similarity_vs_keep_rate(
     data, *, method=None, metric: str | None = None, hue: str = "stage", errorbar: str = "sd", ax: Axes | None = None
 ) -> Axes:
@@ -203,6 +204,7 @@ def similarity_vs_keep_rate(
                             title=f"{name}: similarity across keep rates\n{part['backbone'].iloc[0]}")  # fmt: skip
 
 
+@checked_keywords()
 def similarity_vs_backbone(
     data,
     *,
@@ -250,6 +252,7 @@ def _key(v) -> str:
         return str(v)
 
 
+@checked_keywords()
 def pair_performance(pairs, performance, *, by: str, measure: str, metric: str | None = None, reference=None):
     """Per pair of runs: mean similarity and the difference of a performance measure.
 
@@ -323,6 +326,7 @@ def pair_performance(pairs, performance, *, by: str, measure: str, metric: str |
     return pd.DataFrame(out)
 
 
+@checked_keywords(n_boot={"minimum": 0}, ci={"low": 0.0, "high": 1.0, "low_open": True, "high_open": True})
 def performance_correlation(
     data,
     *,
@@ -387,6 +391,7 @@ def performance_correlation(
     return ax
 
 
+@checked_keywords()
 def cls_similarity(runs: Sequence, *, by: str, block: int = -1):
     """Linear CKA between the class-token features of every pair of runs that differ only in ``by``.
 

@@ -331,6 +331,7 @@ def map_correlations(traces, *, map: str = "depth", metric: str = "pcc"):
     return pd.concat(rows, ignore_index=True)
 
 
+@checked_keywords()
 def map_correlation_matrix(
     data,
     *,
