@@ -199,15 +199,18 @@ def test_figures_metrics_out_of_range_is_refused(tmp_path, capsys, small_run, co
 
 
 def test_run_store_labels_out_of_range_or_of_a_wrong_type_are_typed(small_run):
-    """Issue 20 §3 names ``Run.labels(9)``: a run store's, not only a trace's."""
-    from tokvis.errors import ArgumentTypeError, BlockIndexError
+    """Issue 20 §3 names ``Run.labels(9)``: a run store's, not only a trace's (TokvisError subclasses of the
+    matching built-in: BlockIndexError, ArgumentTypeError)."""
+    from tokvis.errors import TokvisError
 
     (run_dir,) = small_run.iterdir()
     run = load_run(run_dir)
     for call in (lambda: run.labels(99), lambda: run.kept(99), lambda: run.labels(-9)):
-        with pytest.raises(BlockIndexError, match=r"layer must be in \[-1, \d+\]"):
+        with pytest.raises(IndexError, match=r"layer must be in \[-1, \d+\]") as e:
             call()
+        assert isinstance(e.value, TokvisError)
     for value in ("1", 1.5, None):
-        with pytest.raises(ArgumentTypeError, match="layer must be a block index"):
+        with pytest.raises(TypeError, match="layer must be a block index") as e:
             run.labels(value)
+        assert isinstance(e.value, TokvisError)
     assert run.labels(run.layers[-1]).shape[0] == 20  # an existing block still reads
