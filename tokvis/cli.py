@@ -216,6 +216,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def plain_text(rst: str) -> str:
+    """``rst`` (a docstring's reStructuredText) as plain text for the terminal.
+
+    Parameters
+    ----------
+    rst : str
+        Text with inline markup: double-backtick literals, roles such as ``:class:`` (a target ``~a.b.C`` shows
+        ``C``; ``text <target>`` shows ``text``) and single-backtick text.
+
+    Returns
+    -------
+    str
+        The text with the markup removed.
+    """
+    import re
+
+    def role(m: re.Match) -> str:
+        target = m.group(1)
+        named = re.fullmatch(r"(.*?)\s*<[^>]*>", target)
+        if named:
+            return named.group(1)
+        return target.rsplit(".", 1)[-1] if target.startswith("~") else target
+
+    text = re.sub(r"``(.+?)``", r"\1", rst)
+    text = re.sub(r":[\w:.-]+:`([^`]+)`", role, text)
+    return re.sub(r"`([^`]+)`_?", r"\1", text)
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     import tokvis
     from tokvis.methods import get_method_class
@@ -223,7 +251,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
     for name in tokvis.list_methods():
         cls = get_method_class(name)
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        doc = plain_text((cls.__doc__ or "").strip().splitlines()[0]) if cls.__doc__ else ""
         options = describe_options(name).replace("its options (defaults): ", "options: ").replace("it has ", "")
         print(f"{name:<12} {cls.kind:<6} {doc.rstrip('.')}; {options}")
     return 0

@@ -23,6 +23,7 @@ from torch import nn
 from tokvis.errors import TraceMismatchError
 from tokvis.model import backbone_name, check_images, grid_for_input, is_patched, model_info, patch_state
 from tokvis.trace import LayerDecision, Trace, TraceMeta
+from tokvis.validate import checked_keywords
 
 # module id -> recorders listening to it (patched models: every block; third-party: any submodule)
 _LISTENERS: dict[int, list["Recorder"]] = {}
@@ -271,6 +272,7 @@ def record(
     return Recorder(model, image_ids=image_ids, dataset=dataset, store_scores=store_scores)
 
 
+@checked_keywords()
 def run_with_trace(
     model: nn.Module,
     images: torch.Tensor,

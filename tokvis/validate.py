@@ -218,3 +218,263 @@ def check_out_file(flag: str, path: Any, *, error: type = ArgumentValueError) ->
         except OSError:
             pass
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# keyword arguments checked against the annotations of a public function's signature
+# ----------------------------------------------------------------------------------------------
+
+#: annotation names checked by :func:`checked_keywords` (any other name leaves the argument unchecked)
+_SIMPLE = {"int", "float", "str", "bool", "None"}
+_CONTAINERS = {"Sequence": "sequence", "list": "sequence", "tuple": "sequence", "Mapping": "mapping", "dict": "mapping"}
+
+
+def _parse_annotation(node: Any) -> list | None:
+    """An annotation (an ``ast`` expression) as a list of alternatives: ``"int"``, ``("sequence", item)``,
+    ``("mapping", value)``; None when some alternative is not one this module knows (then nothing is checked)."""
+    import ast
+
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+        left, right = _parse_annotation(node.left), _parse_annotation(node.right)
+        return None if left is None or right is None else left + right
+    if isinstance(node, ast.Constant) and node.value is None:
+        return ["None"]
+    if isinstance(node, ast.Name) and node.id in _SIMPLE:
+        return [node.id]
+    if isinstance(node, ast.Name) and node.id in _CONTAINERS:
+        return [(_CONTAINERS[node.id], None)]
+    if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id in _CONTAINERS:
+        args = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+        # the items (a mapping's values; its keys are not checked): any, when their annotation is not known here
+        return [(_CONTAINERS[node.value.id], _parse_annotation(args[-1]))]
+    return None
+
+
+def _matches(value: Any, kinds: list | None) -> bool:
+    """Whether ``value`` is of one of ``kinds`` (:func:`_parse_annotation`; None: anything)."""
+    from collections.abc import Mapping
+
+    import numpy as np
+
+    if kinds is None:
+        return True
+    for kind in kinds:
+        if kind == "None" and value is None:
+            return True
+        if kind == "int" and _is_int(value):
+            return True
+        if kind == "float" and _is_number(value):
+            return True
+        if kind == "str" and isinstance(value, str):
+            return True
+        if kind == "bool" and isinstance(value, (bool, np.bool_)):
+            return True
+        if isinstance(kind, tuple) and kind[0] == "mapping" and isinstance(value, Mapping):
+            if all(_matches(v, kind[1]) for v in value.values()):
+                return True
+        if isinstance(kind, tuple) and kind[0] == "sequence" and _is_sequence(value):
+            if all(_matches(v, kind[1]) for v in value):
+                return True
+    return False
+
+
+def _is_sequence(value: Any) -> bool:
+    """A list, tuple, array, ... of items: sized and iterable, not a string or a mapping."""
+    from collections.abc import Mapping
+
+    if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__iter__") or not hasattr(value, "__len__"):
+        return False
+    return getattr(value, "ndim", 1) != 0  # a 0-d array has a __len__ that raises
+
+
+def _describe(kinds: list, *, plural: bool = False) -> str:
+    """``kinds`` (:func:`_parse_annotation`) in words: ``"an integer or None"``, ``"a list of strings"``."""
+    one = {"int": "an integer", "float": "a number", "str": "a string", "bool": "True or False", "None": "None"}
+    many = {"int": "integers", "float": "numbers", "str": "strings", "bool": "booleans", "None": "None"}
+    parts = []
+    for kind in kinds:
+        if isinstance(kind, tuple):
+            if kind[0] == "mapping":  # its keys are not checked
+                inner = "" if kind[1] is None else f" of name -> {_describe(kind[1])}"
+                parts.append(f"{'mappings' if plural else 'a mapping'}{inner}")
+            else:
+                inner = "" if kind[1] is None else f" of {_describe(kind[1], plural=True)}"
+                parts.append(f"{'lists' if plural else 'a list'}{inner}")
+        else:
+            parts.append((many if plural else one)[kind])
+    return " or ".join(parts)
+
+
+def checked_keywords(**rules: Any):
+    """Decorator: check the arguments a caller gives a public function against its signature's annotations.
+
+    Before the call, each argument given for a parameter annotated with ``int``, ``float`` (a real number, not
+    NaN), ``str``, ``bool``, ``None``, ``Sequence[...]`` (a list, tuple or array) or ``Mapping[..., ...]``, or a
+    union of these, is checked; any other annotation (``Any``, ``Axes``, ...) leaves it to the function.
+    Booleans are not numbers.  A wrong type raises :class:`~tokvis.errors.ArgumentTypeError`.
+
+    Parameters
+    ----------
+    **rules
+        Per parameter: a mapping of bounds, passed to :func:`check_int` (``minimum``, ``maximum``) or
+        :func:`check_float` (``low``, ``high``, ...) for a number of that type (out of them:
+        :class:`~tokvis.errors.ArgumentValueError`), and ``nan=True`` to let a float be NaN; or a callable
+        ``check(name, value)`` that replaces the annotation's check (e.g. :func:`check_seed`,
+        :func:`check_colormap`).
+
+    Returns
+    -------
+    callable
+        The decorator; the function it returns keeps the signature and docstring.
+    """
+    import ast
+    import functools
+    import inspect
+
+    from tokvis.errors import ArgumentTypeError
+
+    def decorate(func):
+        signature = inspect.signature(func)
+        unknown = set(rules) - set(signature.parameters)
+        if unknown:
+            raise TypeError(f"checked_keywords: {func.__name__} has no parameter {sorted(unknown)}")
+        kinds = {}
+        for p in signature.parameters.values():
+            text = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", None)
+            if text is None or p.annotation is p.empty:
+                continue
+            parsed = _parse_annotation(ast.parse(text, mode="eval").body)
+            if parsed is not None:
+                kinds[p.name] = parsed
+
+        def check(name: str, value: Any) -> None:
+            rule = rules.get(name)
+            if callable(rule):
+                rule(name, value)
+                return
+            if name not in kinds:
+                return
+            if not _matches(value, kinds[name]):
+                raise ArgumentTypeError(f"{func.__name__}: {name} must be {_describe(kinds[name])}: got {_what(value)}")
+            bounds = dict(rule or {})
+            if _is_int(value) and "int" in kinds[name]:
+                check_int(name, value, **bounds)
+            elif _is_number(value) and "float" in kinds[name]:
+                if not (bounds.pop("nan", False) and math.isnan(float(value))):
+                    check_float(name, value, **bounds)
+
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            try:
+                bound = signature.bind(*args, **kwargs)
+            except TypeError as e:
+                hint = ""
+                extra = [k for k in kwargs if k not in signature.parameters]
+                if extra:
+                    hint = did_you_mean(extra[0], signature.parameters)
+                raise ArgumentTypeError(f"{func.__name__}: {e}{hint}") from None
+            for name, value in bound.arguments.items():
+                if signature.parameters[name].kind not in (
+                    inspect.Parameter.VAR_POSITIONAL,
+                    inspect.Parameter.VAR_KEYWORD,
+                ):
+                    check(name, value)
+            return func(*args, **kwargs)
+
+        wrapper.__signature__ = signature
+        return wrapper
+
+    return decorate
+
+
+def check_colormap(name: str, value: Any) -> Any:
+    """``value`` if matplotlib knows it as a colormap: a registered name or a ``Colormap``."""
+    import matplotlib
+    from matplotlib.colors import Colormap
+
+    from tokvis.errors import ArgumentTypeError
+
+    if isinstance(value, Colormap):
+        return value
+    if not isinstance(value, str):
+        raise ArgumentTypeError(f"{name} must be a colormap name (e.g. 'viridis') or a Colormap: got {_what(value)}")
+    if value not in matplotlib.colormaps:
+        hint = did_you_mean(value, list(matplotlib.colormaps))
+        raise ArgumentValueError(f"{name} {value!r} is not a matplotlib colormap{hint}: see matplotlib.colormaps")
+    return value
+
+
+def legend_locations() -> tuple[str, ...]:
+    """The ``loc`` strings a matplotlib legend accepts, with the figure legends' ``"outside ..."`` ones.
+
+    Returns
+    -------
+    tuple of str
+    """
+    from matplotlib.legend import Legend
+
+    inside = tuple(Legend.codes)
+    corners = ("right upper", "right lower", "left upper", "left lower")
+    outside = tuple(f"outside {c}" for c in (*inside, *corners) if c not in ("best", "center"))
+    return inside + outside
+
+
+def check_legend_location(name: str, value: Any) -> Any:
+    """``value`` if it is one of :func:`legend_locations`."""
+    return check_choice(name, value, legend_locations())
+
+
+def check_figure_or_axes(name: str, value: Any, *, optional: bool = True) -> Any:
+    """``value`` if it is a matplotlib Figure, SubFigure or Axes (or None when ``optional``)."""
+    from matplotlib.axes import Axes
+    from matplotlib.figure import FigureBase
+
+    from tokvis.errors import ArgumentTypeError
+
+    if (value is None and optional) or isinstance(value, (Axes, FigureBase)):
+        return value
+    raise ArgumentTypeError(f"{name} must be a matplotlib Figure or Axes{' (or None)' if optional else ''}: "
+                            f"got {_what(value)}")  # fmt: skip
+
+
+def check_color(name: str, value: Any) -> Any:
+    """``value`` if matplotlib reads it as a colour (``"white"``, ``"#ff0000"``, an RGB(A) tuple in [0, 1])."""
+    from matplotlib.colors import is_color_like
+
+    if is_color_like(value):
+        return value
+    raise ArgumentValueError(
+        f"{name} must be a colour ('white', '#rrggbb' or an RGB tuple in [0, 1]): got {_what(value)}"
+    )
+
+
+def check_format_spec(name: str, value: Any) -> Any:
+    """``value`` if it is a format spec for a number (``".2f"``, ``".1%"``)."""
+    from tokvis.errors import ArgumentTypeError
+
+    if not isinstance(value, str):
+        raise ArgumentTypeError(f"{name} must be a format spec string such as '.2f': got {_what(value)}")
+    try:
+        format(0.5, value)
+    except (ValueError, TypeError):
+        raise ArgumentValueError(f"{name} {value!r} is not a format spec for numbers: e.g. '.2f' or '.0%'") from None
+    return value
+
+
+def optional(check: Any) -> Any:
+    """``check`` that also lets ``None`` through (a rule for :func:`checked_keywords`).
+
+    Parameters
+    ----------
+    check : callable
+        ``check(name, value)``.
+
+    Returns
+    -------
+    callable
+    """
+
+    def allow_none(name: str, value: Any) -> Any:
+        return value if value is None else check(name, value)
+
+    return allow_none

@@ -58,6 +58,15 @@ def test_methods_lists_every_methods_options_with_defaults_one_line_each(capsys)
         and "order='official'" in by_name["tome"]
     )
     assert "k=5" in by_name["dpcknn"] and "sampling='study'" in by_name["ats"]
+    assert "`" not in "".join(lines) and "study's models/dpcknn.py" in by_name["dpcknn"]  # plain text, no RST
+
+
+def test_plain_text_removes_inline_rst_markup():
+    from tokvis.cli import plain_text
+
+    assert plain_text("keep the ``target`` patches") == "keep the target patches"
+    assert plain_text("a :class:`~tokvis.trace.Trace` and :func:`tokvis.patch`") == "a Trace and tokvis.patch"
+    assert plain_text(":doc:`the guide <guide/start>`, `ToMe`_ and `x`") == "the guide, ToMe and x"
 
 
 def test_compare_of_a_keep_rate_run_and_an_r_run_says_so(tmp_path, capsys):

@@ -110,6 +110,40 @@ def test_skip_bad_with_no_readable_image_exits_2_and_is_never_complete(tmp_path,
     fails_cleanly(capsys, argv, "no readable image")  # a rerun does not adopt an empty shard as complete
 
 
+@pytest.mark.parametrize("made_by", ["this tokvis", "an older tokvis"])
+def test_verify_and_compare_agree_on_an_empty_run(tmp_path, capsys, monkeypatch, made_by):
+    """A run with no image (every image unreadable): `verify` never says COMPLETE, and `compare` refuses it
+    for the reason `verify` gives (issue 20 §2, §4).  An older tokvis left such a run marked complete with an
+    empty shard: the same store is made here by skipping the refusal of today's record."""
+    from tokvis.store import writer
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        (data / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"broken" * 10)
+    out = tmp_path / "runs"
+    argv = ["record", *TINY, "--method", "topk", "--keep-rate", "0.5", "--data", str(data), "--skip-bad",
+            "--device", "cpu", "--no-progress", "--out", str(out)]  # fmt: skip
+    if made_by == "an older tokvis":
+        monkeypatch.setattr(writer, "_refuse_empty", lambda *a: None)
+        assert main(argv) == 0
+        status, reason = "CORRUPT", "the run holds no image"
+    else:
+        fails_cleanly(capsys, argv, "no readable image")
+        status, reason = "INCOMPLETE", "(0 of 1 shards)"
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 1
+    printed = capsys.readouterr().out
+    assert "COMPLETE" not in printed.replace("INCOMPLETE", "") and "0 complete" in printed
+    assert printed.startswith(status) and ("0/1 shards, 0 images" in printed or "1/1 shards, 0 images" in printed)
+    line = fails_cleanly(capsys, ["compare", str(out), "--by", "keep_rate", "--out", str(tmp_path / "s.csv")], reason)
+    assert "verify" in line  # and points at the command that says the same
+    if status == "CORRUPT":
+        assert reason in printed  # the very words verify printed
+    else:
+        assert "incomplete" in line
+
+
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "runs"
@@ -163,3 +197,21 @@ def test_figures_metrics_out_of_range_is_refused(tmp_path, capsys, small_run, co
             str(tmp_path / "fig")]  # fmt: skip
     line = fails_cleanly(capsys, argv, "out of range")
     assert column in line and ("[-1, 1]" if column == "fidelity" else "[0, 1]") in line
+
+
+def test_run_store_labels_out_of_range_or_of_a_wrong_type_are_typed(small_run):
+    """Issue 20 §3 names ``Run.labels(9)``: a run store's, not only a trace's (TokvisError subclasses of the
+    matching built-in: BlockIndexError, ArgumentTypeError)."""
+    from tokvis.errors import TokvisError
+
+    (run_dir,) = small_run.iterdir()
+    run = load_run(run_dir)
+    for call in (lambda: run.labels(99), lambda: run.kept(99), lambda: run.labels(-9)):
+        with pytest.raises(IndexError, match=r"layer must be in \[-1, \d+\]") as e:
+            call()
+        assert isinstance(e.value, TokvisError)
+    for value in ("1", 1.5, None):
+        with pytest.raises(TypeError, match="layer must be a block index") as e:
+            run.labels(value)
+        assert isinstance(e.value, TokvisError)
+    assert run.labels(run.layers[-1]).shape[0] == 20  # an existing block still reads

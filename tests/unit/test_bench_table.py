@@ -3,14 +3,12 @@ rounds with min / median / max and a warning when the machine was busy."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from torch import nn
 
 from tests.models import make_images, make_model
-from tokvis.bench import SPREAD_WARNING, BenchRow, benchmark, format_rows, spread_warnings
+from tokvis.bench import BenchRow, benchmark, format_rows, spread_warnings
 
 
 def _row(label: str) -> BenchRow:
@@ -33,63 +31,90 @@ def test_columns_align_with_long_labels():
 # -- interleaved rounds, min / median / max, busy-machine warning (issue 12 §4) ---------------------
 
 
-class _Logged(nn.Module):
-    """Wraps the model: logs each call under ``label`` and sleeps ``delays[call]`` seconds (default 0)."""
+class _Clock:
+    """A fake ``time`` for tokvis.bench: it stands still except when a wrapped model 'takes' some time, so that
+    the timings benchmark() sees are exactly the ones a test chose, whatever the load of the machine."""
 
-    def __init__(self, model, label, log, delays=()):
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    import tokvis.bench
+
+    fake = _Clock()
+    monkeypatch.setattr(tokvis.bench, "time", fake)
+    return fake
+
+
+class _Logged(nn.Module):
+    """Wraps the model: logs each call under ``label`` and, on ``clock``, takes ``delays[call]`` seconds
+    (default 0)."""
+
+    def __init__(self, model, label, log, delays=(), clock=None):
         super().__init__()
-        self.model, self.label, self.log, self.delays = model, label, log, list(delays)
+        self.model, self.label, self.log, self.delays, self.clock = model, label, log, list(delays), clock
 
     def forward(self, x):
         self.log.append(self.label)
         if self.delays:
-            time.sleep(self.delays.pop(0))
+            self.clock.now += self.delays.pop(0)
         return self.model(x)
 
 
-def test_configurations_run_in_interleaved_rounds():
+def test_configurations_run_in_interleaved_rounds(clock):
     """A B C A B C ...: the first configuration no longer absorbs the warm-up (bench_record reported
     recording 1.8x faster than plain inference)."""
     model, x = make_model("cls"), make_images("cls", n=2)
     log: list[str] = []
-    configs = [(c, (lambda m, c=c: _Logged(m, c, log)), {}) for c in "ABC"]
+    # calls: flop count, 2 warm-up rounds, 3 timed rounds (0.3, 0.1, 0.2 s), output
+    delays = {"A": [0, 9, 9, 0.3, 0.1, 0.2, 0], "B": [0, 9, 9, 0.2, 0.2, 0.2, 0], "C": [0, 9, 9, 0.1, 0.4, 0.4, 0]}
+    configs = [(c, (lambda m, c=c: _Logged(m, c, log, delays[c], clock)), {}) for c in "ABC"]
     rows = benchmark(model, x, configs, repeats=3, warmup=2, progress=None)
     timed = [c for c in log if c in "ABC"]
     assert timed[:3] == ["A", "B", "C"]  # the flop count, one call each
     assert timed[3 : 3 + 15] == list("ABC") * 5  # 2 warm-up + 3 timed rounds, interleaved
-    for r in rows:
-        assert r.images_per_s_min <= r.images_per_s <= r.images_per_s_max
+    # the warm-up (9 s) is not timed; median, fastest and slowest of the timed rounds; B = 2 images
+    got = [v for r in rows for v in (r.images_per_s, r.images_per_s_min, r.images_per_s_max, r.spread)]
+    assert got == pytest.approx([2 / 0.2, 2 / 0.3, 2 / 0.1, 3.0, 10.0, 10.0, 10.0, 1.0, 5.0, 5.0, 20.0, 4.0])
+    assert [r.speedup for r in rows] == pytest.approx([1.0, 1.0, 0.5])
 
 
-def test_several_calls_per_round_are_timed_together():
+def test_several_calls_per_round_are_timed_together(clock):
     """``calls=3``: each round runs each configuration three times in a row (A A A B B B ...), and a round's
-    time is their mean (sleeps of 0.05 s per call give about 20 calls/s, not 20 / 3)."""
+    time is their mean (calls of 0.03, 0.05 and 0.07 s give 20 calls/s, not 20 / 3)."""
     model, x = make_model("cls"), make_images("cls", n=2)
     log: list[str] = []
-    delays = [0.0] + [0.05] * 30  # no sleep while the FLOPs are counted
-    configs = [("A", lambda m: _Logged(m, "A", log, delays), {}), ("B", lambda m: _Logged(m, "B", log), {})]
+    a_delays = [0.0] + [0.05] * 3 + [0.03, 0.05, 0.07] * 2 + [0.0]  # flop count, warm-up, 2 timed rounds, output
+    configs = [("A", lambda m: _Logged(m, "A", log, a_delays, clock), {}),
+               ("B", lambda m: _Logged(m, "B", log, [0.1] * 20, clock), {})]  # fmt: skip
     rows = benchmark(model, x, configs, repeats=2, warmup=1, progress=None, calls=3)
     assert log[2 : 2 + 18] == list("AAABBB") * 3  # after the FLOP counts: 1 warm-up + 2 timed rounds
-    a = rows[0]
-    assert 0.7 < a.images_per_s * 0.05 / x.shape[0] < 1.05, a.images_per_s
+    a, b = rows
+    assert a.images_per_s == pytest.approx(x.shape[0] / 0.05) and a.spread == pytest.approx(1.0)
+    assert b.images_per_s == pytest.approx(x.shape[0] / 0.1) and b.speedup == pytest.approx(0.5)
 
 
-def test_busy_machine_is_reported():
-    """A configuration whose rounds differ by more than SPREAD_WARNING gets a warning line."""
+def test_busy_machine_is_reported(clock):
+    """A configuration whose rounds differ by more than SPREAD_WARNING gets a warning line, the other none."""
     model, x = make_model("cls"), make_images("cls", n=2)
     log: list[str] = []
-    # calls: flop count, warm-up, three timed rounds, output; sleeps dwarf the tiny model's own noise
+    # calls: flop count, warm-up, three timed rounds, output
     calm, busy = [0.1] * 6, [0.1, 0.1, 0.1, 0.4, 0.1, 0.1]
-    configs = [("calm", lambda m: _Logged(m, "calm", log, calm)), ("busy", lambda m: _Logged(m, "busy", log, busy))]
+    configs = [("calm", lambda m: _Logged(m, "calm", log, calm, clock)),
+               ("busy", lambda m: _Logged(m, "busy", log, busy, clock))]  # fmt: skip
     printed: list[str] = []
     rows = benchmark(model, x, [(label, f, {}) for label, f in configs], repeats=3, warmup=1, progress=printed.append)
     by = {r.config: r for r in rows}
-    assert by["busy"].spread > SPREAD_WARNING
+    assert by["busy"].spread == pytest.approx(4.0) and by["calm"].spread == pytest.approx(1.0)
     warnings_ = [line for line in printed if line.startswith("warning:")]
-    assert any(line.startswith("warning: busy:") and "machine was busy" in line for line in warnings_)
-    # (calm is warned only if this shared machine really was busy during it)
-    assert len(warnings_) == sum(r.spread > SPREAD_WARNING for r in rows)
-    assert by["busy"].images_per_s_min < by["busy"].images_per_s
+    assert len(warnings_) == 1 and warnings_[0].startswith("warning: busy: rounds differ by 4.00x")
+    assert "machine was busy" in warnings_[0]
+    assert by["busy"].images_per_s_min == pytest.approx(2 / 0.4) and by["busy"].images_per_s == pytest.approx(20)
 
 
 def test_spread_warnings_threshold():

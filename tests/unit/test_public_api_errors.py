@@ -2,8 +2,7 @@
 out-of-range values, generated from its signature: it returns, or raises a TokvisError (issue 20 §3).
 
 Two passes: every required argument given a wrong value; then, from a valid call found among sample arguments
-named like the parameters, each keyword argument in turn given a wrong value (functions listed in
-``KEYWORD_TODO`` are known to still raise untyped errors for some keywords and are left out of that pass).
+named like the parameters, each keyword argument in turn given a wrong value.
 """
 
 from __future__ import annotations
@@ -23,20 +22,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 import tokvis  # noqa: E402
 import tokvis.analysis  # noqa: E402
 import tokvis.plotting  # noqa: E402
+from tests.models import make_images, make_model  # noqa: E402
 from tests.unit.test_compare import _trace  # noqa: E402
 from tokvis.errors import TokvisError  # noqa: E402
 
 BAD = ["bogus", -1, 2.5, float("nan"), None, [], {}, object()]
-#: side effects or long work even with valid arguments: only the required-argument pass
-NO_KEYWORD_PASS = {
-    "fit", "list_methods", "register_method", "report", "record", "run_with_trace", "patch", "unpatch", "is_patched",
-    "save_figure", "load_run", "load_trace", "create_method", "make_schedule",
-}  # fmt: skip
-#: keywords that still raise untyped errors for some wrong values (left for a later round; see the issue's notes)
-KEYWORD_TODO = {
-    "feature_source_view", "fused_token_views", "global_map", "global_map_grid", "method_overlays",
-    "overlay_legend", "source_weights", "token_sources", "split_half_reliability",
-}  # fmt: skip
+#: only the required-argument pass, for a reason: fit trains (minutes); report is the hook a method calls with a
+#: LayerDecision while a model runs; patch and make_schedule need keep_rate or r, so their required arguments alone
+#: are no valid call (their keywords: tests/unit/test_patching.py, tests/unit/test_schedule.py)
+NO_KEYWORD_PASS = {"fit", "report", "patch", "make_schedule"}
+#: known to fail the keyword pass in code another change owns: a strict xfail (it fails once fixed, to be removed)
+OWNED_ELSEWHERE = {
+    "explore": "tokvis/viewer: explore(images=-1 / labels=-1) raise a bare TypeError; @checked_keywords() fixes labels",
+}
 
 
 def _public():
@@ -53,7 +51,16 @@ def _public():
 PUBLIC = _public()
 
 
+class Fresh:
+    """A sample value made anew for every call (a model that patch changes)."""
+
+    def __init__(self, make):
+        self.make = make
+
+
 def _call(f, args, kw):
+    args = [a.make() if isinstance(a, Fresh) else a for a in args]
+    kw = {k: v.make() if isinstance(v, Fresh) else v for k, v in kw.items()}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -88,31 +95,93 @@ def test_wrong_required_arguments_raise_typed_errors(f):
             pytest.fail(f"{f.__name__}({value!r} for every required argument) raised {type(e).__name__}: {e}")
 
 
-def _pool():
+KWARGS = '{"img_size": 32, "patch_size": 8, "depth": 4, "num_classes": 10}'
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """Tiny recorded runs (random weights, 6 digits images, CLS features) and the frames tokvis makes of them."""
+    import pandas as pd
+
+    from tokvis.analysis import compare
+    from tokvis.cli import main
+    from tokvis.plotting import map_correlations, pair_performance
+
+    out = tmp_path_factory.mktemp("runs") / "runs"
+    common = ["--no-pretrained", "--model-kwargs", KWARGS, "--data", "digits", "--limit", "6", "--batch-size", "6",
+              "--cls", "--device", "cpu", "--no-progress", "--out", str(out)]  # fmt: skip
+    tiny = ["record", "--model", "vit_tiny_patch16_224", "--method", "topk", "tome", "--keep-rate", "1.0", "0.5"]
+    assert main([*tiny, *common]) == 0
+    assert main(["record", "--model", "vit_small_patch16_224", "--method", "topk", "--keep-rate", "0.5", *common]) == 0
+    loaded = [tokvis.load_run(p) for p in sorted(out.iterdir())]
+    runs = {(r.meta.method, r.meta.keep_rate): r for r in loaded if r.meta.backbone.startswith("vit_tiny")}
+    small = next(r for r in loaded if r.meta.backbone.startswith("vit_small"))
+    topk = [runs["topk", 1.0], runs["topk", 0.5]]
+    pairs = compare(topk, by="keep_rate")
+    performance = pd.DataFrame([{**{f: getattr(r.meta, f) for f in ("backbone", "method", "keep_rate", "dataset")},
+                                 "top1": 0.5 + 0.1 * i} for i, r in enumerate(runs.values())])  # fmt: skip
+    perf_pairs = pair_performance(pairs, performance, by="keep_rate", measure="top1", metric="iou")
+    trace_path = topk[0].trace().save(out.parent / "trace.tokvis")
+    fig = plt.figure()
+    fig.add_subplot().plot([0, 1])
+    return {
+        "runs": topk, "half": [runs["topk", 0.5], runs["tome", 0.5]], "pairs": pairs, "performance": performance,
+        "perf_pairs": perf_pairs, "backbones": compare([runs["topk", 0.5], small], by="backbone"),
+        "map_pairs": map_correlations([runs["topk", 0.5], runs["tome", 0.5]]),
+        "images": np.random.default_rng(1).random((6, 32, 32, 3)),
+        "tensor_images": make_images("cls", n=2), "run_path": topk[0].path, "trace_path": trace_path, "fig": fig,
+    }  # fmt: skip
+
+
+def _pool(recorded):
     a = _trace([[0, 1, 2, -1], [0, 1, 2, -1]], keep_rate=0.75)
     b = _trace([[-1, 0, 1, 2], [0, 1, 2, -1]], keep_rate=0.5)
     rng = np.random.default_rng(0)
+    r = recorded
+    frames = [r[k].copy() for k in ("pairs", "map_pairs", "perf_pairs", "backbones")]
     return {
         "trace": [a], "trace_a": [a], "trace_b": [b], "traces": [[a, b]], "X": [rng.random((12, 4))],
         "Y": [rng.random((12, 4))], "p": [rng.random((4, 4)) + 0.1], "q": [rng.random((4, 4)) + 0.1],
         "labels_true": [np.array([[0, 0, 1, 1]])], "labels_pred": [np.array([[0, 1, 1, 1]])],
         "kept_a": [np.array([[1, 1, 0, 0]], bool)], "kept_b": [np.array([[1, 0, 1, 0]], bool)],
-        "kept": [np.array([[1, 1, 0, 0]], bool)], "scores": [rng.random((2, 8))], "reference": [rng.random((2, 8))],
-        "x": [rng.random(10)], "y": [rng.random(10)], "depth": [np.array([[1, 2, 3, 0]])],
-        "labels": [np.array([[0, 0, 1, 1]])], "grid_size": [(2, 2)], "k": [2], "layer": [1],
-        "image": [rng.random((16, 16, 3))], "weights": [rng.random(4)], "values": [rng.random((6, 4))],
-        "maps": [{"a": rng.random((2, 2))}], "data": [rng.random((2, 2))], "by": ["keep_rate"],
+        "kept": [np.array([[1, 1, 0, 0]], bool), np.array([1, 1, 0, 0], bool)], "scores": [rng.random((2, 8))],
+        "reference": [rng.random((2, 8))], "x": [rng.random(10), "similarity"], "y": [rng.random(10), "delta"],
+        "depth": [np.array([[1, 2, 3, 0]])], "labels": [np.array([[0, 0, 1, 1]]), np.array([0, 0, 1, 1])],
+        "grid_size": [(2, 2)], "k": [2], "layer": [1], "image": [rng.random((16, 16, 3))], "weights": [rng.random(4)],
+        "values": [rng.random((6, 4))], "maps": [{"a": rng.random((2, 2))}], "data": [rng.random((2, 2)), *frames],
+        "by": ["keep_rate"], "runs": [r["runs"]], "runs_or_traces": [r["half"]], "df": [r["perf_pairs"].copy()],
+        "pairs": [r["pairs"].copy()], "performance": [r["performance"].copy()], "measure": ["top1"],
+        "images": [rng.random((2, 16, 16, 3)), r["images"], r["tensor_images"]],
+        "path": [r["run_path"], r["trace_path"]], "name": ["topk", "s3b_test_method"], "method": ["topk"],
+        "model": [Fresh(lambda: make_model("cls"))],
+        "fig": [r["fig"]],
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("f", [p for p in PUBLIC if p.values[0].__name__ not in NO_KEYWORD_PASS | KEYWORD_TODO])
-def test_wrong_keyword_arguments_raise_typed_errors(f):
+def test_every_public_function_has_sample_arguments(recorded):
+    pool = _pool(recorded)
+    missing = {p.id: [q.name for q in _required(p.values[0]) if q.name not in pool] for p in PUBLIC}
+    assert not {k: v for k, v in missing.items() if v and k.rsplit(".", 1)[1] not in NO_KEYWORD_PASS}
+
+
+def _keyword_pass():
+    out = []
+    for p in PUBLIC:
+        name = p.values[0].__name__
+        if name in OWNED_ELSEWHERE:
+            p = pytest.param(*p.values, id=p.id, marks=pytest.mark.xfail(strict=True, reason=OWNED_ELSEWHERE[name]))
+        if name not in NO_KEYWORD_PASS:
+            out.append(p)
+    return out
+
+
+@pytest.mark.parametrize("f", _keyword_pass())
+def test_wrong_keyword_arguments_raise_typed_errors(f, recorded):
     import signal
 
-    pool = _pool()
+    pool = _pool(recorded)
     req = _required(f)
-    if any(p.name not in pool for p in req):
-        pytest.skip(f"no sample value for {[p.name for p in req if p.name not in pool]}")
+    assert all(p.name in pool for p in req), f"no sample value for {[p.name for p in req if p.name not in pool]}"
     base = None
     for combo in itertools.product(*[pool[p.name] for p in req]):
         args = [v for p, v in zip(req, combo, strict=True) if p.kind != p.KEYWORD_ONLY]
@@ -123,8 +192,7 @@ def test_wrong_keyword_arguments_raise_typed_errors(f):
             continue
         base = (args, kw)
         break
-    if base is None:
-        pytest.skip("no valid call among the sample arguments")
+    assert base is not None, "no valid call among the sample arguments: add one to _pool (no function is skipped)"
     params = inspect.signature(f).parameters.values()
     optional = [p for p in params if p.default is not p.empty and p.name not in ("ax", "axes")]
 
@@ -132,6 +200,7 @@ def test_wrong_keyword_arguments_raise_typed_errors(f):
         raise TimeoutError
 
     old = signal.signal(signal.SIGALRM, slow)
+    fails = []
     try:
         for p in optional:
             for value in BAD:
@@ -141,8 +210,9 @@ def test_wrong_keyword_arguments_raise_typed_errors(f):
                 except (TokvisError, TimeoutError):
                     pass
                 except Exception as e:  # noqa: BLE001
-                    pytest.fail(f"{f.__name__}(..., {p.name}={value!r}) raised {type(e).__name__}: {e}")
+                    fails.append(f"{f.__name__}(..., {p.name}={value!r}) raised {type(e).__name__}: {str(e)[:100]}")
                 finally:
                     signal.alarm(0)
     finally:
         signal.signal(signal.SIGALRM, old)
+    assert not fails, "\n".join(fails)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pytest
@@ -68,3 +69,75 @@ def test_numpy_scalars_are_accepted_as_options(method, options):
 def test_bad_method_options_name_the_option(method, options, name):
     with pytest.raises(MethodOptionError, match=rf"^{name}\b.* must be .*: got "):
         create_method(method, **options)
+
+
+def _sample(a, *, n: int = 1, x: float | None = None, names: Sequence[str] | None = None,
+            weights: Mapping[str, float] | None = None, ax: Any = None, flag: bool = False):  # fmt: skip
+    """A function checked by its annotations.
+
+    Parameters
+    ----------
+    a, n, x, names, weights, ax, flag
+        Anything.
+    """
+    return n
+
+
+def test_checked_keywords_checks_each_given_argument_against_its_annotation():
+    from tokvis.errors import ArgumentTypeError, ArgumentValueError
+    from tokvis.validate import checked_keywords
+
+    f = checked_keywords(n={"minimum": 1}, x={"low": 0.0})(_sample)
+    assert f(None, n=np.int64(3), x=0.5, names=("a", "b"), weights={"a": 1.0}, ax=object(), flag=np.bool_(True)) == 3
+    assert f(None, names=np.array(["a"])) == 1  # an array is a sequence
+    for kw, error, words in [
+        ({"n": "2"}, ArgumentTypeError, "n must be an integer: got str '2'"),
+        ({"n": True}, ArgumentTypeError, "n must be an integer"),
+        ({"n": 0}, ArgumentValueError, "n must be an integer >= 1"),
+        ({"x": float("nan")}, ArgumentValueError, "x must be a number"),
+        ({"x": -1.0}, ArgumentValueError, "x must be a number in [0, inf]"),
+        ({"names": "ab"}, ArgumentTypeError, "names must be a list of strings or None"),
+        ({"names": ["a", 1]}, ArgumentTypeError, "a list of strings"),
+        ({"weights": {"a": "high"}}, ArgumentTypeError, "a mapping of name -> a number or None"),
+        ({"flag": "false"}, ArgumentTypeError, "flag must be True or False"),
+        ({"nmes": ["a"]}, ArgumentTypeError, "did you mean 'names'?"),
+    ]:
+        with pytest.raises(error) as e:
+            f(None, **kw)
+        assert words in str(e.value), (kw, str(e.value))
+    with pytest.raises(ArgumentTypeError, match="missing a required argument"):
+        f()
+    # NaN only where a rule allows it; a callable rule replaces the annotation's check
+    assert checked_keywords(x={"nan": True})(_sample)(None, x=float("nan")) == 1
+    seen = []
+    assert checked_keywords(n=lambda name, v: seen.append((name, v)))(_sample)(None, n="any") == "any"
+    assert seen == [("n", "any")]
+    with pytest.raises(TypeError, match="no parameter"):
+        checked_keywords(m={"minimum": 0})(_sample)
+
+
+def test_legend_locations_are_the_ones_matplotlib_accepts():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tokvis.errors import ArgumentValueError
+    from tokvis.validate import check_colormap, check_legend_location, legend_locations
+
+    locs = legend_locations()
+    assert "best" in locs and "outside right upper" in locs
+    for loc in locs:  # matplotlib itself is the other path: every location is drawn
+        fig, ax = plt.subplots(layout="constrained")
+        ax.plot([0, 1], label="a")
+        (fig if loc.startswith("outside") else ax).legend(loc=loc)
+        fig.canvas.draw()
+        plt.close(fig)
+    with pytest.raises(ValueError):  # and refuses what the check refuses
+        plt.figure().legend(handles=[plt.Line2D([], [], label="a")], loc="outside middle")
+    plt.close("all")
+    with pytest.raises(ArgumentValueError, match="did you mean 'upper left'"):
+        check_legend_location("loc", "uper left")
+    with pytest.raises(ArgumentValueError, match="did you mean 'viridis'"):
+        check_colormap("cmap", "viridiss")
+    assert check_colormap("cmap", plt.get_cmap("magma")).name == "magma"

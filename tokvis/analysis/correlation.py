@@ -17,12 +17,13 @@ Bootstrap resamples in which a variable is constant are left out of the percenti
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import stats
 
 from tokvis.errors import ArgumentValueError, TraceMismatchError
-from tokvis.validate import check_choice, check_float, check_int, check_seed
+from tokvis.validate import check_choice, check_float, check_int, check_seed, checked_keywords
 
 __all__ = ["METHODS", "correlate", "correlation_table"]
 
@@ -157,13 +158,14 @@ def correlate(
 _TABLE_COLUMNS = ["x", "y", "correlation", "r", "p", "ci_low", "ci_high", "n"]
 
 
+@checked_keywords(seed=check_seed)
 def correlation_table(
     df,
     *,
     x: str,
-    y,
-    method="spearman",
-    by=None,
+    y: str | Sequence[str],
+    method: str | Sequence[str] = "spearman",
+    by: str | Sequence[str] | None = None,
     n_boot: int = 1000,
     ci: float = 0.95,
     seed=0,

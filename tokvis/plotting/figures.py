@@ -37,7 +37,7 @@ from matplotlib.figure import Figure
 from tokvis.errors import ArgumentTypeError, DataError, TraceMismatchError
 from tokvis.plotting.overlay import _as_image, _grid, legend_handles, merge_overlay
 from tokvis.plotting.stats import correlation_title
-from tokvis.validate import as_array, check_choice, check_float, check_int, check_trace, check_traces
+from tokvis.validate import as_array, check_choice, check_float, check_int, check_trace, check_traces, checked_keywords
 
 __all__ = [
     "METRIC_LABELS",
@@ -171,6 +171,7 @@ def _pair_similarity(data, *, varying: str, metric, hue: str, errorbar: str, ax,
     return ax
 
 
+@checked_keywords()
 def similarity_vs_keep_rate(
     data, *, method=None, metric: str | None = None, hue: str = "stage", errorbar: str = "sd", ax: Axes | None = None
 ) -> Axes:
@@ -204,6 +205,7 @@ def similarity_vs_keep_rate(
                             title=f"{name}: similarity across keep rates\n{part['backbone'].iloc[0]}")  # fmt: skip
 
 
+@checked_keywords()
 def similarity_vs_backbone(
     data,
     *,
@@ -251,6 +253,7 @@ def _key(v) -> str:
         return str(v)
 
 
+@checked_keywords()
 def pair_performance(pairs, performance, *, by: str, measure: str, metric: str | None = None, reference=None):
     """Per pair of runs: mean similarity and the difference of a performance measure.
 
@@ -324,6 +327,7 @@ def pair_performance(pairs, performance, *, by: str, measure: str, metric: str |
     return pd.DataFrame(out)
 
 
+@checked_keywords(n_boot={"minimum": 0}, ci={"low": 0.0, "high": 1.0, "low_open": True, "high_open": True})
 def performance_correlation(
     data,
     *,
@@ -388,6 +392,7 @@ def performance_correlation(
     return ax
 
 
+@checked_keywords()
 def cls_similarity(runs: Sequence, *, by: str, block: int = -1):
     """Linear CKA between the class-token features of every pair of runs that differ only in ``by``.
 
@@ -448,6 +453,13 @@ def _last_layer(trace, layer):
     return int(layer)
 
 
+def _check_image_index(trace, image_index: int) -> None:
+    if not 0 <= image_index < trace.num_images:
+        raise TraceMismatchError(
+            f"image_index {image_index} out of range for {_name(trace)} ({trace.num_images} images)"
+        )
+
+
 def _name(trace) -> str:
     meta = getattr(trace, "meta", None)
     return str(getattr(meta, "method", None) or "trace")
@@ -459,6 +471,7 @@ def _row(x, i: int) -> np.ndarray:
     return np.asarray(x)[i]
 
 
+@checked_keywords(image_index={"minimum": 0}, ncols={"minimum": 1})
 def method_overlays(
     traces: Sequence,
     image,
@@ -529,8 +542,7 @@ def method_overlays(
         fig = axes[0].figure
     grid = next(iter(grids))
     for k, (t, ax) in enumerate(zip(traces, axes, strict=True)):
-        if not 0 <= image_index < t.num_images:
-            raise TraceMismatchError(f"image_index {image_index} out of range for {_name(t)} ({t.num_images} images)")
+        _check_image_index(t, image_index)
         lay = _last_layer(t, layer)
         merge_overlay(img, _row(t.labels(lay), image_index), kept=_row(t.kept(lay), image_index), grid_size=grid,
                       ax=ax, kept_pixels=kept_pixels, **overlay_kwargs)  # fmt: skip
@@ -554,6 +566,7 @@ def method_overlays(
 # --------------------------------------------------------------------------------------------
 
 
+@checked_keywords(image_index={"minimum": 0})
 def source_weights(trace, *, layer: int | None = None, image_index: int = 0, queries: bool = False) -> np.ndarray:
     """What fraction of each output token comes from each original patch, after block ``layer``.
 
@@ -583,6 +596,7 @@ def source_weights(trace, *, layer: int | None = None, image_index: int = 0, que
     check_trace("trace", trace)
     if not isinstance(queries, (bool, np.bool_)):
         raise ArgumentTypeError(f"queries must be True or False: got {queries!r}")
+    _check_image_index(trace, image_index)
     lay = _last_layer(trace, layer)
     if not queries:
         return _token_sources(trace, lay, image_index)
@@ -639,6 +653,7 @@ def _token_sources(trace, lay: int, image_index: int) -> np.ndarray:
     return w / np.maximum(w.sum(axis=1, keepdims=True), 1e-12)
 
 
+@checked_keywords(vmax={"low": 0.0, "low_open": True})
 def token_sources(
     image,
     weights,
@@ -696,6 +711,7 @@ def token_sources(
     return ax
 
 
+@checked_keywords(image_index={"minimum": 0})
 def feature_source_view(
     trace,
     image,
@@ -743,6 +759,8 @@ def feature_source_view(
         chosen = [int(i) for i in np.lexsort((-outside, -spread))[: min(count, w.shape[0])]]
     else:
         chosen = [int(i) for i in tokens]
+        if not chosen:
+            raise DataError("tokens is empty: give token indices, or how many tokens to show")
         bad = [i for i in chosen if not 0 <= i < w.shape[0]]
         if bad:
             raise DataError(f"tokens {bad} do not exist after block {lay} ({w.shape[0]} tokens)")
@@ -777,6 +795,7 @@ def feature_source_view(
     return fig
 
 
+@checked_keywords(image_index={"minimum": 0})
 def fused_token_views(
     traces: Sequence,
     image,

@@ -25,7 +25,7 @@ reliability: crops of one photo land on both sides.  ``groups`` (e.g. the photo 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import matplotlib.pyplot as plt
@@ -35,7 +35,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from tokvis.errors import ArgumentTypeError, DataError, TraceMismatchError
-from tokvis.validate import as_array, check_int, check_traces
+from tokvis.validate import as_array, check_colormap, check_int, check_seed, check_traces, checked_keywords
 
 __all__ = [
     "DEPTH_LABEL",
@@ -77,8 +77,9 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.where(den > 0, (a * b).sum(-1) / np.where(den > 0, den, 1.0), np.nan)
 
 
+@checked_keywords(seed=check_seed)
 def split_half_reliability(
-    values, *, n_splits: int = 200, spearman_brown: bool = True, seed: int = 0, groups=None
+    values, *, n_splits: int = 200, spearman_brown: bool = True, seed: int = 0, groups: Sequence | None = None
 ) -> dict[str, float | int]:
     """Split-half reliability of a global map (see the module docstring).
 
@@ -166,6 +167,7 @@ def split_half_reliability(
 # --------------------------------------------------------------------------------------------
 
 
+@checked_keywords(cmap=check_colormap, reliability={"nan": True})
 def global_map(
     data,
     *,
@@ -221,6 +223,7 @@ def global_map(
     return ax
 
 
+@checked_keywords(cmap=check_colormap, ncols={"minimum": 1})
 def global_map_grid(
     maps: Mapping[str, Any],
     *,
@@ -328,6 +331,7 @@ def map_correlations(traces, *, map: str = "depth", metric: str = "pcc"):
     return pd.concat(rows, ignore_index=True)
 
 
+@checked_keywords()
 def map_correlation_matrix(
     data,
     *,

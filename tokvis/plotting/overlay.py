@@ -35,8 +35,18 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.patheffects import withStroke
 
-from tokvis.errors import ArgumentTypeError, ImageSizeError, TraceMismatchError
-from tokvis.validate import check_choice, check_float, check_path, check_trace
+from tokvis.errors import ArgumentTypeError, ArgumentValueError, ImageSizeError, TraceMismatchError
+from tokvis.validate import (
+    check_choice,
+    check_color,
+    check_figure_or_axes,
+    check_float,
+    check_legend_location,
+    check_path,
+    check_trace,
+    checked_keywords,
+    optional,
+)
 
 __all__ = [
     "drawn_entries",
@@ -165,6 +175,7 @@ def _border_segments(label_grid: np.ndarray, patch: tuple[float, float]) -> np.n
     return np.concatenate(segments, axis=0).astype(float)
 
 
+@checked_keywords(border_color=optional(check_color), dropped_color=optional(check_color), linewidth={"low": 0.0})
 def merge_overlay(
     image: Any,
     labels: Any,
@@ -462,6 +473,7 @@ def drawn_entries(target: Any) -> frozenset | None:
     return frozenset().union(*sets) if sets else None
 
 
+@checked_keywords(target=check_figure_or_axes, loc=check_legend_location, ncols={"minimum": 1})
 def overlay_legend(target: Any = None, *, loc: str = "outside lower center", ncols: int | None = None, **options: Any):
     """Add the legend of :func:`legend_handles` to a figure (default: below the panels) or an Axes.
 
@@ -526,6 +538,7 @@ def _method_title(meta: Any) -> str | None:
     return " · ".join(parts) if parts else None
 
 
+@checked_keywords()
 def trace_overlays(
     trace: Any,
     images: Any,
@@ -592,6 +605,10 @@ def trace_overlays(
         rows = [int(image_index)]
     else:
         rows = [int(i) for i in image_index]
+    if not rows or not layers:
+        raise ArgumentValueError(
+            f"{'image_index' if not rows else 'layers'} is empty: give at least one, or None for all"
+        )
     bad = [i for i in rows if not 0 <= i < num_images]
     if bad:
         raise TraceMismatchError(f"image_index {bad} out of range for a trace of {num_images} images")

@@ -11,6 +11,7 @@ import numpy as np
 from matplotlib.axes import Axes
 
 from tokvis.errors import ArgumentValueError
+from tokvis.validate import check_choice, check_colormap, check_format_spec, checked_keywords
 
 __all__ = ["correlation_plot", "correlation_title", "similarity_matrix"]
 
@@ -38,6 +39,16 @@ def _fmt(v) -> str:
     return str(v)
 
 
+#: what ``similarity_matrix(agg=...)`` may aggregate a cell with (pandas reductions)
+AGGREGATES = ("mean", "median", "min", "max", "sum", "std", "var", "sem", "count", "first", "last")
+
+
+@checked_keywords(
+    agg=lambda name, v: check_choice(name, v, AGGREGATES),
+    fmt=check_format_spec,
+    cmap=check_colormap,
+    diagonal={"nan": True},
+)
 def similarity_matrix(
     data,
     *,
@@ -123,6 +134,7 @@ def similarity_matrix(
     return ax
 
 
+@checked_keywords(n_boot={"minimum": 0}, ci={"low": 0.0, "high": 1.0, "low_open": True, "high_open": True})
 def correlation_plot(
     data,
     *,
