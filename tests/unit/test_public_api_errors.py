@@ -31,10 +31,6 @@ BAD = ["bogus", -1, 2.5, float("nan"), None, [], {}, object()]
 #: LayerDecision while a model runs; patch and make_schedule need keep_rate or r, so their required arguments alone
 #: are no valid call (their keywords: tests/unit/test_patching.py, tests/unit/test_schedule.py)
 NO_KEYWORD_PASS = {"fit", "report", "patch", "make_schedule"}
-#: known to fail the keyword pass in code another change owns: a strict xfail (it fails once fixed, to be removed)
-OWNED_ELSEWHERE = {
-    "explore": "tokvis/viewer: explore(images=-1 / labels=-1) raise a bare TypeError; @checked_keywords() fixes labels",
-}
 
 
 def _public():
@@ -168,8 +164,6 @@ def _keyword_pass():
     out = []
     for p in PUBLIC:
         name = p.values[0].__name__
-        if name in OWNED_ELSEWHERE:
-            p = pytest.param(*p.values, id=p.id, marks=pytest.mark.xfail(strict=True, reason=OWNED_ELSEWHERE[name]))
         if name not in NO_KEYWORD_PASS:
             out.append(p)
     return out

@@ -16,7 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from tokvis.errors import DataError
+from tokvis.errors import ArgumentTypeError, DataError
+from tokvis.validate import checked_keywords
 from tokvis.viewer.data import Panel, check_panels, open_panels, pack, panel_payload
 
 __all__ = ["explore", "Explorer", "viewer_js", "viewer_css"]
@@ -50,6 +51,10 @@ def _as_pixels(images, n: int) -> list[np.ndarray]:
     of PIL images / arrays."""
     from PIL import Image
 
+    if isinstance(images, (str, bytes, Image.Image)) or not hasattr(images, "__iter__"):
+        raise ArgumentTypeError(
+            f"images: an array [N, H, W, 3] or a list of images (PIL or arrays) is needed: got {type(images).__name__}"
+        )
     items = list(images)
     if len(items) != n:
         raise DataError(f"images: {len(items)} images for {n} in the traces; pass one per image, in trace order")
@@ -274,6 +279,7 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
+@checked_keywords()
 def explore(runs_or_traces, images=None, *, labels: Sequence[str] | None = None):
     """An interactive viewer of reduction patterns (an anywidget widget for Jupyter, VS Code, Colab).
 
