@@ -75,7 +75,7 @@ def test_transform_is_the_image_processors(family, tmp_path):
         assert min(shifted) < 0.05, (name, shifted)  # 0.05 after normalising: about 3 of 255 levels
     images, _ = data.load_images(model)
     assert images.shape[1:] == (3, 64, 64)
-    model.config.image_size = 32  # the converter's size rule: a model's own size wins over the processor's
+    # a model of another size than the processor's: its own size wins, as timm's built img_size does
     assert hf_zoo.processor_data_config(processor.to_dict(), image_size=(32, 32))["input_size"] == (3, 32, 32)
 
 
