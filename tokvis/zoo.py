@@ -83,7 +83,7 @@ __all__ = [
 CONVERTER_VERSION = 1
 
 OFFLINE_MODELS = ("dinov2_small_offline",)
-#: the same offline weights in a ``transformers`` model (``pip install tokvis[hf]``); Python API only
+#: the same offline weights in a ``transformers`` model (``pip install tokvis[hf]``)
 HF_OFFLINE_MODELS = ("dinov2_small_offline_hf",)
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 _HUB_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")  # timm names that contain a "/"

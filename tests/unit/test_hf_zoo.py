@@ -164,3 +164,16 @@ def test_offline_and_not_cached_is_a_typed_error_naming_the_cache(monkeypatch, t
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(WeightsError, match=f"not in the Hugging Face cache \\({constants.HF_HUB_CACHE}"):
         zoo.create("hf:tokvis-made-up/no-such-model")
+
+
+def test_record_and_sweep_check_hf_names_before_building(tmp_path):
+    """The grid check accepts hf: names and the offline HF entry without reading anything, and refuses a folder
+    that is not there."""
+    from tokvis.commands._run import check_backbone
+
+    check_backbone("dinov2_small_offline_hf")
+    check_backbone("hf:tokvis-made-up/no-such-model")  # the Hub is asked only when the model is built
+    with pytest.raises(WeightsError, match="does not exist"):
+        check_backbone(f"hf:{tmp_path}/missing")
+    with pytest.raises(UnsupportedModelError, match="Unknown timm model"):
+        check_backbone("dinov2_small_offline_hff")

@@ -48,7 +48,7 @@ def check_backbone(name: str) -> None:
     if hf_zoo.is_hf_name(name):  # transformers installed, the folder there (the Hub is asked when it is built)
         hf_zoo.check_hf_name(name)
         return
-    if name in zoo.list_offline() or name.startswith(("hf-hub:", "hf_hub:")):
+    if name in zoo.list_offline() or name in zoo.HF_OFFLINE_MODELS or name.startswith(("hf-hub:", "hf_hub:")):
         return
     if zoo._looks_like_checkpoint(name):
         if not Path(name).is_file():
