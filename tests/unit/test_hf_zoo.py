@@ -177,3 +177,13 @@ def test_record_and_sweep_check_hf_names_before_building(tmp_path):
         check_backbone(f"hf:{tmp_path}/missing")
     with pytest.raises(UnsupportedModelError, match="Unknown timm model"):
         check_backbone("dinov2_small_offline_hff")
+
+
+def test_a_machine_without_internet_gets_the_cache_error_fast(unreachable_hub, tmp_path):
+    """No offline flag, the Hub endpoint refuses connections: one probe, then the cache-only error (no retries)."""
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(WeightsError, match=f"not in the Hugging Face cache \\({tmp_path / 'hub'}.*no connection to"):
+        zoo.create("hf:tokvis-made-up/no-such-model")
+    assert time.perf_counter() - t0 < 60  # huggingface_hub's retries would take minutes
