@@ -89,3 +89,42 @@ def check_no_reduction_hf(model, x, ref: torch.Tensor, *, skip_class_token: bool
                 torch.testing.assert_close(hf_output(out), ref, atol=1e-5, rtol=0)
             assert all(d.n_out == trace.num_patches for d in trace.decisions)
             tokvis.unpatch(model)
+
+
+#: an image processor per family, exercising both of transformers' resize kinds (height x width; short side, then
+#: a centre crop) at the tiny models' 64 px input
+PROCESSORS = {
+    "vit": ("ViTImageProcessor", dict(size={"height": 64, "width": 64})),
+    "vit_cls": ("ViTImageProcessor", dict(size={"height": 64, "width": 64}, resample=3)),
+    "clip": ("CLIPImageProcessor", dict(size={"shortest_edge": 73}, crop_size={"height": 64, "width": 64})),
+    "siglip": ("SiglipImageProcessor", dict(size={"height": 64, "width": 64})),
+}
+
+
+def hf_processor(family: str, *, pil: bool = False):
+    """The image processor of ``family``'s tiny model (``pil``: transformers' PIL backend where it has one)."""
+    name, kw = PROCESSORS[family]
+    cls = getattr(transformers, name + "Pil", None) if pil else None
+    return (cls or getattr(transformers, name))(**kw)
+
+
+def save_hf(family: str, folder, *, seed: int = 0, processor: bool = True):
+    """``make_hf(family)`` saved to ``folder`` (``save_pretrained``) with its image processor; the model."""
+    model = make_hf(family, seed=seed)
+    model.save_pretrained(folder)
+    if processor:
+        hf_processor(family).save_pretrained(folder)
+    return model
+
+
+def fake_hub_cache(cache, repo: str, folder, commit: str = "0123456789abcdef0123456789abcdef01234567") -> str:
+    """Put the files of ``folder`` into a Hugging Face Hub cache at ``cache`` as repo ``repo``'s ``main`` at
+    ``commit`` (the layout huggingface_hub reads offline); the commit."""
+    import shutil
+    from pathlib import Path
+
+    root = Path(cache) / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(folder, root / "snapshots" / commit)
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    return commit

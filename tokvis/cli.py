@@ -263,7 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     pos = int_at_least(1)
 
     d = sub.add_parser("demo", help="patch, record and draw merge/keep overlays per layer (offline)")
-    d.add_argument("--model", default=DEFAULT_MODEL, help=f"timm name, checkpoint or {DEFAULT_MODEL} (default)")
+    d.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"timm name, checkpoint, hf:<repo id or folder> or {DEFAULT_MODEL} (default)",
+    )
     d.add_argument("--no-pretrained", action="store_true", help="random weights (timm names: no download)")
     d.add_argument("--methods", nargs="+", type=_arg(_method), default=["tome", "topk", "evit"])
     d.add_argument("--keep-rates", nargs="+", type=_arg(_keep_rate), default=[0.7, 0.5], help="each in (0, 1]")

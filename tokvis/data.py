@@ -273,57 +273,52 @@ def foolbox_samples(kind: str = "imagenet") -> list[tuple[str, Image.Image, int]
 # ----------------------------------------------------------------------------------------------
 
 
-def _model_input_size(model: torch.nn.Module) -> tuple[int, int] | None:
-    """(H, W) the model's patch embedding was built for, or None when it does not say."""
-    patch_embed = getattr(model, "patch_embed", None)
-    img_size = getattr(patch_embed, "img_size", None)
-    if img_size is None:
-        return None
-    if isinstance(img_size, int):
-        return (img_size, img_size)
-    try:
-        h, w = (int(v) for v in img_size)
-    except (TypeError, ValueError):
-        return None
-    return (h, w)
-
-
 def data_config(model: torch.nn.Module) -> dict[str, Any]:
-    """timm's data configuration for ``model``, at the input size the model was built with.
+    """The data configuration of ``model``'s images, in timm's form, from the model's backbone adapter.
 
-    ``timm.data.resolve_data_config`` reads the *pretrained* config, which can report a
-    different input size from the one the model was created with (e.g. a
-    ``vit_tiny_patch16_224`` created with ``img_size=64`` still reports 224).  When the model
-    has ``patch_embed.img_size``, that size wins.
+    timm models: timm's configuration at the input size the model was built with
+    (``timm.data.resolve_data_config`` reads the *pretrained* config, which can report another size
+    than the model's ``patch_embed.img_size``; that size wins).  Hugging Face ``transformers`` models
+    loaded with :func:`tokvis.zoo.create` (``"hf:<repo id or folder>"``): the settings of the model's
+    own image processor (``preprocessor_config.json``: size, crop, resampling, mean and std).
 
     Parameters
     ----------
     model : torch.nn.Module
-        A timm model (anything ``resolve_data_config`` accepts).
+        A model tokvis supports (:func:`tokvis.backbones.backbone_for`); another timm model gets
+        timm's configuration.
 
     Returns
     -------
     dict
         Keys ``input_size`` (``(3, H, W)``), ``interpolation``, ``mean``, ``std``,
         ``crop_pct``, ``crop_mode``.
-    """
-    import timm.data
 
-    cfg = dict(timm.data.resolve_data_config({}, model=model))
-    size = _model_input_size(model)
-    if size is not None:
-        channels = cfg.get("input_size", (3,))[0]
-        cfg["input_size"] = (channels, *size)
-    return cfg
+    Raises
+    ------
+    DataError
+        A ``transformers`` model whose image processor settings are not known (not loaded with
+        :func:`tokvis.zoo.create`).
+    """
+    from tokvis.backbones import backbone_for
+    from tokvis.backbones.base import timm_data_config
+    from tokvis.errors import UnsupportedModelError
+
+    try:
+        adapter = backbone_for(model)
+    except UnsupportedModelError:  # another timm model (a CNN, ...): timm's own configuration
+        return timm_data_config(model)
+    return adapter.data_config(model)
 
 
 def transform_for(model: torch.nn.Module, *, train: bool = False):
-    """timm's image transform for ``model`` (PIL image -> normalised float tensor ``[3, H, W]``).
+    """The evaluation (or training) transform of ``model``'s images (PIL image -> normalised float tensor
+    ``[3, H, W]``), built by timm from :func:`data_config`.
 
     Parameters
     ----------
     model : torch.nn.Module
-        A timm model.
+        A model tokvis supports (timm, or ``transformers`` loaded with :func:`tokvis.zoo.create`).
     train : bool, default False
         Build timm's training transform (random resized crop, flips, ...) instead of the
         deterministic evaluation transform (resize, centre crop).

@@ -129,16 +129,21 @@ def _build(spec: RunSpec, run_path: Path):
     return model.eval()
 
 
+def _num_classes(model) -> int:
+    from tokvis.backbones import backbone_for
+
+    return backbone_for(model).num_classes(model)
+
+
 def _has_head(model) -> bool:
-    return int(getattr(model, "num_classes", 0) or 0) > 0
+    return _num_classes(model) > 0
 
 
 def _forward(model, x):
-    """Pooled pre-logits features and logits (``None`` without a classifier head)."""
-    feats = model.forward_features(x)
-    pooled = model.forward_head(feats, pre_logits=True)
-    logits = model.forward_head(feats) if _has_head(model) else None
-    return pooled, logits
+    """Pooled pre-logits features and logits (``None`` without a classifier head), through the backbone adapter."""
+    from tokvis.backbones import backbone_for
+
+    return backbone_for(model).pooled_and_logits(model, x)
 
 
 def _images(dataset, ids: Sequence[str], model, run_path: Path):
@@ -184,7 +189,7 @@ def _outputs(model, dataset, positions, transform, *, batch_size, device, spec, 
 
 def _head_matches(model, dataset) -> tuple[bool, str]:
     """Whether the head's class indices are the dataset's labels; the reason when not."""
-    n_head = int(model.num_classes)
+    n_head = _num_classes(model)
     spec = str(dataset.spec).lower()
     if spec.startswith("foolbox-"):
         n_data = _FOOLBOX_CLASSES.get(spec[len("foolbox-") :])

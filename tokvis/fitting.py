@@ -2,9 +2,9 @@
 
 :func:`fit` trains only a learned method's parameters (DynamicViT's predictors,
 SiT's MLPs, PatchMerger's queries, Sinkhorn's centres) on a frozen backbone:
-the reduced model's pooled final features (``forward_head(..., pre_logits=True)``,
-i.e. the class token or the average-pooled tokens after the final norm) are
-made to match the unreduced model's on the same images.  No labels are needed.
+the reduced model's pooled final features (:func:`pooled_features`: timm's
+``forward_head(..., pre_logits=True)``, a transformers model's pooled output or its
+head's input) are made to match the unreduced model's on the same images.  No labels are needed.
 
 Fitted parameters are saved as one safetensors file whose header metadata holds
 the method name, its options and the schedule it was fitted for, as JSON
@@ -57,8 +57,18 @@ def load_study_checkpoint(method, state_dict, *, locations=(3, 6, 9)):
 
 
 def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Pooled final features ``[B, C]`` (pre-logits) of a timm ViT."""
-    return model.forward_head(model.forward_features(images), pre_logits=True)
+    """Pooled final features ``[B, C]`` (pre-logits) of a supported backbone (its adapter's
+    :meth:`~tokvis.backbones.base.Backbone.pooled_and_logits`).
+
+    Parameters
+    ----------
+    model : nn.Module
+        A timm ViT / Eva or a supported ``transformers`` model, patched or not.
+    images : Tensor [B, 3, H, W]
+    """
+    from tokvis.backbones import backbone_for
+
+    return backbone_for(model).pooled_and_logits(model, images)[0]
 
 
 def _loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:

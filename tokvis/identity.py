@@ -8,7 +8,7 @@
   the file's header happens to order its keys; :func:`canonical_safetensors` writes the header
   with sorted keys, so one content is one file.
 * :func:`backbone_identity`: what a fitted learned method depends on in its backbone (name, depth,
-  width, patch grid).
+  width, patch grid; and the revision of a Hugging Face model).
 """
 
 from __future__ import annotations
@@ -86,25 +86,43 @@ def canonical_safetensors(blob: bytes) -> bytes:
 
 
 def backbone_identity(model) -> dict[str, Any]:
-    """``{"name", "depth", "width", "grid"}`` of a timm ViT: what a fitted method's parameters depend on.
+    """``{"name", "depth", "width", "grid"}`` of a backbone: what a fitted method's parameters depend on.
+
+    The name is timm's architecture, or for a Hugging Face model loaded by name (:mod:`tokvis.hf_zoo`)
+    ``hf:<repo id or folder>``, with the ``revision`` (the commit its files were read at) as a fifth key.
 
     Parameters
     ----------
-    model : timm VisionTransformer
+    model : nn.Module
+        A timm ViT / Eva, or a supported ``transformers`` model.
     """
+    from tokvis.backbones import backbone_for
+    from tokvis.errors import UnsupportedModelError
+
+    hf = getattr(model, "_tokvis_hf", None)
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    name = cfg.get("architecture") or type(model).__name__
-    blocks = getattr(model, "blocks", None)
-    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-    return {
+    name = hf["name"] if hf else cfg.get("architecture") or type(model).__name__
+    try:
+        info = backbone_for(model).describe(model)
+        depth, width, grid = info.depth, info.embed_dim, info.grid_size
+    except UnsupportedModelError:  # not a model tokvis patches: what its attributes say
+        blocks = getattr(model, "blocks", None)
+        depth = len(blocks) if blocks is not None else None
+        width = int(getattr(model, "embed_dim", 0) or 0) or None
+        grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    out = {
         "name": str(name),
-        "depth": len(blocks) if blocks is not None else None,
-        "width": int(getattr(model, "embed_dim", 0) or 0) or None,
+        "depth": depth,
+        "width": int(width) if width else None,
         "grid": [int(v) for v in grid] if grid is not None else None,
     }
+    if hf:
+        out["revision"] = hf.get("revision")
+    return out
 
 
 def describe_backbone(b: Mapping[str, Any]) -> str:
-    """``name (depth D, width W, grid HxW)``."""
+    """``name (depth D, width W, grid HxW)`` (``name@revision`` for a Hugging Face model)."""
     grid = "x".join(map(str, b.get("grid") or [])) or "?"
-    return f"{b.get('name')} (depth {b.get('depth')}, width {b.get('width')}, grid {grid})"
+    name = f"{b.get('name')}@{b['revision']}" if b.get("revision") else b.get("name")
+    return f"{name} (depth {b.get('depth')}, width {b.get('width')}, grid {grid})"

@@ -1,6 +1,6 @@
-"""Model loading: timm names, local checkpoint files and an offline DINOv2 ViT-S/14.
+"""Model loading: timm names, local checkpoint files, an offline DINOv2 ViT-S/14, transformers models.
 
-Three kinds of ``name`` are understood by :func:`create`:
+Four kinds of ``name`` are understood by :func:`create`:
 
 ``"dinov2_small_offline"``
     timm's ``vit_small_patch14_dinov2`` with the DINOv2 ViT-S/14 backbone weights that ship
@@ -9,6 +9,9 @@ Three kinds of ``name`` are understood by :func:`create`:
     converted from the ONNX initializers once and cached as safetensors; no internet needed.
 A path to a local checkpoint (``.pth``, ``.pt``, ``.bin``, ``.safetensors``)
     Needs ``arch=`` naming the timm architecture the weights belong to.
+``"hf:<repo id>[@revision]"`` or ``"hf:<folder>"``
+    A Hugging Face ``transformers`` ViT, DINOv2, CLIP or SigLIP vision model
+    (:mod:`tokvis.hf_zoo`; ``pip install "tokvis[hf]"``), with its image processor's transform.
 Any other string
     A timm model name, created with ``timm.create_model`` (``pretrained=True`` by default).
 
@@ -58,6 +61,7 @@ import torch.nn.functional as F
 from tokvis.data import data_config  # the one data config; zoo.data_config is the same function (public name)
 from tokvis.errors import TokvisError, UnsupportedModelError, WeightsError
 from tokvis.fileio import atomic_write
+from tokvis.hf_zoo import is_hf_name, load_hf
 
 __all__ = [
     "CHECKPOINT_SUFFIXES",
@@ -79,7 +83,7 @@ __all__ = [
 CONVERTER_VERSION = 1
 
 OFFLINE_MODELS = ("dinov2_small_offline",)
-#: the same offline weights in a ``transformers`` model (``pip install tokvis[hf]``); Python API only
+#: the same offline weights in a ``transformers`` model (``pip install tokvis[hf]``)
 HF_OFFLINE_MODELS = ("dinov2_small_offline_hf",)
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 _HUB_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")  # timm names that contain a "/"
@@ -108,14 +112,18 @@ def create(name: str, **kwargs: Any) -> torch.nn.Module:
     ----------
     name : str
         ``"dinov2_small_offline"`` (see :func:`list_offline`), a path to a checkpoint file with
-        one of the suffixes in :data:`CHECKPOINT_SUFFIXES`, or any timm model name (optionally
-        with a pretrained tag, ``"vit_base_patch16_224.augreg_in21k"``, or an ``hf-hub:`` id).
+        one of the suffixes in :data:`CHECKPOINT_SUFFIXES`, ``"hf:<repo id>[@revision]"`` or
+        ``"hf:<folder>"`` (a ``transformers`` model: :func:`tokvis.hf_zoo.load_hf`), or any timm
+        model name (optionally with a pretrained tag, ``"vit_base_patch16_224.augreg_in21k"``, or
+        an ``hf-hub:`` id).
     **kwargs
         Passed on to ``timm.create_model`` (``img_size``, ``dynamic_img_size``, ``num_classes``
-        ...), except the keywords below, which :func:`create` consumes.
+        ...), except the keywords below, which :func:`create` consumes.  ``hf:`` names: config
+        attributes to change (``image_size`` ...).
 
         pretrained : bool
-            Timm names: download pretrained weights (default ``True``).
+            Timm and ``hf:`` names: download pretrained weights (default ``True``; ``hf:``
+            names read the config from the Hub or the folder even with ``False``).
             ``"dinov2_small_offline"``: ``False`` gives the same architecture, randomly
             initialised (default ``True``).  Checkpoint files: ignored (the file's weights
             are always loaded, nothing is downloaded).
@@ -140,6 +148,8 @@ def create(name: str, **kwargs: Any) -> torch.nn.Module:
         Weights could not be found, downloaded, read or loaded.
     CheckpointArchError
         A checkpoint file was given without ``arch=`` (also a ``ValueError``).
+    MissingDependencyError
+        An ``hf:`` name without transformers installed (the message says ``pip install "tokvis[hf]"``).
 
     Examples
     --------
@@ -156,6 +166,9 @@ def create(name: str, **kwargs: Any) -> torch.nn.Module:
     elif name_str in HF_OFFLINE_MODELS:
         model = _create_dinov2_offline_hf(**kwargs)
         label = name_str if kwargs.get("pretrained", True) else f"{name_str}(random)"
+    elif is_hf_name(name_str):
+        model = load_hf(name_str, unreachable=lambda: not hub_reachable(), offline_mode=_HubOffline, **kwargs)
+        label = model._tokvis_name  # hf:<repo id>@<commit>
     elif _looks_like_checkpoint(name_str):
         model = _create_from_checkpoint(Path(name_str), **kwargs)
         label = f"{kwargs.get('arch')}:{Path(name_str).name}"
@@ -616,7 +629,8 @@ def _create_dinov2_offline_hf(**kwargs: Any) -> torch.nn.Module:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:
         raise WeightsError(f"dinov2_small_offline_hf: the weights do not fit Dinov2Model: {err}") from err
-    model.pretrained_cfg = timm_model.pretrained_cfg  # the transform (mean, std, size) of the same weights
+    model.pretrained_cfg = timm_model.pretrained_cfg
+    model._tokvis_data_config = data_config(timm_model)  # the transform (mean, std, size) of the same weights
     return model
 
 

@@ -29,6 +29,9 @@ def test_unpatched_families_agree(families):
     with torch.no_grad():
         torch.testing.assert_close(bench.pooled(hf_model, images), bench.pooled(timm_model, images), atol=1e-4, rtol=0)
     assert type(hf_model).__name__ == "Dinov2Model"
+    from tokvis import data
+
+    assert data.data_config(hf_model) == data.data_config(timm_model)  # the same transform for the same weights
 
 
 @pytest.mark.parametrize("name,schedule", bench.configurations(), ids=lambda v: str(v))

@@ -58,3 +58,16 @@ def test_refused_calls_and_wrong_images(family):
         model(x, output_attentions=True)
     with pytest.raises(tokvis.errors.ImageSizeError, match="64x64"):
         model(pixel_values=make_images("patch14"))
+
+
+def test_speed_table_times_each_family_unpatched_and_with_tome():
+    """benchmarks/hf_dinov2_equivalence.py --speed on tiny models: a row per model and batch size, each timing
+    positive, and every model left unpatched."""
+    from tests.scripts import load_benchmark
+
+    bench = load_benchmark("hf_dinov2_equivalence")
+    models = {family: make_hf(family) for family in ("vit", "clip", "siglip")}
+    rows = bench.speed_table(models, [1, 2], 1)
+    assert [(r["model"], r["batch"]) for r in rows] == [(f, b) for f in models for b in (1, 2)]
+    assert all(r["plain_ms"] > 0 and r["tome_ms"] > 0 for r in rows)
+    assert not any(tokvis.is_patched(m) for m in models.values())

@@ -134,6 +134,7 @@ LAYERS = {
         "tokvis.bench",
         "tokvis.fitting",
         "tokvis.zoo",
+        "tokvis.hf_zoo",
         "tokvis.datasets",
         "tokvis.adapters",
     ),

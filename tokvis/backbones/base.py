@@ -25,7 +25,7 @@ from torch import nn
 from tokvis.errors import UnsupportedModelError
 from tokvis.trace import LayerDecision
 
-__all__ = ["Backbone", "ModelInfo", "TokenPositions", "check_timm_blocks", "timm_model_info"]
+__all__ = ["Backbone", "ModelInfo", "TokenPositions", "check_timm_blocks", "timm_data_config", "timm_model_info"]
 
 
 @dataclass(frozen=True)
@@ -182,6 +182,24 @@ class Backbone:
             return tuple(int(v) for v in pe.dynamic_feat_size(hw))  # type: ignore[return-value]
         return tuple(int(v) for v in pe.grid_size)  # type: ignore[return-value]
 
+    # -- images in, features out ------------------------------------------------------------------
+    def data_config(self, model: nn.Module) -> dict[str, Any]:
+        """timm's data configuration (``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``,
+        ``crop_mode``) of the images the model takes: what :func:`tokvis.data.transform_for` builds its
+        transform from."""
+        return timm_data_config(model)
+
+    def num_classes(self, model: nn.Module) -> int:
+        """Classes of the model's classifier head (0: no head)."""
+        return int(getattr(model, "num_classes", 0) or 0)
+
+    def pooled_and_logits(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One forward of ``model`` on images ``x``: the pooled final feature ``[B, C]`` (pre-logits, what the
+        head classifies) and the logits ``[B, classes]`` (``None`` without a head)."""
+        feats = model.forward_features(x)
+        pooled = model.forward_head(feats, pre_logits=True)
+        return pooled, (model.forward_head(feats) if self.num_classes(model) else None)
+
 
 def check_timm_blocks(
     blocks: Any, block_cls: type, attention_classes: tuple[type, ...], block_hint: str, attention_hint: str
@@ -213,3 +231,38 @@ def timm_model_info(model: nn.Module) -> Any:
         dynamic_img_size=bool(getattr(model, "dynamic_img_size", False)),
         gated_attention=any(getattr(b.attn, "gate", None) is not None for b in blocks),
     )
+
+
+def _model_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """(H, W) the model's patch embedding was built for, or None when it does not say."""
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is None:
+        return None
+    if isinstance(img_size, int):
+        return (img_size, img_size)
+    try:
+        h, w = (int(v) for v in img_size)
+    except (TypeError, ValueError):
+        return None
+    return (h, w)
+
+
+def timm_data_config(model: nn.Module) -> dict[str, Any]:
+    """timm's data configuration of a timm model, at the input size the model was built with.
+
+    ``timm.data.resolve_data_config`` reads the *pretrained* config, which can report another
+    input size than the one the model was created with (a ``vit_tiny_patch16_224`` created with
+    ``img_size=64`` still reports 224); the model's ``patch_embed.img_size`` wins.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A timm model (anything ``timm.data.resolve_data_config`` accepts).
+    """
+    import timm.data
+
+    cfg = dict(timm.data.resolve_data_config({}, model=model))
+    size = _model_input_size(model)
+    if size is not None:
+        cfg["input_size"] = (cfg.get("input_size", (3,))[0], *size)
+    return cfg

@@ -21,7 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokvis.backbones.base import Backbone
-from tokvis.errors import TokvisError, UnsupportedModelError
+from tokvis.errors import DataError, TokvisError, UnsupportedModelError
+
+#: the lowest transformers version whose ViT, DINOv2, CLIP and SigLIP layers all have the layout the adapters read
+#: (separate ``q_proj`` / ``k_proj`` / ``v_proj``: DINOv2 has them from 5.18 on; 5.0 - 5.17 fail the adapter tests)
+MIN_TRANSFORMERS = "5.18.0"
 
 
 class _Dropout:
@@ -114,6 +118,10 @@ class HFPreNormViT(Backbone):
     #: the model interpolates its position embedding to any image size by itself
     dynamic = False
     input_name = "pixel_values"
+    #: the classifier head of a model class that has one (its input is the pooled feature), else ""
+    classifier_name = ""
+    #: the pooled feature of an output without ``pooler_output``: "cls" (the first token) or "mean" (of the tokens)
+    fallback_pool = "cls"
 
     def accepts(self, model: nn.Module) -> bool:
         classes = _classes(self.model_classes)
@@ -137,7 +145,8 @@ class HFPreNormViT(Backbone):
             if not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", self.out_proj_name)):
                 raise UnsupportedModelError(
                     f"layer {i}'s attention has no q_proj / k_proj / v_proj / {self.out_proj_name}: this transformers "
-                    "version lays the model out differently from the one tokvis supports (transformers>=5)"
+                    f"version lays the model out differently from the ones tokvis supports (transformers>="
+                    f'{MIN_TRANSFORMERS}): pip install "tokvis[hf]" --upgrade'
                 )
         cfg = model.config
         pe = self.patch_embed(model)
@@ -205,3 +214,39 @@ class HFPreNormViT(Backbone):
 
     def check_call(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         check_hf_call(model, args, kwargs)
+
+    # -- images in, features out ------------------------------------------------------------------
+    def data_config(self, model: nn.Module) -> dict[str, Any]:
+        cfg = getattr(model, "_tokvis_data_config", None)
+        if cfg is None:
+            raise DataError(
+                f"the image transform of a transformers {type(model).__name__} comes from its image processor "
+                "(preprocessor_config.json), which tokvis does not know for this model: load it with "
+                "tokvis.zoo.create('hf:<repo id or folder>'), or give the processor with "
+                "tokvis.hf_zoo.set_image_processor(model, processor)"
+            )
+        return dict(cfg)
+
+    def _head(self, model: nn.Module) -> nn.Module | None:
+        return getattr(model, self.classifier_name, None) if self.classifier_name else None
+
+    def num_classes(self, model: nn.Module) -> int:
+        head = self._head(model)
+        return int(head.out_features) if isinstance(head, nn.Linear) else 0
+
+    def pooled_and_logits(self, model, x):
+        head = self._head(model)
+        if head is None:
+            out = model(pixel_values=x)
+            pooled = getattr(out, "pooler_output", None)
+            if pooled is None:
+                tokens = out.last_hidden_state
+                pooled = tokens[:, 0] if self.fallback_pool == "cls" else tokens.mean(1)
+            return pooled, None
+        seen: list[torch.Tensor] = []  # the head's input is the pooled feature
+        handle = head.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        try:
+            out = model(pixel_values=x)
+        finally:
+            handle.remove()
+        return seen[-1], (out.logits if isinstance(head, nn.Linear) else None)

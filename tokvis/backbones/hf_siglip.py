@@ -15,3 +15,4 @@ class HFSiglip(HFCLIP):
     model_classes = (f"{_S}:SiglipVisionModel",)
     layer_classes = (f"{_S}:SiglipEncoderLayer",)
     has_class_token = False
+    fallback_pool = "mean"  # without the attention-pooling head (vision_use_head=False)

@@ -20,3 +20,4 @@ class HFViT(HFPreNormViT):
     layer_classes = (f"{_V}:ViTLayer",)
     layers_path = "layers"
     norm1_name, norm2_name, drop_name = "layernorm_before", "layernorm_after", "dropout"
+    classifier_name = "classifier"

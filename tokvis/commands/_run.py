@@ -41,11 +41,14 @@ def check_backbone(name: str) -> None:
     """Raise unless ``name`` can name a model (without building it): cheap, no download."""
     import timm
 
-    from tokvis import zoo
+    from tokvis import hf_zoo, zoo
 
     if not isinstance(name, str) or not name:
         raise RunConfigError(f"model must be a non-empty name: got {name!r}")
-    if name in zoo.list_offline() or name.startswith(("hf-hub:", "hf_hub:")):
+    if hf_zoo.is_hf_name(name):  # transformers installed, the folder there (the Hub is asked when it is built)
+        hf_zoo.check_hf_name(name)
+        return
+    if name in zoo.list_offline() or name in zoo.HF_OFFLINE_MODELS or name.startswith(("hf-hub:", "hf_hub:")):
         return
     if zoo._looks_like_checkpoint(name):
         if not Path(name).is_file():

@@ -75,7 +75,11 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "fit", help="fit a learned method (dynamicvit, sit, patchmerger, sinkhorn) by distillation on a frozen model"
     )
-    p.add_argument("--model", default="dinov2_small_offline", help="timm name, checkpoint or dinov2_small_offline")
+    p.add_argument(
+        "--model",
+        default="dinov2_small_offline",
+        help="timm name, checkpoint, hf:<repo id or folder>, or dinov2_small_offline",
+    )
     p.add_argument("--no-pretrained", action="store_true", help="random backbone weights (timm names: no download)")
     p.add_argument("--model-kwargs", type=_json_dict, default={}, help="JSON for zoo.create, e.g. '{\"img_size\": 32}'")
     p.add_argument("--method", required=True, type=_arg(_method), help="learned method name")

@@ -91,7 +91,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers) -> None:
     r = subparsers.add_parser("record", help="record runs into resumable run stores (torchrun-aware)")
-    r.add_argument("--model", default="dinov2_small_offline", help="timm name, checkpoint or dinov2_small_offline")
+    r.add_argument(
+        "--model",
+        default="dinov2_small_offline",
+        help="timm name, checkpoint, hf:<repo id or folder>, or dinov2_small_offline",
+    )
     r.add_argument("--no-pretrained", action="store_true", help="random weights (seeded by --seed)")
     r.add_argument("--model-kwargs", type=_json_dict, default={}, help="JSON for zoo.create, e.g. '{\"img_size\": 32}'")
     r.add_argument("--seed", type=int, default=0)
