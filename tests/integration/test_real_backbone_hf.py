@@ -1,5 +1,6 @@
 """The offline DINOv2 ViT-S/14 in transformers' ``Dinov2Model`` (``dinov2_small_offline_hf``) and in timm: every
-method at keep rate 0.5 and ToMe at r=16 give the same labels at every block and the same pooled features."""
+method at keep rate 0.5 and ToMe at r=16 give the same labels at every block and the same pooled features; ``tokvis
+record --cls`` stores the same class-token features per block."""
 
 from __future__ import annotations
 
@@ -41,3 +42,23 @@ def test_same_trace_and_pooled_feature(families, name, schedule):
     assert layers, "the schedule reduces"
     assert differ == [], f"labels differ at blocks {differ}"
     assert delta <= 1e-4
+
+
+def test_record_cls_stores_timms_class_token_features(tmp_path):
+    """``tokvis record --cls`` on the transformers model: its class token after every block equals timm's."""
+    import numpy as np
+
+    from tokvis.cli import main
+    from tokvis.store import load_run
+
+    cls = {}
+    for name in ("dinov2_small_offline", "dinov2_small_offline_hf"):
+        out = tmp_path / name
+        argv = ["record", "--model", name, "--method", "topk", "--keep-rate", "0.5", "--data", "samples", "--limit",
+                "3", "--batch-size", "3", "--device", "cpu", "--cls", "--no-progress", "--out", str(out)]  # fmt: skip
+        assert main(argv) == 0
+        (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
+        cls[name] = load_run(run_dir).cls_features()
+    timm_cls, hf_cls = cls["dinov2_small_offline"], cls["dinov2_small_offline_hf"]
+    assert timm_cls.shape == hf_cls.shape == (3, 12, 384)
+    np.testing.assert_allclose(hf_cls, timm_cls, atol=1e-4, rtol=0)

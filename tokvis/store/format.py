@@ -237,13 +237,33 @@ def json_sha256(obj: Any, *, without: str | None = None) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def versions() -> dict[str, str]:
+def versions(model: Any = None) -> dict[str, str]:
+    """The versions of the code a run is recorded with, for its manifest.
+
+    Parameters
+    ----------
+    model : nn.Module, optional
+        The recorded model: a ``transformers`` model (its class or one it derives from defined in
+        ``transformers``) adds ``transformers``' version. Without it, or for a timm model, only
+        ``tokvis``, ``torch`` and ``timm`` (transformers, an optional dependency, is not imported).
+
+    Returns
+    -------
+    dict of str to str
+        Package name -> version. Readers take the keys they know; manifests without ``transformers``
+        (timm runs, stores from before this key) read as before.
+    """
     import timm
     import torch
 
     import tokvis
 
-    return {"tokvis": tokvis.__version__, "torch": torch.__version__, "timm": timm.__version__}
+    out = {"tokvis": tokvis.__version__, "torch": torch.__version__, "timm": timm.__version__}
+    if model is not None and any(c.__module__.split(".")[0] == "transformers" for c in type(model).__mro__):
+        import transformers
+
+        out["transformers"] = transformers.__version__
+    return out
 
 
 def shard_file(index: int) -> str:

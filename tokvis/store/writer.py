@@ -219,13 +219,15 @@ def _set_aside(path: Path, suffix: str) -> str:
     return target.name
 
 
-def _new_manifest(config: dict, ids: list[str], dataset: dict, shard_size: int) -> dict[str, Any]:
+def _new_manifest(
+    config: dict, ids: list[str], dataset: dict, shard_size: int, code_versions: dict[str, str]
+) -> dict[str, Any]:
     return {
         "format": RUN_FORMAT,
         "version": STORE_VERSION,
         "config": config,
         "config_hash": config_hash(config),
-        "versions": versions(),
+        "versions": code_versions,
         "dataset": dataset,
         "num_images": len(ids),
         "ids_sha256": ids_hash(ids),
@@ -237,8 +239,9 @@ def _new_manifest(config: dict, ids: list[str], dataset: dict, shard_size: int) 
     }
 
 
-def prepare(run_dir: Path, config: dict[str, Any], dataset, shard_size: int, *, log=print) -> Plan:
-    """Create, check and repair the manifest of ``run_dir`` (the caller holds the lock)."""
+def prepare(run_dir: Path, config: dict[str, Any], dataset, shard_size: int, *, log=print, model: Any = None) -> Plan:
+    """Create, check and repair the manifest of ``run_dir`` (the caller holds the lock; ``model``: the recorded
+    model, whose family's library versions a new manifest records, see :func:`~tokvis.store.format.versions`)."""
     ids = list(dataset.ids)
     chash = config_hash(config)
     shard_files = sorted(p for p in run_dir.iterdir() if SHARD_RE.match(p.name))
@@ -302,7 +305,7 @@ def prepare(run_dir: Path, config: dict[str, Any], dataset, shard_size: int, *, 
             msg = f"{rebuild_reason}; the manifest was rebuilt from the shard files of this configuration"
             repaired.append(msg)
             log(msg)
-        m = _new_manifest(config, ids, dataset.describe(), shard_size)
+        m = _new_manifest(config, ids, dataset.describe(), shard_size, versions(model))
     had_some = bool(m["shards"]) or bool(shard_files)
     keep = []
     for e in m["shards"]:
@@ -382,17 +385,26 @@ def adopt(run_dir: Path, m: dict[str, Any], dataset, *, log=print, repaired: lis
 
 
 class _ClsHooks:
-    """Forward hooks collecting the class token after every block (our own hooks, removed on exit)."""
+    """Forward hooks collecting the class token after every block (our own hooks, removed on exit).
+
+    The blocks are the model's family adapter's (:meth:`~tokvis.backbones.base.Backbone.blocks`): timm's
+    ``model.blocks`` or a ``transformers`` model's encoder layers alike.
+    """
 
     def __init__(self, model):
-        self.model, self.handles, self.out = model, [], {}
+        from tokvis.backbones import backbone_for
+
+        self.blocks = list(backbone_for(model).blocks(model))
+        self.handles, self.out = [], {}
 
     def __enter__(self):
-        for i, blk in enumerate(self.model.blocks):
-            self.handles.append(
-                blk.register_forward_hook(lambda m, a, o, i=i: self.out.__setitem__(i, o[:, 0].detach()))
-            )
+        for i, blk in enumerate(self.blocks):
+            self.handles.append(blk.register_forward_hook(lambda m, a, o, i=i: self._keep(i, o)))
         return self
+
+    def _keep(self, i: int, out) -> None:
+        hidden = out[0] if isinstance(out, tuple) else out  # a layer returning (hidden states, ...)
+        self.out[i] = hidden[:, 0].detach()
 
     def __exit__(self, *exc):
         for h in self.handles:
@@ -401,7 +413,7 @@ class _ClsHooks:
     def take(self) -> np.ndarray:
         import torch
 
-        feats = torch.stack([self.out[i] for i in range(len(self.model.blocks))], 1).float().cpu().numpy()
+        feats = torch.stack([self.out[i] for i in range(len(self.blocks))], 1).float().cpu().numpy()
         self.out = {}
         return feats
 
@@ -643,9 +655,13 @@ def record_run(
     except (RuntimeError, TypeError) as e:
         raise RunConfigError(f"device must be cpu, cuda or cuda:<n>: got {device!r}") from e
     amp_context(spec, dev)  # fp16 autocast needs CUDA: refused before any work
-    has_cls = bool(getattr(model, "cls_token", None) is not None)
-    if spec.cls and not has_cls:
-        raise RunConfigError("cls=True needs a model with a class token; this model has none")
+    from tokvis.model import model_info
+
+    if spec.cls and not model_info(model).has_class_token:
+        raise RunConfigError(
+            f"cls=True needs a model with a class token; this model ({type(model).__name__}) has none: "
+            "leave out --cls (cls=False), or use a model with a class token"
+        )
     if Path(out).exists() and not Path(out).is_dir():
         raise RunConfigError(f"--out {out} is a file, not a folder; give a folder for the run directories")
     config = spec.config(dataset.name)
@@ -657,7 +673,7 @@ def record_run(
     if lock is not None:
         try:
             lock.acquire()
-            plan = prepare(run_dir, config, dataset, int(spec.shard_size), log=log)
+            plan = prepare(run_dir, config, dataset, int(spec.shard_size), log=log, model=model)
             state = ("ok", plan)
         except TokvisError as e:
             lock.release()
