@@ -328,6 +328,15 @@ def _warning_printer(prog: str):
     return show
 
 
+def _hide_dependency_deprecations() -> None:
+    """Inside the command's warning context: a deprecation notice that a dependency's own code raises (timm
+    1.0.23's ``torch.jit.interface`` at import, attributed to a module outside tokvis) is for that library's
+    developers, not for a command-line user, so it is not printed; tokvis's own warnings and every other category
+    still are."""
+    for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(?!tokvis(\.|$))")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``tokvis`` command; a user error is one line on stderr and exit code 2, never a traceback.
 
@@ -340,6 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _warning_printer(prog)
+            _hide_dependency_deprecations()
             return int(args.func(args) or 0)
     except TokvisError as e:
         print(f"{prog}: error: {_one_line(getattr(e, 'cli_message', None) or e)}", file=sys.stderr)
